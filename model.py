@@ -1,0 +1,349 @@
+"""
+A LLaMA-style decoder in one file: RMSNorm, rotary embeddings (with optional Llama-3
+frequency scaling), grouped-query attention, SwiGLU, a KV cache and a sampler.
+
+Imports torch and the standard library only, so it can be copied into another project
+alone. Weight layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE), so
+conversion to and from transformers is a pure renaming of tensors (see convert_hf.py).
+"""
+import math
+import pickle
+import zipfile
+from dataclasses import dataclass, fields
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 4          # < n_heads: grouped-query attention; == n_heads: plain MHA
+    vocab_size: int = 6400
+    hidden_dim: Optional[int] = None  # SwiGLU width; None: LLaMA's 8/3 * dim rule
+    multiple_of: int = 64        # hidden_dim is rounded up to a multiple of this
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or Llama-3 scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}
+    rope_scaling: Optional[dict] = None
+    max_seq_len: int = 512
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.hidden_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 even under autocast: the mean of squares overflows fp16.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama-3 scaling if configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are stretched by `factor`, short ones kept,
+    # and the band in between is blended smoothly.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, so decoding never recomputes the prefix."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0  # number of positions already stored
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+            if start > 0:
+                # One new token sees everything; several new tokens after a prefix need an
+                # offset causal mask, which is_causal (top-left aligned) cannot express.
+                causal = False
+                if T > 1:
+                    mask = torch.arange(start + T, device=x.device)[None, :] <= \
+                        torch.arange(start, start + T, device=x.device)[:, None]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, self.layer))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.grad_checkpointing = False  # recompute each block in backward to save activations
+        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), rope_frequencies(cfg))
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+        # Residual projections are scaled down so the residual stream's variance does not
+        # grow with depth (GPT-2 / nanoGPT).
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens, targets=None, loss_weight=None, cache: Optional[KVCache] = None,
+                last_only: bool = False):
+        """Return (logits, loss). Targets equal to -100 are ignored. With loss_weight (same
+        shape as targets), each token's loss is multiplied by its weight and the sum is
+        divided by the number of trained (non -100) tokens, not by the sum of weights, so
+        a weight of 10 makes that token count ten times as much as an ordinary one."""
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        h = self.dropout(self.tok_embeddings(tokens))
+        cos = self.rope_cos[start:start + T].to(h.dtype)
+        sin = self.rope_sin[start:start + T].to(h.dtype)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        h = self.norm(h)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.output(h)
+        if targets is None:
+            return logits, None
+        return logits, self.loss(logits, targets, loss_weight)
+
+    @staticmethod
+    def loss(logits, targets, loss_weight=None):
+        per_token = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                    ignore_index=-100, reduction="none")
+        trained = (targets.reshape(-1) != -100)
+        n = trained.sum().clamp(min=1)
+        if loss_weight is not None:
+            per_token = per_token * loss_weight.reshape(-1).to(per_token.dtype)
+        return per_token.sum() / n
+
+    def num_params(self, embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n if embedding else n - self.tok_embeddings.weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight that takes part in a
+        matmul, plus attention's score and value products (PaLM appendix B)."""
+        c = self.cfg
+        matmul_params = self.num_params(embedding=False) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
+        return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len
+
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        p = self.tok_embeddings.weight
+        return KVCache(self.cfg, batch_size, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate_stream(self, prompt: Sequence[int], max_new_tokens: int = 128, temperature: float = 1.0,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
+                        generator: Optional[torch.Generator] = None) -> Iterator[int]:
+        """Yield new token ids one at a time (batch 1). temperature 0 is greedy. Stops at a
+        stop id (which is yielded), after max_new_tokens, or when the context is full."""
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.cfg.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len "
+                             f"{self.cfg.max_seq_len} (leave room for at least one new token)")
+        was_training = self.training
+        self.eval()
+        device = self.tok_embeddings.weight.device
+        cache = self.new_cache()
+        seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(prompt, device=device)] = True
+        x = torch.tensor([prompt], device=device)
+        stop = set(stop_ids)
+        try:
+            for _ in range(min(max_new_tokens, self.cfg.max_seq_len - len(prompt))):
+                logits = self(x, cache=cache, last_only=True)[0][0, -1].float()
+                nxt = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+                yield nxt
+                if nxt in stop:
+                    break
+                seen[nxt] = True
+                x = torch.tensor([[nxt]], device=device)
+        finally:
+            self.train(was_training)
+
+    def generate(self, prompt: Sequence[int], **kwargs) -> list:
+        return list(self.generate_stream(prompt, **kwargs))
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+           seen=None, generator=None) -> int:
+    """Pick one token id from a 1-D logits vector (same conventions as transformers)."""
+    if repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # Drop a token once the tokens before it already cover top_p; the first always stays.
+        drop = (sorted_p.cumsum(0) - sorted_p) > top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkpoint"):
+    """load_state_dict with one-line errors that name the tensor and both shapes."""
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ValueError(f"{source}: unexpected tensor {name} (shape {tuple(tensor.shape)})")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the config "
+                             f"expects {tuple(expected[name].shape)}")
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise ValueError(f"{source}: missing tensor {missing[0]}" +
+                         (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    model.load_state_dict(state)
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load with weights_only=True (never run a checkpoint's pickled code) and a
+    clear message for missing, truncated or foreign files."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such checkpoint") from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable checkpoint (corrupt or truncated?): {detail}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
+    return ckpt
+
+
+def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":
+    """Build a Transformer from a checkpoint file; returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    load_state_dict_checked(model, ckpt["model"], path)
+    return model.to(device), ckpt
