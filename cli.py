@@ -1,0 +1,53 @@
+"""
+The small piece every script shares: turn the hyperparameter dataclass at the top of a
+script into `--field value` flags (with optional named presets), and report user errors
+as one line instead of a traceback. Standard library only.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+
+def die(message: str, code: int = 1):
+    """Print `error: message` to stderr and exit: the way scripts report bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _parser_for(tp):
+    """A function that turns a command-line string into a value of the field's type."""
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        parse = _parser_for(inner)
+        return lambda s: None if s.lower() in ("none", "null", "") else parse(s)
+    if tp is bool:
+        def parse_bool(s):
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+        return parse_bool
+    if tp in (int, float, str):
+        return tp
+    return json.loads  # dicts and lists are given as JSON
+
+
+def parse_config(cls, argv=None, presets: typing.Optional[dict] = None, description: str = ""):
+    """Build `cls` from the command line. Field defaults come from the dataclass, then the
+    chosen `--preset` (a dict of overrides), then explicit flags."""
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=description)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="start from a named set of hyperparameters; other flags override it")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{f.name}", type=_parser_for(hints[f.name]), default=None,
+                            help=f"{f.metadata.get('help', '')} (default: {default})".strip())
+    args = parser.parse_args(argv)
+    values = dict(presets[args.preset]) if presets and args.preset else {}
+    values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
+    return cls(**values)
