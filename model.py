@@ -7,6 +7,7 @@ alone. Weight layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE),
 conversion to and from transformers is a pure renaming of tensors (see convert_hf.py).
 """
 import math
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass, fields
@@ -339,6 +340,14 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
     return ckpt
+
+
+def save_checkpoint(ckpt: dict, path: str):
+    """Write to a temporary file and rename it into place, so a crash mid-write never leaves
+    a truncated file under the real name (the rename is atomic on POSIX and Windows)."""
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
 
 
 def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":
