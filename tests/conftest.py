@@ -1,0 +1,41 @@
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def small_corpus(n_lines: int = 3000, seed: int = 0):
+    """Varied English sentences with some Chinese and digits: enough to train a tiny tokenizer."""
+    rng = random.Random(seed)
+    names = ["Tom", "Lily", "Sam", "Mia", "Ben", "Anna", "Max", "Zoe"]
+    verbs = ["found", "painted", "carried", "lost", "shared", "built", "watched", "counted"]
+    things = ["a red ball", "the old boat", "three apples", "a tiny bird", "the blue kite", "some bread"]
+    places = ["in the park", "near the river", "at school", "under the tree", "by the sea"]
+    zh = ["今天天气很好。", "我们去公园散步。", "他有三个苹果。", "小猫在树下睡觉。"]
+    lines = []
+    for _ in range(n_lines):
+        s = f"{rng.choice(names)} {rng.choice(verbs)} {rng.choice(things)} {rng.choice(places)}."
+        if rng.random() < 0.3:
+            s += f" It was {rng.randint(1, 99)} steps away."
+        if rng.random() < 0.1:
+            s += " " + rng.choice(zh)
+        lines.append(s)
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """A 512-piece tokenizer with the project's special pieces, trained once per test session."""
+    import train_tokenizer
+    d = tmp_path_factory.mktemp("tokenizer")
+    corpus = d / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_corpus()), encoding="utf-8")
+    cfg = train_tokenizer.TokenizerConfig(inputs=str(corpus), out=str(d / "tokenizer.model"),
+                                          vocab_size=512, character_coverage=1.0)
+    return train_tokenizer.train(cfg)
