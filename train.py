@@ -1,0 +1,399 @@
+"""
+Pretraining, and the one training loop that train_sft.py and distill.py reuse.
+
+  python train.py --preset cpu                  # a small model in a few minutes on a laptop CPU
+  python train.py --preset 12gb                 # the largest model that fits a 12 GB GPU
+  python train.py --preset cpu --resume true    # continue exactly where out/pretrain/last.pt stopped
+  torchrun --nproc_per_node 2 train.py ...      # several GPUs (or CPU processes) with DDP
+
+Device and precision are picked automatically: bf16 autocast on CUDA cards that support it,
+fp16 with a gradient scaler on older ones, fp32 on CPU. Checkpoints (out_dir/last.pt and
+best.pt) are written atomically; Ctrl-C saves last.pt before exiting.
+"""
+import contextlib
+import json
+import math
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from cli import die, parse_config
+from model import ModelConfig, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """The loop's settings, shared by every training script."""
+    out_dir: str = "out/pretrain"
+    batch_size: int = 8            # sequences per micro-batch per process
+    grad_accum: int = 1            # micro-batches per optimizer step
+    max_steps: int = 300
+    lr: float = 1e-3
+    min_lr: float = 1e-4           # the cosine schedule ends here
+    warmup_steps: int = 30
+    weight_decay: float = 0.1      # applied to 2-D weights only (not norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0         # 0 disables clipping
+    eval_every: int = 100          # also when last.pt / best.pt are written
+    eval_batches: int = 10
+    log_every: int = 10
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"            # auto | float32 | bfloat16 | float16
+    compile: bool = False          # torch.compile the model
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    peak_tflops: float = 0.0       # for MFU; 0 = look up the GPU / measure the CPU
+    seed: int = 0
+    resume: bool = False           # continue from out_dir/last.pt
+    stop_at_step: int = 0          # save and stop early (e.g. to split a run across sessions); 0 = never
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    train_data: str = "data/pretrain_train_*.bin"
+    val_data: str = "data/pretrain_val.bin"
+    tokenizer: str = "data/tokenizer.model"
+    seq_len: int = 256
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    hidden_dim: int = field(default=None, metadata={"help": "SwiGLU width; unset: 8/3 * dim"})
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+
+PRESETS = {
+    "cpu": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=256, batch_size=8, max_steps=300),
+    "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, seq_len=1024, batch_size=16, grad_accum=4,
+                 max_steps=20000, lr=6e-4, min_lr=6e-5, warmup_steps=500, eval_every=500, eval_batches=50,
+                 log_every=20, compile=True),
+}
+
+# Dense bf16 tensor-core peaks (TFLOP/s) for MFU; "4070" must come after "4070 Ti" style names.
+GPU_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "4090": 165, "4080": 97, "4070": 58,
+                   "3090": 71, "3080": 59, "3070": 40, "3060": 25}
+
+
+class Runtime:
+    """Where and how the run executes: device, precision, and the DDP rank if launched by torchrun."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.ddp = "RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.ddp:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.ddp:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        dtype = cfg.dtype
+        if dtype == "auto":
+            # bf16 matmuls on CPUs without AVX-512 are ~100x slower than fp32: CPU stays fp32.
+            dtype = "float32" if self.device.type == "cpu" else \
+                "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        self.dtype = getattr(torch, dtype)
+        self.autocast = contextlib.nullcontext() if self.dtype == torch.float32 else \
+            torch.autocast(self.device.type, dtype=self.dtype)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.master = self.rank == 0
+
+    def any_rank(self, flag: bool) -> bool:
+        if not self.ddp:
+            return flag
+        t = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.ddp:
+            dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        return value
+
+
+def peak_flops(rt: Runtime, override_tflops: float = 0.0) -> float:
+    """FLOP/s the hardware can do at best: a table for GPUs, a quick matmul measurement on CPU."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if rt.device.type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        return next((t * 1e12 for key, t in GPU_PEAK_TFLOPS.items() if key in name), float("nan"))
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b  # warm-up
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    return 2 * 1024 ** 3 * reps / (time.perf_counter() - t0)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig, rt: Runtime):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=rt.device.type == "cuda")
+
+
+class Prefetcher:
+    """Prepares the next batches in a background thread (pinned memory on CUDA), so the
+    accelerator never waits for the data reader."""
+
+    def __init__(self, data, start_index: int, device: torch.device, depth: int = 2):
+        self.device = device
+        self.queue = queue.Queue(maxsize=depth)
+        self.stopped = False
+        self.thread = threading.Thread(target=self._fill, args=(data, start_index), daemon=True)
+        self.thread.start()
+
+    def _fill(self, data, index):
+        while not self.stopped:
+            try:
+                batch = data.batch(index)
+                if self.device.type == "cuda":
+                    batch = tuple(t.pin_memory() for t in batch)
+            except Exception as e:  # handed to the training thread, which re-raises it
+                batch = e
+            self.queue.put(batch)
+            index += 1
+
+    def next(self):
+        batch = self.queue.get()
+        if isinstance(batch, Exception):
+            raise batch
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def close(self):
+        self.stopped = True
+        while self.thread.is_alive():  # unblock a put() waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                self.queue.get_nowait()
+            self.thread.join(timeout=0.05)
+
+
+def default_loss(model, batch):
+    return model(*batch)[1]
+
+
+@torch.no_grad()
+def evaluate(model, data, n_batches: int, rt: Runtime, loss_fn=default_loss) -> float:
+    model.eval()
+    total = torch.zeros((), device=rt.device)
+    for i in range(n_batches):
+        with rt.autocast:
+            total += loss_fn(model, tuple(t.to(rt.device) for t in data.batch(i))).float()
+    model.train()
+    return rt.all_mean(total / n_batches).item()
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resumable(ckpt: dict, model_cfg: ModelConfig, cfg: TrainConfig, path: str):
+    """Refuse to resume into a different model or a different data order: one line naming the field."""
+    for name, value in asdict(model_cfg).items():
+        if ckpt["config"].get(name) != value:
+            raise ValueError(f"{path} was trained with {name}={ckpt['config'].get(name)!r} but this run "
+                             f"has {name}={value!r}; use the same settings or a new --out_dir")
+    for name in ("batch_size", "grad_accum", "seed"):
+        old = ckpt.get("train_config", {}).get(name)
+        if old != getattr(cfg, name):
+            raise ValueError(f"{path} was trained with {name}={old!r} but this run has "
+                             f"{name}={getattr(cfg, name)!r}; the data order would change")
+
+
+def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: Runtime = None,
+          loss_fn=default_loss, tokenizer: str = "", start: dict = None) -> dict:
+    """The training loop. `train_data.batch(i)` returns the tuple passed to loss_fn(model, batch),
+    by default model(tokens, targets[, loss_weight]). `start` is a checkpoint to resume from.
+    Returns {"step", "val_loss", "best_val_loss", "last_path"}."""
+    rt = rt or Runtime(cfg)
+    torch.manual_seed(cfg.seed + rt.rank)
+    model.to(rt.device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    optimizer = make_optimizer(model, cfg, rt)
+    step, best_val = 0, float("inf")
+    if start:
+        optimizer.load_state_dict(start["optimizer"])
+        rt.scaler.load_state_dict(start["scaler"])
+        restore_rng(start["rng"])
+        step, best_val = start["step"], start.get("best_val_loss", float("inf"))
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+
+    def save(path, val_loss=None):
+        if rt.master:
+            save_checkpoint({"model": raw_model.state_dict(), "config": asdict(raw_model.cfg), "step": step,
+                             "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
+                             "rng": capture_rng(), "data_state": {"index": step * cfg.grad_accum},
+                             "train_config": asdict(cfg), "tokenizer": tokenizer,
+                             "val_loss": val_loss, "best_val_loss": best_val}, path)
+
+    def say(message):
+        if rt.master:
+            tqdm.write(message)
+
+    def log(record):
+        if rt.master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) \
+        if threading.current_thread() is threading.main_thread() else None
+    tokens_per_step = train_data.batch_size * getattr(train_data, "seq_len", 0) * cfg.grad_accum * rt.world_size
+    flops_per_step = raw_model.flops_per_token(getattr(train_data, "seq_len", raw_model.cfg.max_seq_len)) * tokens_per_step
+    peak = peak_flops(rt, cfg.peak_tflops) * rt.world_size
+    prefetch = Prefetcher(train_data, step * cfg.grad_accum, rt.device)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True, desc="train")
+    if step == 0 and val_data is not None:  # the starting point, to judge what training achieved
+        log({"step": 0, "val_loss": evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)})
+    val_loss, loss_sum, window_start, window_steps = None, torch.zeros((), device=rt.device), time.perf_counter(), 0
+    try:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg.grad_accum):
+                batch = prefetch.next()
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                sync = micro == cfg.grad_accum - 1 or not rt.ddp
+                with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast:
+                    loss = loss_fn(model, batch) / cfg.grad_accum
+                rt.scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+            if cfg.grad_clip:
+                rt.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            last_step = step == cfg.max_steps
+            if step % cfg.log_every == 0 or last_step:
+                train_loss = rt.all_mean(loss_sum / window_steps).item()  # the only per-log host sync
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"loss is {train_loss} at step {step}; stopping with the last good "
+                                             f"checkpoint intact ({last_path}). Try a lower --lr.")
+                elapsed = time.perf_counter() - window_start
+                tok_s = tokens_per_step * window_steps / elapsed
+                mfu = flops_per_step * window_steps / elapsed / peak
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+                log({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
+                loss_sum.zero_()
+                window_steps = 0
+            if (step % cfg.eval_every == 0 or last_step) and val_data is not None:
+                val_loss = evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)
+                say(f"step {step}: val loss {val_loss:.4f}")
+                log({"step": step, "val_loss": val_loss})
+                if val_loss < best_val:
+                    best_val = val_loss
+                    save(best_path, val_loss)
+            if step % cfg.eval_every == 0 or last_step:
+                save(last_path, val_loss)
+            if step == cfg.stop_at_step and not last_step:
+                save(last_path, val_loss)
+                say(f"stopped at step {step} as asked: saved {last_path}; continue with --resume true")
+                break
+            # Under DDP every rank must agree to stop, which costs a collective: only at log steps.
+            if (not rt.ddp or step % cfg.log_every == 0) and rt.any_rank(bool(interrupted)):
+                save(last_path, val_loss)
+                bar.close()
+                if rt.master:
+                    print(f"interrupted at step {step}: saved {last_path}; continue with --resume true",
+                          file=sys.stderr)
+                raise KeyboardInterrupt
+            if window_steps == 0:  # evaluation and saving are left out of tokens/s
+                window_start = time.perf_counter()
+    finally:
+        prefetch.close()
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    return {"step": step, "val_loss": val_loss, "best_val_loss": best_val, "last_path": last_path}
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    from dataset import TokenShards
+    rt = Runtime(cfg)
+    train_data = TokenShards(cfg.train_data, cfg.seq_len, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+    val_data = TokenShards(cfg.val_data, cfg.seq_len, cfg.batch_size, cfg.seed, rt.rank, rt.world_size) \
+        if cfg.val_data else None
+    model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                            vocab_size=train_data.vocab_size, hidden_dim=cfg.hidden_dim, rope_theta=cfg.rope_theta,
+                            max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
+    model = Transformer(model_cfg)
+    start = None
+    last = os.path.join(cfg.out_dir, "last.pt")
+    if cfg.resume:
+        start = read_checkpoint(last)
+        check_resumable(start, model_cfg, cfg, last)
+        load_state_dict_checked(model, start["model"], last)
+    elif os.path.exists(last):
+        raise ValueError(f"{last} exists: pass --resume true to continue it, or choose another --out_dir")
+    if rt.master:
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
+              f"{train_data.num_tokens:,} training tokens")
+    return train(cfg, model, train_data, val_data, rt, tokenizer=cfg.tokenizer, start=start)
+
+
+def run_main(entry, cfg):
+    """Run a training entry point, turning user errors into one line and a non-zero exit."""
+    try:
+        result = entry(cfg)
+    except (ValueError, FloatingPointError) as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    run_main(pretrain, parse_config(PretrainConfig, presets=PRESETS, description=__doc__.strip().splitlines()[0]))
