@@ -144,6 +144,40 @@ def peak_flops(rt: Runtime, override_tflops: float = 0.0) -> float:
     return 2 * 1024 ** 3 * reps / (time.perf_counter() - t0)
 
 
+def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype,
+                    grad_checkpointing: bool = False) -> dict:
+    """Bytes the training step needs, by part. Activations are what autograd keeps per token:
+    residual stream and norms in fp32, projections in the compute dtype, the logits in both.
+    Attention is a fused kernel (no T x T matrix kept) on CPU and CUDA alike."""
+    with torch.device("meta"):
+        n_params = Transformer(model_cfg).num_params()
+    c, e = model_cfg, dtype.itemsize
+    kv_dim = c.n_kv_heads * c.head_dim
+    per_layer = 8 * c.dim + e * (5 * c.dim + 2 * kv_dim + 4 * c.hidden_dim)
+    layers = c.n_layers * (4 * c.dim) + per_layer if grad_checkpointing else c.n_layers * per_layer
+    tokens = batch_size * seq_len
+    # fp32 master weights, plus the low-precision copies autocast makes of them for the matmuls
+    weights = 4 * n_params + (e * n_params if e < 4 else 0)
+    return {"weights": weights, "gradients": 4 * n_params, "optimizer": 8 * n_params,
+            "activations": tokens * (layers + c.vocab_size * (e + 4))}
+
+
+def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int, rt: Runtime):
+    """Print the estimate; on CUDA stop before the first step if it cannot fit."""
+    parts = estimate_memory(model_cfg, cfg.batch_size, seq_len, rt.dtype, cfg.grad_checkpointing)
+    total = sum(parts.values())
+    if rt.master:
+        print("memory estimate: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items()) +
+              f" = {total / 2**30:.2f} GiB")
+    if rt.device.type == "cuda":
+        free = torch.cuda.mem_get_info(rt.device)[0]
+        if total > 0.95 * free:
+            hint = "" if cfg.grad_checkpointing else ", or add --grad_checkpointing true"
+            raise ValueError(f"needs about {total / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
+                             f"{torch.cuda.get_device_name(rt.device)}: lower --batch_size (raise --grad_accum "
+                             f"to keep the same tokens per step) or --seq_len{hint}")
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
     if step < cfg.warmup_steps:
@@ -240,9 +274,11 @@ def check_resumable(ckpt: dict, model_cfg: ModelConfig, cfg: TrainConfig, path: 
 def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: Runtime = None,
           loss_fn=default_loss, tokenizer: str = "", start: dict = None) -> dict:
     """The training loop. `train_data.batch(i)` returns the tuple passed to loss_fn(model, batch),
-    by default model(tokens, targets[, loss_weight]). `start` is a checkpoint to resume from.
+    by default model(tokens, targets[, loss_weight]); train_data also has batch_size and seq_len
+    (the longest row, for the memory estimate and MFU). `start` is a checkpoint to resume from.
     Returns {"step", "val_loss", "best_val_loss", "last_path"}."""
     rt = rt or Runtime(cfg)
+    check_memory(model.cfg, cfg, train_data.seq_len, rt)
     torch.manual_seed(cfg.seed + rt.rank)
     model.to(rt.device)
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -282,8 +318,8 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) \
         if threading.current_thread() is threading.main_thread() else None
-    tokens_per_step = train_data.batch_size * getattr(train_data, "seq_len", 0) * cfg.grad_accum * rt.world_size
-    flops_per_step = raw_model.flops_per_token(getattr(train_data, "seq_len", raw_model.cfg.max_seq_len)) * tokens_per_step
+    tokens_per_step = train_data.batch_size * train_data.seq_len * cfg.grad_accum * rt.world_size
+    flops_per_step = raw_model.flops_per_token(train_data.seq_len) * tokens_per_step
     peak = peak_flops(rt, cfg.peak_tflops) * rt.world_size
     prefetch = Prefetcher(train_data, step * cfg.grad_accum, rt.device)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True, desc="train")
