@@ -1,0 +1,469 @@
+"""
+Text -> packed uint16 token shards for pretraining, and the reader train.py samples them with.
+
+  python dataset.py                                         # data/pretrain.jsonl -> data/pretrain_train_*.bin
+  python dataset.py --inputs book.txt --val_inputs "" --val_fraction 0.01 --name books
+
+Inputs (comma-separated, any mix):
+  .jsonl   one {"text": ...} object per line (--text_field picks another key); malformed lines are skipped
+           with a warning naming the line
+  .txt     one document per block of lines separated by one or more blank lines
+  .parquet .csv .json .arrow   read through `datasets` from the local file (never the network), column --text_field
+Every document is tokenized, followed by the end-of-document id (</s>, looked up in the tokenizer), and
+appended to {out_dir}/{name}_train_000.bin, _001.bin, ... (shard_tokens each) or, for held-out documents, to
+{out_dir}/{name}_val.bin. A .bin is raw little-endian uint16 ids. Its sidecar <file>.bin.json records the
+tokenizer (path, sha256, vocab size, eos id) and the token and document counts. Sidecars are written last,
+once every shard is complete, so a .bin without one is an unfinished run and the reader refuses it.
+"""
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from tqdm import tqdm
+
+from cli import die, parse_config
+
+DTYPE = np.dtype("<u2")  # uint16, little-endian whatever the machine: ids up to 65535
+MAX_WARNINGS = 5  # malformed lines reported one by one; the rest are only counted
+DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}
+
+
+@dataclass
+class DatasetConfig:
+    inputs: str = field(default="data/pretrain.jsonl",
+                        metadata={"help": "comma-separated .jsonl/.txt/.parquet/.csv/.json/.arrow files"})
+    val_inputs: str = field(default="data/pretrain_val.jsonl",
+                            metadata={"help": "held-out documents for {name}_val.bin; empty: hold out val_fraction of inputs"})
+    val_fraction: float = field(default=0.01, metadata={
+        "help": "with empty val_inputs: this fraction of the documents, evenly spread, goes to validation (0: none)"})
+    tokenizer: str = field(default="data/tokenizer.model", metadata={"help": "SentencePiece model (train_tokenizer.py)"})
+    out_dir: str = "data"
+    name: str = field(default="pretrain", metadata={"help": "files are {out_dir}/{name}_train_000.bin ... and {name}_val.bin"})
+    text_field: str = field(default="text", metadata={"help": "the key / column holding the document text"})
+    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per training shard (2 bytes each)"})
+    num_workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"help": "tokenizer processes"})
+    chunk_docs: int = field(default=256, metadata={"help": "documents per task handed to a worker"})
+
+
+# -----------------------------------------------------------------------------
+# reading documents
+
+def warn(message: str):
+    tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
+
+
+def read_jsonl(path: str, text_field: str, stats: dict):
+    """Yield (text or None, bytes read) per line; a malformed line is warned about and yields None."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                yield None, len(raw)
+                continue
+            try:
+                record = json.loads(raw)
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                if text_field not in record:
+                    raise ValueError(f"no \"{text_field}\" field")
+                if not isinstance(record[text_field], str):
+                    raise ValueError(f"\"{text_field}\" is {type(record[text_field]).__name__}, not a string")
+            except ValueError as e:  # also json.JSONDecodeError and UnicodeDecodeError
+                stats["malformed"] += 1
+                if stats["malformed"] <= MAX_WARNINGS:
+                    reason = e if type(e) is ValueError else "not valid JSON"
+                    warn(f"{path} line {lineno}: {reason}; skipped")
+                yield None, len(raw)
+                continue
+            yield record[text_field], len(raw)
+
+
+def read_txt(path: str, stats: dict):
+    """Yield (document, bytes read): a document is a block of lines ended by a blank line (or
+    the end of the file), without its final newline. Windows line ends become \\n."""
+    block, size = [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            size += len(raw)
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")
+            except UnicodeDecodeError:
+                stats["malformed"] += 1
+                if stats["malformed"] <= MAX_WARNINGS:
+                    warn(f"{path} line {lineno}: not valid UTF-8; skipped")
+                continue
+            if line.strip():
+                block.append(line.removesuffix("\n").removesuffix("\r"))
+            elif block:
+                yield "\n".join(block), size
+                block, size = [], 0
+    yield ("\n".join(block) if block else None), size
+
+
+def read_with_datasets(path: str, builder: str, text_field: str):
+    """Yield (text, 0) from a file `datasets` can parse, streamed from the local file: no network,
+    and no converted copy in the datasets cache."""
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update(dict.fromkeys(saved, "1"))  # before the import: datasets reads them once, there
+    try:
+        import datasets
+        batches = datasets.load_dataset(builder, data_files=path, split="train", streaming=True).iter(1024)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # pyarrow / datasets errors on a damaged file: one line for the user
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise ValueError(f"{path}: could not be read as {builder}: {detail}") from None
+        if batch is None:
+            return
+        if text_field not in batch:
+            raise ValueError(f"{path}: no column \"{text_field}\" (columns: {', '.join(batch)}); "
+                             f"choose one with --text_field")
+        yield from ((t if isinstance(t, str) else None, 0) for t in batch[text_field])
+
+
+def check_input(path: str):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".jsonl", ".txt", *DATASETS_BUILDERS):
+        raise ValueError(f"{path}: unknown format {ext or '(no extension)'}; "
+                         f"use .jsonl, .txt, {', '.join(DATASETS_BUILDERS)}")
+
+
+def read_documents(path: str, text_field: str, stats: dict):
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        return read_jsonl(path, text_field, stats)
+    if ext == ".txt":
+        return read_txt(path, stats)
+    return read_with_datasets(path, DATASETS_BUILDERS[ext], text_field)
+
+
+def make_tasks(sources, cfg: DatasetConfig, stats: dict):
+    """Group documents into (split, texts, bytes) chunks for the workers. With no val_inputs,
+    document k (1-based) of the inputs is held out when k * val_fraction crosses an integer:
+    deterministic, evenly spread, and exactly floor(n * val_fraction) documents."""
+    texts, sizes = {"train": [], "val": []}, {"train": 0, "val": 0}
+    held_out_from_inputs = not any(split == "val" for split, _ in sources)
+    k = 0
+    for source_split, path in sources:
+        for text, nbytes in read_documents(path, cfg.text_field, stats):
+            split = source_split
+            if text and split == "train" and held_out_from_inputs:
+                k += 1
+                if int(k * cfg.val_fraction) > int((k - 1) * cfg.val_fraction):
+                    split = "val"
+            sizes[split] += nbytes
+            if text:  # an empty document would add nothing but a lone end-of-document id
+                texts[split].append(text)
+            if len(texts[split]) >= cfg.chunk_docs:
+                yield split, texts[split], sizes[split]
+                texts[split], sizes[split] = [], 0
+    for split in texts:
+        if texts[split] or sizes[split]:
+            yield split, texts[split], sizes[split]
+
+
+# -----------------------------------------------------------------------------
+# tokenizing in worker processes
+
+_worker_sp = None  # each worker process loads its own tokenizer once
+
+
+def init_worker(tokenizer_path: str):
+    global _worker_sp
+    _worker_sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+
+
+def tokenize_chunk(task):
+    """(split, texts, bytes) -> (split, uint16 ids with eos after every document, documents, bytes)."""
+    split, texts, nbytes = task
+    eos = _worker_sp.eos_id()
+    docs = _worker_sp.encode(texts, num_threads=1)  # the parallelism is the pool's, not sentencepiece's
+    flat = np.empty(sum(map(len, docs)) + len(docs), dtype=DTYPE)
+    pos = 0
+    for ids in docs:
+        flat[pos:pos + len(ids)] = ids
+        flat[pos + len(ids)] = eos
+        pos += len(ids) + 1
+    return split, flat, len(docs), nbytes
+
+
+def tokenize_in_order(tasks, tokenizer_path: str, num_workers: int):
+    """Tokenize tasks in parallel, yielding results in input order. At most 4 tasks per worker are in
+    flight: Pool.imap would read the whole corpus into its task queue as fast as the disk allows."""
+    if num_workers <= 1:
+        init_worker(tokenizer_path)
+        yield from map(tokenize_chunk, tasks)
+        return
+    with Pool(num_workers, initializer=init_worker, initargs=(tokenizer_path,)) as pool:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(tokenize_chunk, (task,)))
+            if len(pending) >= 4 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# -----------------------------------------------------------------------------
+# writing shards
+
+class ShardWriter:
+    """Appends tokens to the files path_for(0), path_for(1), ... of at most `capacity` tokens each
+    (capacity 0: one file). A file is written under a temporary name and renamed once full."""
+
+    def __init__(self, path_for, capacity: int, eos_id: int):
+        self.path_for, self.capacity, self.eos_id = path_for, capacity, eos_id
+        self.done = []  # (path, tokens, documents) of the finished files
+        self.file, self.tokens, self.documents = None, 0, 0
+
+    def write(self, ids: np.ndarray):
+        while len(ids):
+            if self.file is None:
+                self.file = open(self.path_for(len(self.done)) + ".tmp", "wb")
+            room = self.capacity - self.tokens if self.capacity else len(ids)
+            part, ids = ids[:room], ids[room:]
+            self.file.write(part.tobytes())
+            self.tokens += len(part)
+            self.documents += int(np.count_nonzero(part == self.eos_id))  # documents that end in this file
+            if self.tokens == self.capacity:
+                self._finish()
+
+    def _finish(self):
+        path = self.path_for(len(self.done))
+        self.file.close()
+        os.replace(path + ".tmp", path)
+        self.done.append((path, self.tokens, self.documents))
+        self.file, self.tokens, self.documents = None, 0, 0
+
+    def close(self) -> list:
+        if self.file is not None:
+            self._finish()
+        return self.done
+
+    def discard(self):
+        """Remove everything this writer made: an interrupted run leaves no shards behind."""
+        if self.file is not None:
+            self.file.close()
+            os.remove(self.file.name)
+            self.file = None
+        for path, _, _ in self.done:
+            os.remove(path)
+        self.done = []
+
+
+def write_sidecar(bin_path: str, info: dict):
+    """<bin_path>.json, atomically. Written after the .bin: its presence marks the shard complete."""
+    tmp = bin_path + ".json.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, bin_path + ".json")
+
+
+def remove_stale_shards(out_dir: str, name: str):
+    """Delete {name}_train_NNN.bin / {name}_val.bin (sidecars first) and temporaries from an earlier
+    run, so a smaller rerun cannot leave old shards for the reader's glob to pick up."""
+    shard = re.compile(re.escape(name) + r"_(train_\d+|val)\.bin(\.json)?(\.tmp)?")
+    stale = [f for f in os.listdir(out_dir) if shard.fullmatch(f)]
+    for f in sorted(stale, key=lambda f: not f.endswith(".json")):
+        os.remove(os.path.join(out_dir, f))
+
+
+# -----------------------------------------------------------------------------
+# the whole job
+
+def check_vocab(sp) -> None:
+    """Shards store ids as uint16, so the vocabulary must fit."""
+    if sp.get_piece_size() > 65535:
+        raise ValueError(f"the tokenizer has {sp.get_piece_size()} pieces, more than the 65535 that uint16 "
+                         f"shards can hold: train one with --vocab_size 65535 or less")
+
+
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such tokenizer; make one with python train_tokenizer.py")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError):
+        raise ValueError(f"{path}: not a SentencePiece model") from None
+    check_vocab(sp)
+    if sp.eos_id() < 0:
+        raise ValueError(f"{path}: the tokenizer has no end-of-document piece (eos)")
+    return sp
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def build_shards(cfg: DatasetConfig) -> dict:
+    """Tokenize cfg.inputs (and the held-out documents) into shards; return what was written."""
+    if cfg.shard_tokens < 1 or cfg.num_workers < 1 or cfg.chunk_docs < 1:
+        raise ValueError("shard_tokens, num_workers and chunk_docs must be at least 1")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction {cfg.val_fraction} must be in [0, 1)")
+    sp = load_tokenizer(cfg.tokenizer)
+    train_paths = [p for p in cfg.inputs.split(",") if p]
+    val_paths = [p for p in cfg.val_inputs.split(",") if p]
+    if not train_paths:
+        raise ValueError("no --inputs given")
+    for path in train_paths:
+        check_input(path)
+    for path in val_paths:
+        try:
+            check_input(path)
+        except ValueError as e:
+            raise ValueError(f"{e} (held-out documents; --val_inputs \"\" holds out --val_fraction "
+                             f"of the inputs instead)") from None
+    has_val = bool(val_paths) or cfg.val_fraction > 0
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    remove_stale_shards(cfg.out_dir, cfg.name)
+    prefix = os.path.join(cfg.out_dir, cfg.name)
+    writers = {"train": ShardWriter(lambda i: f"{prefix}_train_{i:03d}.bin", cfg.shard_tokens, sp.eos_id()),
+               "val": ShardWriter(lambda i: f"{prefix}_val.bin", 0, sp.eos_id())}
+    stats = {"malformed": 0}
+    sources = [("train", p) for p in train_paths] + [("val", p) for p in val_paths]
+    total_bytes = sum(os.path.getsize(p) for _, p in sources if p.endswith((".jsonl", ".txt")))
+    bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing")
+    t0 = time.perf_counter()
+    try:
+        tasks = make_tasks(sources, cfg, stats)
+        with contextlib.closing(tokenize_in_order(tasks, cfg.tokenizer, cfg.num_workers)) as results:
+            for split, ids, _, nbytes in results:  # closing: an error here still stops the worker pool
+                writers[split].write(ids)
+                bar.update(nbytes)
+        written = {split: w.close() for split, w in writers.items()}
+        bar.close()
+        seconds = time.perf_counter() - t0
+        if stats["malformed"]:
+            warn(f"skipped {stats['malformed']} malformed lines in total")
+        if not written["train"]:
+            raise ValueError(f"no documents to train on in {cfg.inputs}")
+        if has_val and not written["val"]:
+            raise ValueError(f"no documents in {cfg.val_inputs}" if val_paths else
+                             f"val_fraction {cfg.val_fraction} of the documents holds out none: "
+                             f"raise --val_fraction, give --val_inputs, or pass --val_fraction 0")
+        info = {"tokenizer": cfg.tokenizer, "tokenizer_sha256": file_sha256(cfg.tokenizer),
+                "vocab_size": sp.get_piece_size(), "eos_id": sp.eos_id(), "dtype": "uint16"}
+        for path, tokens, documents in written["train"] + written["val"]:
+            write_sidecar(path, {**info, "num_tokens": tokens, "num_documents": documents})
+    except BaseException:  # errors and Ctrl-C alike: leave no shard behind that could pass for complete
+        bar.close()
+        for w in writers.values():
+            w.discard()
+        raise
+
+    summary = {split: {"paths": [p for p, _, _ in files], "tokens": sum(t for _, t, _ in files),
+                       "documents": sum(d for _, _, d in files)} for split, files in written.items()}
+    summary.update(seconds=seconds, malformed_lines=stats["malformed"],
+                   tokens_per_second=(summary["train"]["tokens"] + summary["val"]["tokens"]) / max(seconds, 1e-9))
+    for split, s in summary.items():
+        if isinstance(s, dict) and s["paths"]:
+            where = s["paths"][0] if len(s["paths"]) == 1 else f"{len(s['paths'])} shards {prefix}_{split}_*.bin"
+            print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens -> {where}")
+    print(f"tokenized in {seconds:.2f}s: {summary['tokens_per_second']:,.0f} tokens/s with {cfg.num_workers} worker(s)")
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# the training-time reader
+
+class TokenShards:
+    """Random contiguous windows from memory-mapped shards, for train.py.
+
+    batch(index) is a pure function of (seed, index): resuming needs only the index, and evaluating
+    indices 0..n-1 gives the same windows every time. The global batch of batch_size * world_size
+    windows is drawn, and rank r takes rows r*batch_size:(r+1)*batch_size, so two DDP ranks with batch B
+    see exactly what one process with batch 2B sees. Windows are drawn uniformly over all positions of
+    all shards (a shard's share follows its length) and never cross a shard boundary."""
+
+    def __init__(self, pattern_or_paths, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if isinstance(pattern_or_paths, (str, os.PathLike)):
+            self.paths = sorted(glob.glob(os.fspath(pattern_or_paths)))
+        else:
+            self.paths = [os.fspath(p) for p in pattern_or_paths]
+        if not self.paths:
+            raise ValueError(f"no token shards match {pattern_or_paths}: make them with python dataset.py")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
+        infos = [self._read_sidecar(p) for p in self.paths]
+        for key in ("vocab_size", "eos_id", "tokenizer_sha256"):
+            for path, info in zip(self.paths, infos):
+                if info[key] != infos[0][key]:
+                    raise ValueError(f"{path} and {self.paths[0]} were made with different tokenizers "
+                                     f"({key} {info[key]} vs {infos[0][key]}): rebuild them with one")
+        self.vocab_size, self.eos_id, self.tokenizer = infos[0]["vocab_size"], infos[0]["eos_id"], infos[0]["tokenizer"]
+        lengths = np.array([info["num_tokens"] for info in infos], dtype=np.int64)
+        self.num_tokens = int(lengths.sum())
+        # opened once; the OS pages in only the windows read (a 0-token file cannot be mapped)
+        self.shards = [np.memmap(p, dtype=DTYPE, mode="r") if n else None for p, n in zip(self.paths, lengths)]
+        windows = np.maximum(lengths - seq_len, 0)  # start positions with seq_len + 1 tokens after them
+        if windows.sum() == 0:
+            raise ValueError(f"{pattern_or_paths}: no shard has the seq_len + 1 = {seq_len + 1} tokens one window "
+                             f"needs (largest: {lengths.max()} tokens, {self.num_tokens} in total); "
+                             f"use a smaller --seq_len or more data")
+        self.window_ends = np.cumsum(windows)  # shard i owns the global start positions [starts[i], ends[i])
+        self.window_starts = self.window_ends - windows
+
+    @staticmethod
+    def _read_sidecar(path: str) -> dict:
+        try:
+            with open(path + ".json", encoding="utf-8") as f:
+                info = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{path} has no sidecar {path}.json, so it is incomplete (an interrupted "
+                             f"dataset.py run?): rerun python dataset.py") from None
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}.json is not valid JSON: rerun python dataset.py") from None
+        if info.get("dtype") != "uint16":
+            raise ValueError(f"{path}.json: dtype {info.get('dtype')!r}, expected \"uint16\"")
+        if os.path.getsize(path) != info["num_tokens"] * DTYPE.itemsize:
+            raise ValueError(f"{path} is {os.path.getsize(path)} bytes but its sidecar says {info['num_tokens']} "
+                             f"tokens: the file changed after it was written; rerun python dataset.py")
+        return info
+
+    def batch(self, index: int) -> tuple:
+        """(tokens, targets): int64 CPU tensors (batch_size, seq_len); targets are tokens shifted by one."""
+        rng = np.random.default_rng([self.seed, index])
+        starts = rng.integers(0, self.window_ends[-1], size=self.batch_size * self.world_size)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        shard = np.searchsorted(self.window_ends, starts, side="right")
+        offsets = starts - self.window_starts[shard]
+        rows = np.stack([self.shards[s][o:o + self.seq_len + 1] for s, o in zip(shard, offsets)]).astype(np.int64)
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+
+def main(argv=None):
+    cfg = parse_config(DatasetConfig, argv, description=__doc__.strip().splitlines()[0])
+    try:
+        build_shards(cfg)
+    except ValueError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
