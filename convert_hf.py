@@ -1,0 +1,357 @@
+"""
+Convert between our checkpoints and Hugging Face transformers' Llama format.
+
+  python convert_hf.py --from_hf path/to/llama_folder --out out/base.pt   # then fine-tune it with our scripts
+  python convert_hf.py --to_hf out/sft/best.pt --out out/hf               # tokenizer: the one the checkpoint names
+  python convert_hf.py --to_hf out/sft/best.pt --out out/hf --tokenizer data/tokenizer.model
+
+The export is a plain LlamaForCausalLM (config.json + model.safetensors) with a SentencePiece
+tokenizer (tokenizer.model, plus an exact tokenizer.json and the ChatML chat template), so
+transformers' AutoModelForCausalLM / AutoTokenizer load it, and so do the tools built on the
+format: llama.cpp's convert_hf_to_gguf.py, vLLM, ollama (via GGUF).
+
+Our weights already use HF's rotate-half RoPE layout, so converting is a renaming of tensors:
+nothing is permuted. Needs the `safetensors` package (pip install safetensors); transformers
+is not needed to convert, only to use the result.
+
+Token ids in the export: the tokenizer adds no <s>/</s> by itself, so tokenizer.encode(text)
+equals SentencePiece's. Our pretraining data separates documents with </s>, so for base
+completion put </s> before a prompt (as inference.py does). For chat, eos is <|im_end|>;
+generation_config.json stops at <|im_end|> and </s>.
+"""
+import json
+import os
+import shutil
+import struct
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from cli import die, parse_config
+from model import ModelConfig, Transformer, load_model, load_state_dict_checked, save_checkpoint
+
+# Our per-layer module names -> Hugging Face's (under model.layers.{i}.)
+LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+CHAT_TEMPLATE = ("{% for message in messages %}"
+                 "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                 "{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")  # special tokens; <think> </think> stay visible in decode
+
+
+def hf_names(cfg: ModelConfig) -> dict:
+    """Our tensor name -> Hugging Face's, for every tensor a model with this config stores."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:  # tied: HF stores no lm_head and ties it on load
+        names["output.weight"] = "lm_head.weight"
+    for i in range(cfg.n_layers):
+        for ours, theirs in LAYER_NAMES.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+# ----------------------------------------------------------------------------- config
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a LlamaForCausalLM config.json; one-line error for what we cannot run."""
+    def refuse(why):
+        raise ValueError(f"{source}: {why}; only plain Llama models convert")
+
+    if hf.get("model_type") != "llama":
+        refuse(f"model_type is {hf.get('model_type')!r}, not 'llama'")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act is {hf['hidden_act']!r}, not 'silu'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            refuse(f"{flag} is true (we have no biases)")
+    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, dim // n_heads):
+        refuse(f"head_dim {hf['head_dim']} is not hidden_size / num_attention_heads = {dim // n_heads}")
+    # transformers >= 5 keeps theta and scaling in rope_parameters; older files have
+    # top-level rope_theta and rope_scaling (which wins if both are present, as in transformers).
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or params
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        refuse(f"rope scaling type {rope_type!r} is not supported (only llama3)")
+    rope_scaling = None
+    if rope_type == "llama3":
+        rope_scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
+        rope_scaling["original_max_position_embeddings"] = scaling.get(
+            "original_max_position_embeddings", hf["max_position_embeddings"])
+    return ModelConfig(
+        dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=hf["vocab_size"],
+        hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
+        max_seq_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: dict = None) -> dict:
+    """config.json for a LlamaForCausalLM equal to our model (token_ids: bos/eos/pad ids or None)."""
+    rope_scaling = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None
+    token_ids = token_ids or {}
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        # Both spellings: transformers >= 5 reads rope_parameters; transformers 4, llama.cpp
+        # and vLLM read rope_theta and rope_scaling.
+        "rope_parameters": {"rope_type": "default", **(rope_scaling or {}), "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+        "bos_token_id": token_ids.get("bos"), "eos_token_id": token_ids.get("eos"),
+        "pad_token_id": token_ids.get("pad"), "dtype": dtype_name, "torch_dtype": dtype_name,
+    }
+
+
+# ----------------------------------------------------------------------------- weights
+
+def read_hf_tensors(model_dir: str) -> dict:
+    """All tensors of a HF model folder: model.safetensors, its sharded index, or pytorch_model.bin."""
+    single, index = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "model.safetensors.index.json")
+    legacy = os.path.join(model_dir, "pytorch_model.bin")
+    if os.path.exists(single) or os.path.exists(index):
+        load_file = _safetensors().load_file
+        if os.path.exists(single):
+            return load_file(single)
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(os.path.join(model_dir, shard)))
+        return tensors
+    if os.path.exists(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)  # never run pickled code
+    raise ValueError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
+    """Our Transformer (fp32, CPU) from a Hugging Face LlamaForCausalLM folder."""
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
+    with open(config_path, encoding="utf-8") as f:
+        cfg = config_from_hf(json.load(f), config_path)
+    hf = read_hf_tensors(model_dir)
+    names = hf_names(cfg)
+    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied models store it anyway
+    extra = sorted(k for k in hf if k not in names.values() and k not in ignored
+                   and not k.endswith("rotary_emb.inv_freq"))  # old files keep RoPE's buffer
+    if extra:
+        raise ValueError(f"{model_dir}: unexpected tensor {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    missing = [theirs for theirs in names.values() if theirs not in hf]
+    if missing:
+        raise ValueError(f"{model_dir}: missing tensor {missing[0]}")
+    state = {ours: hf[theirs] for ours, theirs in names.items()}
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model = Transformer(cfg)
+    load_state_dict_checked(model, state, model_dir)  # copies into fp32 parameters
+    return model, cfg
+
+
+def save_hf(model: Transformer, out_dir: str, tokenizer_model: str = None):
+    """Write `model` as a HF LlamaForCausalLM folder, with the tokenizer files when given our
+    SentencePiece model. Every file is written under a temporary name and renamed; config.json
+    comes last, so a folder with a config.json is complete."""
+    save_file = _safetensors().save_file
+    os.makedirs(out_dir, exist_ok=True)
+    token_ids = save_tokenizer(tokenizer_model, out_dir, model.cfg.max_seq_len) if tokenizer_model else None
+    state = model.state_dict()
+    tensors = {theirs: state[ours].detach().cpu().contiguous() for ours, theirs in hf_names(model.cfg).items()}
+    path = os.path.join(out_dir, "model.safetensors")
+    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    dtype = model.tok_embeddings.weight.dtype
+    if token_ids:
+        write_json(os.path.join(out_dir, "generation_config.json"), {
+            "bos_token_id": token_ids["bos"], "eos_token_id": [token_ids["im_end"], token_ids["eos"]],
+            "pad_token_id": token_ids["pad"]})
+    write_json(os.path.join(out_dir, "config.json"), hf_config(model.cfg, dtype, token_ids))
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ValueError("converting needs the safetensors package: pip install safetensors") from None
+    return safetensors.torch
+
+
+def write_json(path: str, obj):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _varint(buf: bytes, pos: int):
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _proto_fields(buf: bytes):
+    """Yield (field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def read_sentencepiece(path: str) -> dict:
+    """Pieces, scores, piece types and the settings an exact tokenizer.json depends on, read from
+    the .model protobuf directly (sentencepiece's Python API hides piece types, and its proto
+    module needs the protobuf package). Field numbers: sentencepiece_model.proto."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        pieces, trainer, normalizer = [], {}, {}
+        for number, value in _proto_fields(data):
+            if number == 1:
+                piece = dict(_proto_fields(value))
+                pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece.get(2, b"\0\0\0\0"))[0],
+                               piece.get(3, 1)))  # type 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte
+            elif number == 2:
+                trainer = dict(_proto_fields(value))
+            elif number == 3:
+                normalizer = dict(_proto_fields(value))
+    except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error):
+        raise ValueError(f"{path}: cannot read the SentencePiece model") from None
+    return {"pieces": pieces, "bpe": trainer.get(3, 1) == 2,
+            "normalizer": normalizer.get(1, b"nmt_nfkc").decode(), "add_dummy_prefix": bool(normalizer.get(3, 1)),
+            "remove_extra_whitespaces": bool(normalizer.get(4, 1)), "byte_fallback": bool(trainer.get(35, 0)),
+            "whitespace_as_suffix": bool(trainer.get(24, 0))}
+
+
+def tokenizer_json(spm_info: dict) -> dict:
+    """A `tokenizers` BPE tokenizer that encodes exactly like the SentencePiece model:
+    spaces become ▁ and nothing else is normalized, special and user-defined pieces are
+    matched first, byte fallback for unknown characters, and merges ranked by piece score
+    (SentencePiece's BPE merges the highest-scoring available pair first)."""
+    pieces = spm_info["pieces"]
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    normal = {piece for piece, _, kind in pieces if kind == 1}
+    merges = []  # (rank key, left, right)
+    for i, (piece, score, kind) in enumerate(pieces):
+        if kind != 1:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                merges.append(((-score, i, cut), left, right))
+    merges.sort()
+    added = [{"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kind != 4 or piece in CHAT_MARKERS}
+             for i, (piece, _, kind) in enumerate(pieces) if kind in (2, 3, 4)]
+    unk = next((piece for piece, _, kind in pieces if kind == 2), None)
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": spm_info["byte_fallback"],
+                  "ignore_merges": False, "vocab": vocab, "merges": [[left, right] for _, left, right in merges]},
+    }
+
+
+def save_tokenizer(tokenizer_model: str, out_dir: str, max_len: int) -> dict:
+    """Write tokenizer.model, tokenizer.json, tokenizer_config.json (with the ChatML template)
+    and special_tokens_map.json; return the ids of bos, eos, pad and <|im_end|>."""
+    info = read_sentencepiece(tokenizer_model)
+    if not info["bpe"] or info["normalizer"] != "identity" or info["add_dummy_prefix"] \
+            or info["remove_extra_whitespaces"] or info["whitespace_as_suffix"]:
+        raise ValueError(f"{tokenizer_model}: only tokenizers made by train_tokenizer.py export exactly "
+                         "(BPE, identity normalization, no dummy prefix, whitespace kept)")
+    ids = {piece: i for i, (piece, _, _) in enumerate(info["pieces"])}
+    missing = [p for p in ("<unk>", "<s>", "</s>", "<pad>") + CHAT_MARKERS if p not in ids]
+    if missing:
+        raise ValueError(f"{tokenizer_model}: no {missing[0]} piece")
+    shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model.tmp"))
+    os.replace(os.path.join(out_dir, "tokenizer.model.tmp"), os.path.join(out_dir, "tokenizer.model"))
+    write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json(info))
+    special = {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as written, no rebuilding
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len, "chat_template": CHAT_TEMPLATE, **special})
+    return {"bos": ids["<s>"], "eos": ids["</s>"], "pad": ids["<pad>"], "im_end": ids["<|im_end|>"]}
+
+
+# ----------------------------------------------------------------------------- command line
+
+@dataclass
+class ConvertConfig:
+    from_hf: str = field(default="", metadata={"help": "Hugging Face Llama folder to convert into our checkpoint"})
+    to_hf: str = field(default="", metadata={"help": "our checkpoint to export as a Hugging Face folder"})
+    out: str = field(default="", metadata={"help": "the checkpoint (.pt) or folder to write"})
+    tokenizer: str = field(default="", metadata={"help": "with --to_hf: SentencePiece model to export "
+                                                         "(empty: the one recorded in the checkpoint)"})
+
+
+def main(argv=None):
+    cfg = parse_config(ConvertConfig, argv, description=__doc__.strip().splitlines()[0])
+    if bool(cfg.from_hf) == bool(cfg.to_hf) or not cfg.out:
+        die("give --from_hf DIR or --to_hf CKPT, and --out")
+    try:
+        if cfg.from_hf:
+            model, model_cfg = load_hf(cfg.from_hf)
+            tokenizer = os.path.join(cfg.from_hf, "tokenizer.model")
+            tokenizer = tokenizer if os.path.exists(tokenizer) else ""
+            save_checkpoint({"model": model.state_dict(), "config": asdict(model_cfg), "step": 0,
+                             "tokenizer": tokenizer}, cfg.out)
+            print(f"wrote {cfg.out}: {model.num_params() / 1e6:.1f}M parameters, {model_cfg.n_layers} layers")
+            if not tokenizer:
+                print(f"note: {cfg.from_hf} has no tokenizer.model; pass its SentencePiece tokenizer "
+                      "to the other scripts with --tokenizer", file=sys.stderr)
+        else:
+            model, ckpt = load_model(cfg.to_hf)
+            tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or ""
+            if tokenizer and not os.path.exists(tokenizer):
+                raise ValueError(f"{tokenizer}: no such tokenizer (pass --tokenizer)")
+            save_hf(model, cfg.out, tokenizer or None)
+            print(f"wrote {cfg.out}/ " + ("with tokenizer " + tokenizer if tokenizer else
+                                          "without a tokenizer (pass --tokenizer to include one)"))
+    except ValueError as e:
+        die(str(e))
+
+
+if __name__ == "__main__":
+    main()
