@@ -100,10 +100,14 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, so decoding never recomputes the prefix."""
+    """Preallocated keys and values for every layer, so decoding never recomputes the prefix.
+    max_len (default: the model's context) bounds how many positions it can hold; generation
+    allocates only what it needs, which matters for models with a long context."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32):
-        shape = (batch_size, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32,
+                 max_len: Optional[int] = None):
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        shape = (batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0  # number of positions already stored
@@ -209,6 +213,8 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
         h = self.dropout(self.tok_embeddings(tokens))
         cos = self.rope_cos[start:start + T].to(h.dtype)
         sin = self.rope_sin[start:start + T].to(h.dtype)
@@ -248,9 +254,9 @@ class Transformer(nn.Module):
         matmul_params = self.num_params(embedding=False) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
         return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len
 
-    def new_cache(self, batch_size: int = 1) -> KVCache:
+    def new_cache(self, batch_size: int = 1, max_len: Optional[int] = None) -> KVCache:
         p = self.tok_embeddings.weight
-        return KVCache(self.cfg, batch_size, p.device, p.dtype)
+        return KVCache(self.cfg, batch_size, p.device, p.dtype, max_len)
 
     @torch.no_grad()
     def generate_stream(self, prompt: Sequence[int], max_new_tokens: int = 128, temperature: float = 1.0,
@@ -265,16 +271,20 @@ class Transformer(nn.Module):
         if len(prompt) >= self.cfg.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len "
                              f"{self.cfg.max_seq_len} (leave room for at least one new token)")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}")
+        steps = min(max_new_tokens, self.cfg.max_seq_len - len(prompt))
         was_training = self.training
         self.eval()
         device = self.tok_embeddings.weight.device
-        cache = self.new_cache()
+        cache = self.new_cache(max_len=len(prompt) + steps)
         seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(prompt, device=device)] = True
         x = torch.tensor([prompt], device=device)
         stop = set(stop_ids)
         try:
-            for _ in range(min(max_new_tokens, self.cfg.max_seq_len - len(prompt))):
+            for _ in range(steps):
                 logits = self(x, cache=cache, last_only=True)[0][0, -1].float()
                 nxt = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
                 yield nxt

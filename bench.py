@@ -1,0 +1,117 @@
+"""
+Speed measurements, printed as a table. Each row is one function below.
+
+  python bench.py                    # the default model (dim 512, 8 layers, GQA): decode speed
+  python bench.py --preset tiny      # a few seconds, to check that everything runs
+  python bench.py --hf false         # skip the transformers comparison (it is not installed)
+
+decode: batch-1 greedy generation of --new_tokens tokens after a --prompt_tokens prompt, with
+our generate() and with transformers' LlamaForCausalLM.generate() on the same weights (random
+init: speed does not depend on the values). After a warm-up run, the best of --repeats runs.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cli import die, parse_config
+from model import ModelConfig, Transformer
+
+
+@dataclass
+class BenchConfig:
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    vocab_size: int = 6400
+    max_seq_len: int = 512
+    prompt_tokens: int = 16
+    new_tokens: int = 256
+    repeats: int = 3               # timed runs per row, after one warm-up; the fastest counts
+    hf: bool = True                # also time transformers (needs it installed)
+    device: str = "auto"           # auto: cuda if available, else cpu
+    seed: int = 0
+
+
+PRESETS = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=128,
+                 prompt_tokens=8, new_tokens=32, repeats=1),
+}
+
+
+def best_time(fn, repeats: int, device: str) -> float:
+    """Seconds of the fastest of `repeats` calls of fn, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def decode_ours(model: Transformer, prompt: list, cfg: BenchConfig) -> float:
+    """Tokens per second of our batch-1 greedy generate()."""
+    def run():
+        out = model.generate(prompt, max_new_tokens=cfg.new_tokens, temperature=0)
+        assert len(out) == cfg.new_tokens
+    return cfg.new_tokens / best_time(run, cfg.repeats, cfg.device)
+
+
+def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> float:
+    """Tokens per second of transformers' generate() on the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert_hf import hf_config, hf_names
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.cfg, model.tok_embeddings.weight.dtype)))
+    state = model.state_dict()
+    hf.load_state_dict({theirs: state[ours] for ours, theirs in hf_names(model.cfg).items()}, strict=False)
+    hf.to(device=cfg.device, dtype=model.tok_embeddings.weight.dtype).eval()
+    ids = torch.tensor([prompt], device=cfg.device)
+
+    def run():
+        with torch.no_grad():  # min_new_tokens: never stop early at an eos id
+            out = hf.generate(ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                              do_sample=False, pad_token_id=0)
+        assert out.shape[1] == len(prompt) + cfg.new_tokens
+    return cfg.new_tokens / best_time(run, cfg.repeats, cfg.device)
+
+
+def print_table(rows):
+    """rows: (name, value, unit, note) -> aligned text."""
+    width = max(len(r[0]) for r in rows)
+    for name, value, unit, note in rows:
+        print(f"{name:<{width}}  {value:>10.1f} {unit:<8} {note}")
+
+
+def main(argv=None):
+    cfg = parse_config(BenchConfig, argv, presets=PRESETS, description=__doc__.strip().splitlines()[0])
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.prompt_tokens + cfg.new_tokens > cfg.max_seq_len:
+        die(f"--prompt_tokens + --new_tokens ({cfg.prompt_tokens + cfg.new_tokens}) exceed --max_seq_len {cfg.max_seq_len}")
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                            vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)
+    model = Transformer(model_cfg).to(cfg.device).eval()
+    if cfg.device.startswith("cuda"):  # the precision inference.py uses
+        model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    prompt = torch.randint(0, cfg.vocab_size, (cfg.prompt_tokens,)).tolist()
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters, {cfg.device}, "
+          f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; "
+          f"decode: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, greedy")
+    ours = decode_ours(model, prompt, cfg)
+    rows = [("decode, ours", ours, "tokens/s", "")]
+    if cfg.hf:
+        theirs = decode_transformers(model, prompt, cfg)
+        rows.append(("decode, transformers", theirs, "tokens/s", f"ours is {ours / theirs:.2f}x"))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
