@@ -1,0 +1,134 @@
+"""
+Continue a text with a pretrained (base) model, printing tokens as they are generated.
+
+  python inference.py --prompt "Once upon a time"
+  echo "Once upon a time" | python inference.py --num_samples 3 --temperature 0.9
+  python inference.py --ckpt out/pretrain/best.pt --prompt "The sea" --temperature 0   # greedy
+
+Document start: dataset.py puts </s> after every document, so in pretraining every document
+but the very first followed an </s>. A prompt is therefore encoded as </s> + its tokens, which
+the model reads as "a new document starts here" (<s> never occurs in the data). This is the one
+place that decides it: see prompt_ids().
+
+Generation stops at </s> (the end of the document), after --max_new_tokens, or when the
+context is full. The speed (tokens/s) goes to stderr, the text to stdout.
+"""
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import sentencepiece as spm
+import torch
+
+from cli import die, parse_config
+from model import load_model
+
+
+@dataclass
+class InferenceConfig:
+    ckpt: str = "out/pretrain/best.pt"
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece model (empty: the one the checkpoint names)"})
+    prompt: Optional[str] = field(default=None, metadata={"help": "text to continue (not given: read stdin)"})
+    max_new_tokens: int = 256
+    temperature: float = 0.8       # 0: greedy
+    top_k: int = 50                # 0: off
+    top_p: float = 0.95            # 1: off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (transformers' convention)
+    num_samples: int = 1
+    seed: int = 0
+    device: str = "auto"           # auto: cuda if available, else cpu
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
+
+
+def prompt_ids(sp: spm.SentencePieceProcessor, text: str) -> list:
+    """The document-start token (</s>, see the module docstring) followed by the text's tokens."""
+    return [sp.eos_id()] + sp.encode(text)
+
+
+def pick_device(device: str, dtype: str) -> "tuple[str, torch.dtype]":
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype}: use auto, float32, bfloat16 or float16")
+    return device, getattr(torch, dtype)
+
+
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError):
+        raise ValueError(f"{path}: cannot load the SentencePiece tokenizer (missing or not a .model file)") from None
+
+
+def stream_completion(model, sp, ids: list, cfg: InferenceConfig, generator, out=sys.stdout) -> int:
+    """Write the continuation of `ids` to `out` as it is generated; return the number of
+    tokens generated. Each step decodes all new tokens and prints what was not printed yet,
+    so characters that span several byte tokens (Chinese, emoji) come out whole."""
+    new, printed = [], 0
+    for tok in model.generate_stream(ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+                                     stop_ids=[sp.eos_id()], generator=generator):
+        new.append(tok)
+        if tok == sp.eos_id():
+            break
+        text = sp.decode(new)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            continue
+        out.write(text[printed:])
+        out.flush()
+        printed = len(text)
+    out.write(sp.decode([t for t in new if t != sp.eos_id()])[printed:] + "\n")
+    out.flush()
+    return len(new)
+
+
+def run(cfg: InferenceConfig):
+    device, dtype = pick_device(cfg.device, cfg.dtype)
+    model, ckpt = load_model(cfg.ckpt, device)
+    model.to(dtype)
+    tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
+    sp = load_tokenizer(tokenizer)
+    if sp.get_piece_size() > model.cfg.vocab_size:
+        raise ValueError(f"{tokenizer} has {sp.get_piece_size()} pieces but {cfg.ckpt} was trained with "
+                         f"vocab_size {model.cfg.vocab_size}: pass the tokenizer it was trained with")
+    text = cfg.prompt
+    if text is None:
+        if sys.stdin.isatty():
+            print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+        text = sys.stdin.read().removesuffix("\n")
+    ids = prompt_ids(sp, text)
+    if len(ids) >= model.cfg.max_seq_len:
+        raise ValueError(f"the prompt is {len(ids)} tokens but the model's context (max_seq_len) is "
+                         f"{model.cfg.max_seq_len}: shorten it")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    t0, n_tokens = time.perf_counter(), 0
+    for i in range(cfg.num_samples):
+        if i:
+            print("---")
+        sys.stdout.write(text)
+        n_tokens += stream_completion(model, sp, ids, cfg, generator)
+    seconds = time.perf_counter() - t0
+    print(f"{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s "
+          f"({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
+
+
+def main(argv=None):
+    cfg = parse_config(InferenceConfig, argv, description=__doc__.strip().splitlines()[0])
+    try:
+        run(cfg)
+    except ValueError as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
