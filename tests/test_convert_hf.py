@@ -1,0 +1,203 @@
+"""convert_hf.py: parity with transformers' LlamaForCausalLM both ways, and the tokenizer export."""
+import json
+from dataclasses import asdict
+
+import pytest
+import sentencepiece as spm
+import torch
+
+import convert_hf
+from model import ModelConfig, Transformer, load_model, save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+LLAMA3 = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+ODD = dict(dim=48, n_layers=2, n_heads=4, vocab_size=97, hidden_dim=80, max_seq_len=64, rope_theta=5000.0)
+VARIANTS = {
+    "mha-tied": dict(n_kv_heads=4, tie_embeddings=True),
+    "gqa-untied": dict(n_kv_heads=2, tie_embeddings=False),
+    "gqa-tied-llama3": dict(n_kv_heads=2, tie_embeddings=True, rope_scaling=LLAMA3),
+    "mha-untied-llama3": dict(n_kv_heads=4, tie_embeddings=False, rope_scaling=LLAMA3),
+}
+
+
+def perturb_norms(module: torch.nn.Module):
+    """Norm weights start at 1 in both libraries; make them differ so a wrong mapping shows."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+
+
+def assert_same_model(ours: Transformer, hf, vocab_size: int):
+    tokens = torch.randint(0, vocab_size, (2, 40))
+    with torch.no_grad():
+        diff = (ours(tokens)[0] - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4, f"logits differ by {diff}"
+    prompt = tokens[0, :5].tolist()
+    mine = ours.generate(prompt, max_new_tokens=20, temperature=0)
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                         pad_token_id=0)[0, 5:].tolist()
+    assert mine == theirs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ours_to_hf(variant, tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**ODD, **VARIANTS[variant])).eval()
+    perturb_norms(model)
+    convert_hf.save_hf(model, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
+    assert_same_model(model, hf, ODD["vocab_size"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hf_to_ours(variant, tmp_path):
+    v = VARIANTS[variant]
+    rope = {"rope_type": "llama3", **v["rope_scaling"]} if "rope_scaling" in v else {"rope_type": "default"}
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=v["n_kv_heads"], max_position_embeddings=64, rms_norm_eps=1e-5,
+        tie_word_embeddings=v["tie_embeddings"], rope_parameters={**rope, "rope_theta": 5000.0})).eval()
+    perturb_norms(hf)
+    hf.save_pretrained(str(tmp_path))
+    model, cfg = convert_hf.load_hf(str(tmp_path))
+    assert cfg == ModelConfig(**ODD, **v)
+    assert_same_model(model.eval(), hf, 97)
+
+
+def test_sharded_and_pytorch_bin_files(tmp_path):
+    torch.manual_seed(2)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    torch.save(hf.state_dict(), legacy / "pytorch_model.bin")
+    for folder in (tmp_path / "sharded", legacy):
+        model, _ = convert_hf.load_hf(str(folder))
+        assert_same_model(model.eval(), hf, 97)
+
+
+def test_legacy_config_fields():
+    """transformers 4 files: rope_theta and rope_scaling at the top level, no head_dim."""
+    cfg = convert_hf.config_from_hf({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 96, "vocab_size": 100, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **LLAMA3}})
+    assert (cfg.n_kv_heads, cfg.rope_theta, cfg.rope_scaling, cfg.tie_embeddings) == (4, 500000.0, LLAMA3, False)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"head_dim": 32}, "head_dim"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "linear"),
+    ({"model_type": "mistral"}, "mistral"),
+])
+def test_unsupported_configs_are_refused(change, words):
+    hf = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": 96, "vocab_size": 100, "max_position_embeddings": 128, **change}
+    with pytest.raises(ValueError, match=words) as err:
+        convert_hf.config_from_hf(hf)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        convert_hf.load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 96, "vocab_size": 100, "max_position_embeddings": 128}))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        convert_hf.load_hf(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+SAMPLES = [
+    "Tom found a red ball in the park.",
+    " Leading space, and  two   runs of spaces.  ",
+    "It was 1234 steps away; 3.14 + 2 = 5.14",
+    "今天天气很好。我们去公园散步。他有三个苹果。",
+    "Mixed: Lily 看见了 a tiny bird 🐦 ζ∑ ünïcödé\n\nnew\tlines",
+    "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n<think>3 + 4 = 7</think>7<|im_end|>",
+    "glued<think>x</think>y<|im_end|>z",
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tokenizer_path, tmp_path_factory):
+    """Our model + tokenizer exported together, as --to_hf does."""
+    out = tmp_path_factory.mktemp("export")
+    torch.manual_seed(3)
+    model = Transformer(ModelConfig(**{**ODD, "vocab_size": 512})).eval()
+    convert_hf.save_hf(model, str(out), tokenizer_path)
+    return model, str(out), spm.SentencePieceProcessor(model_file=tokenizer_path)
+
+
+def test_tokenizer_encodes_like_sentencepiece(exported):
+    _, out, sp = exported
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in SAMPLES:
+        ids = sp.encode(text)
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == sp.decode(ids) == text
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<think>", "</think>"]) == \
+        [sp.piece_to_id(p) for p in ("<|im_start|>", "<|im_end|>", "<think>", "</think>")]
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == \
+        (sp.piece_to_id("<|im_end|>"), sp.bos_id(), sp.pad_id())
+
+
+def test_chat_template_matches_ours(exported):
+    _, out, sp = exported
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 + 4? 你好"},
+                {"role": "assistant", "content": "<think>3 + 4 = 7</think>7"}, {"role": "user", "content": "Thanks"}]
+    ours = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == ours + "<|im_start|>assistant\n"
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == sp.encode(ours + "<|im_start|>assistant\n")
+
+
+def test_exported_folder_loads_and_stops_at_chat_end(exported):
+    model, out, sp = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    eos = hf.generation_config.eos_token_id
+    assert sorted(eos) == sorted([sp.piece_to_id("<|im_end|>"), sp.eos_id()])
+    assert hf.config.bos_token_id == sp.bos_id()
+    assert_same_model(model, hf, 512)
+
+
+def test_cli_round_trip(tokenizer_path, tmp_path):
+    torch.manual_seed(4)
+    cfg = ModelConfig(**{**ODD, "vocab_size": 512, "rope_scaling": LLAMA3, "tie_embeddings": False})
+    model = Transformer(cfg)
+    save_checkpoint({"model": model.state_dict(), "config": asdict(cfg), "step": 7, "tokenizer": tokenizer_path},
+                    str(tmp_path / "ckpt.pt"))
+    convert_hf.main(["--to_hf", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "tokenizer.json").exists()  # taken from the checkpoint's "tokenizer"
+    convert_hf.main(["--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")])
+    back, ckpt = load_model(str(tmp_path / "back.pt"))
+    assert ckpt["config"] == asdict(cfg) and ckpt["step"] == 0
+    assert ckpt["tokenizer"].endswith("tokenizer.model")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convert_hf.main(["--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        convert_hf.main(["--from_hf", str(tmp_path), "--out", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "config.json" in err[-1]
