@@ -4,6 +4,7 @@ Speed measurements, printed as a table. Each row is one function below.
   python bench.py                    # the default model (dim 512, 8 layers, GQA): decode speed
   python bench.py --preset tiny      # a few seconds, to check that everything runs
   python bench.py --hf false         # skip the transformers comparison (it is not installed)
+  python bench.py --dtype bfloat16   # both in bf16 (fast on CPUs with AVX512-BF16 / AMX)
 
 decode: batch-1 greedy generation of --new_tokens tokens after a --prompt_tokens prompt, with
 our generate() and with transformers' LlamaForCausalLM.generate() on the same weights (random
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from cli import die, parse_config
+from inference import pick_device
 from model import ModelConfig, Transformer
 
 
@@ -31,6 +33,7 @@ class BenchConfig:
     repeats: int = 3               # timed runs per row, after one warm-up; the fastest counts
     hf: bool = True                # also time transformers (needs it installed)
     device: str = "auto"           # auto: cuda if available, else cpu
+    dtype: str = "auto"            # as inference.py: bf16 (or fp16) on CUDA, fp32 on CPU
     seed: int = 0
 
 
@@ -91,16 +94,16 @@ def print_table(rows):
 
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, presets=PRESETS, description=__doc__.strip().splitlines()[0])
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.prompt_tokens + cfg.new_tokens > cfg.max_seq_len:
         die(f"--prompt_tokens + --new_tokens ({cfg.prompt_tokens + cfg.new_tokens}) exceed --max_seq_len {cfg.max_seq_len}")
+    try:
+        cfg.device, dtype = pick_device(cfg.device, cfg.dtype)
+    except ValueError as e:
+        die(str(e))
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                             vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)
-    model = Transformer(model_cfg).to(cfg.device).eval()
-    if cfg.device.startswith("cuda"):  # the precision inference.py uses
-        model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    model = Transformer(model_cfg).to(device=cfg.device, dtype=dtype).eval()
     prompt = torch.randint(0, cfg.vocab_size, (cfg.prompt_tokens,)).tolist()
     print(f"model: {model.num_params() / 1e6:.1f}M parameters, {cfg.device}, "
           f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; "
