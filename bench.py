@@ -11,7 +11,7 @@ our generate() and with transformers' LlamaForCausalLM.generate() on the same we
 init: speed does not depend on the values). After a warm-up run, the best of --repeats runs.
 """
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,10 +30,10 @@ class BenchConfig:
     max_seq_len: int = 512
     prompt_tokens: int = 16
     new_tokens: int = 256
-    repeats: int = 3               # timed runs per row, after one warm-up; the fastest counts
-    hf: bool = True                # also time transformers (needs it installed)
-    device: str = "auto"           # auto: cuda if available, else cpu
-    dtype: str = "auto"            # as inference.py: bf16 (or fp16) on CUDA, fp32 on CPU
+    repeats: int = field(default=3, metadata={"help": "timed runs per row, after one warm-up; the fastest counts"})
+    hf: bool = field(default=True, metadata={"help": "also time transformers (needs it installed)"})
+    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
+    dtype: str = field(default="auto", metadata={"help": "as inference.py: bf16 (or fp16) on CUDA, fp32 on CPU"})
     seed: int = 0
 
 

@@ -31,13 +31,14 @@ class InferenceConfig:
     tokenizer: str = field(default="", metadata={"help": "SentencePiece model (empty: the one the checkpoint names)"})
     prompt: Optional[str] = field(default=None, metadata={"help": "text to continue (not given: read stdin)"})
     max_new_tokens: int = 256
-    temperature: float = 0.8       # 0: greedy
-    top_k: int = 50                # 0: off
-    top_p: float = 0.95            # 1: off
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (transformers' convention)
+    temperature: float = field(default=0.8, metadata={"help": "0: greedy"})
+    top_k: int = field(default=50, metadata={"help": "sample from the k likeliest tokens; 0: off"})
+    top_p: float = field(default=0.95, metadata={"help": "sample from the likeliest tokens covering p; 1: off"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "> 1 discourages tokens already in the text (transformers' convention); 1: off"})
     num_samples: int = 1
     seed: int = 0
-    device: str = "auto"           # auto: cuda if available, else cpu
+    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
     dtype: str = field(default="auto", metadata={
         "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
 
