@@ -68,6 +68,11 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     def refuse(why):
         raise ValueError(f"{source}: {why}; only plain Llama models convert")
 
+    def need(key):
+        if key not in hf:
+            raise ValueError(f"{source}: no {key!r}")
+        return hf[key]
+
     if hf.get("model_type") != "llama":
         refuse(f"model_type is {hf.get('model_type')!r}, not 'llama'")
     if hf.get("hidden_act", "silu") != "silu":
@@ -75,7 +80,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             refuse(f"{flag} is true (we have no biases)")
-    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    dim, n_heads = need("hidden_size"), need("num_attention_heads")
     if hf.get("head_dim") not in (None, dim // n_heads):
         refuse(f"head_dim {hf['head_dim']} is not hidden_size / num_attention_heads = {dim // n_heads}")
     # transformers >= 5 keeps theta and scaling in rope_parameters; older files have
@@ -89,18 +94,18 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if rope_type == "llama3":
         rope_scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
         rope_scaling["original_max_position_embeddings"] = scaling.get(
-            "original_max_position_embeddings", hf["max_position_embeddings"])
+            "original_max_position_embeddings", need("max_position_embeddings"))
     return ModelConfig(
-        dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=hf["vocab_size"],
-        hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=need("vocab_size"),
+        hidden_dim=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
-        max_seq_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", False))
+        max_seq_len=need("max_position_embeddings"), tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: dict = None) -> dict:
     """config.json for a LlamaForCausalLM equal to our model (token_ids: bos/eos/pad ids or None)."""
-    rope_scaling = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None
+    rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
     token_ids = token_ids or {}
     dtype_name = str(dtype).removeprefix("torch.")
     return {
@@ -112,8 +117,8 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: d
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         # Both spellings: transformers >= 5 reads rope_parameters; transformers 4, llama.cpp
         # and vLLM read rope_theta and rope_scaling.
-        "rope_parameters": {"rope_type": "default", **(rope_scaling or {}), "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+        "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta, "rope_scaling": rope if cfg.rope_scaling else None,
         "bos_token_id": token_ids.get("bos"), "eos_token_id": token_ids.get("eos"),
         "pad_token_id": token_ids.get("pad"), "dtype": dtype_name, "torch_dtype": dtype_name,
     }
@@ -123,21 +128,35 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: d
 
 def read_hf_tensors(model_dir: str) -> dict:
     """All tensors of a HF model folder: model.safetensors, its sharded index, or pytorch_model.bin."""
-    single, index = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "model.safetensors.index.json")
-    legacy = os.path.join(model_dir, "pytorch_model.bin")
-    if os.path.exists(single) or os.path.exists(index):
-        load_file = _safetensors().load_file
-        if os.path.exists(single):
-            return load_file(single)
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (no weight_map)") from None
         tensors = {}
         for shard in shards:
-            tensors.update(load_file(os.path.join(model_dir, shard)))
+            tensors.update(read_weights_file(os.path.join(model_dir, shard)))
         return tensors
-    if os.path.exists(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)  # never run pickled code
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(model_dir, name)):
+            return read_weights_file(os.path.join(model_dir, name))
     raise ValueError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def read_weights_file(path: str) -> dict:
+    """The tensors of one .safetensors or .bin file, with a one-line error if it is damaged."""
+    if path.endswith(".safetensors"):
+        load = _safetensors().load_file
+    else:
+        def load(p):
+            return torch.load(p, map_location="cpu", weights_only=True)  # never run pickled code
+    try:
+        return load(path)
+    except Exception as e:  # safetensors, zip and unpickling errors share no narrower base class
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: cannot read the weights (corrupt or truncated?): {detail}") from None
 
 
 def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
@@ -146,14 +165,19 @@ def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
     if not os.path.exists(config_path):
         raise ValueError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
     with open(config_path, encoding="utf-8") as f:
-        cfg = config_from_hf(json.load(f), config_path)
+        try:
+            hf_cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    cfg = config_from_hf(hf_cfg, config_path)
     hf = read_hf_tensors(model_dir)
     names = hf_names(cfg)
     ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied models store it anyway
     extra = sorted(k for k in hf if k not in names.values() and k not in ignored
                    and not k.endswith("rotary_emb.inv_freq"))  # old files keep RoPE's buffer
     if extra:
-        raise ValueError(f"{model_dir}: unexpected tensor {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+        raise ValueError(f"{model_dir}: unexpected tensor {extra[0]}" +
+                         (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     missing = [theirs for theirs in names.values() if theirs not in hf]
     if missing:
         raise ValueError(f"{model_dir}: missing tensor {missing[0]}")
@@ -171,7 +195,7 @@ def save_hf(model: Transformer, out_dir: str, tokenizer_model: str = None):
     comes last, so a folder with a config.json is complete."""
     save_file = _safetensors().save_file
     os.makedirs(out_dir, exist_ok=True)
-    token_ids = save_tokenizer(tokenizer_model, out_dir, model.cfg.max_seq_len) if tokenizer_model else None
+    token_ids = save_tokenizer(tokenizer_model, out_dir, model.cfg) if tokenizer_model else None
     state = model.state_dict()
     tensors = {theirs: state[ours].detach().cpu().contiguous() for ours, theirs in hf_names(model.cfg).items()}
     path = os.path.join(out_dir, "model.safetensors")
@@ -291,10 +315,14 @@ def tokenizer_json(spm_info: dict) -> dict:
     }
 
 
-def save_tokenizer(tokenizer_model: str, out_dir: str, max_len: int) -> dict:
+def save_tokenizer(tokenizer_model: str, out_dir: str, cfg: ModelConfig) -> dict:
     """Write tokenizer.model, tokenizer.json, tokenizer_config.json (with the ChatML template)
-    and special_tokens_map.json; return the ids of bos, eos, pad and <|im_end|>."""
+    and special_tokens_map.json for a model with config `cfg`; return the ids of bos, eos, pad
+    and <|im_end|>."""
     info = read_sentencepiece(tokenizer_model)
+    if len(info["pieces"]) > cfg.vocab_size:
+        raise ValueError(f"{tokenizer_model} has {len(info['pieces'])} pieces but the model's vocab_size is "
+                         f"{cfg.vocab_size}: pass the tokenizer it was trained with")
     if not info["bpe"] or info["normalizer"] != "identity" or info["add_dummy_prefix"] \
             or info["remove_extra_whitespaces"] or info["whitespace_as_suffix"]:
         raise ValueError(f"{tokenizer_model}: only tokenizers made by train_tokenizer.py export exactly "
@@ -311,7 +339,7 @@ def save_tokenizer(tokenizer_model: str, out_dir: str, max_len: int) -> dict:
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as written, no rebuilding
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": max_len, "chat_template": CHAT_TEMPLATE, **special})
+        "model_max_length": cfg.max_seq_len, "chat_template": CHAT_TEMPLATE, **special})
     return {"bos": ids["<s>"], "eos": ids["</s>"], "pad": ids["<pad>"], "im_end": ids["<|im_end|>"]}
 
 

@@ -119,6 +119,12 @@ def test_missing_files_are_one_line_errors(tmp_path):
         "intermediate_size": 96, "vocab_size": 100, "max_position_embeddings": 128}))
     with pytest.raises(ValueError, match="no model.safetensors"):
         convert_hf.load_hf(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        convert_hf.load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    with pytest.raises(ValueError, match="no 'num_attention_heads'"):
+        convert_hf.load_hf(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -176,6 +182,13 @@ def test_exported_folder_loads_and_stops_at_chat_end(exported):
     assert sorted(eos) == sorted([sp.piece_to_id("<|im_end|>"), sp.eos_id()])
     assert hf.config.bos_token_id == sp.bos_id()
     assert_same_model(model, hf, 512)
+
+
+def test_tokenizer_larger_than_vocabulary_is_refused(tokenizer_path, tmp_path):
+    model = Transformer(ModelConfig(**ODD))  # 97 ids, the tokenizer has 512
+    with pytest.raises(ValueError, match="512 pieces"):
+        convert_hf.save_hf(model, str(tmp_path), tokenizer_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_cli_round_trip(tokenizer_path, tmp_path):
