@@ -285,7 +285,9 @@ def tokenizer_json(spm_info: dict) -> dict:
     """A `tokenizers` BPE tokenizer that encodes exactly like the SentencePiece model:
     spaces become ▁ and nothing else is normalized, special and user-defined pieces are
     matched first, byte fallback for unknown characters, and merges ranked by piece score
-    (SentencePiece's BPE merges the highest-scoring available pair first)."""
+    (SentencePiece's BPE merges the highest-scoring available pair first). One difference, as
+    in every HF Llama tokenizer: the literal text "</s>" (or <s>, <pad>, <unk>) becomes that
+    special token, where SentencePiece spells it out character by character."""
     pieces = spm_info["pieces"]
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     normal = {piece for piece, _, kind in pieces if kind == 1}
