@@ -1,0 +1,328 @@
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import dataset_sft
+from conftest import SHARED_DATA
+from dataset_sft import (CHAT_TEMPLATE_JINJA, IGNORE_INDEX, SFTData, encode_conversation, loss_weights,
+                         read_conversations, render_prompt, render_text)
+
+M = IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def sp(tokenizer_path):
+    return spm.SentencePieceProcessor(model_file=tokenizer_path)
+
+
+def ids_of(sp):
+    return {p: sp.piece_to_id(p) for p in ("<|im_start|>", "<|im_end|>", "<think>", "</think>")}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def masked(ids):
+    return [M] * len(ids)
+
+
+def turn(sp, role, content, trained):
+    """Expected (ids, labels) of one turn, built by hand from the template's pieces."""
+    t = ids_of(sp)
+    header = [t["<|im_start|>"]] + sp.encode(role + "\n")
+    body = sp.encode(content) + [t["<|im_end|>"]]
+    newline = sp.encode("\n")
+    return header + body + newline, masked(header) + (body if trained else masked(body)) + masked(newline)
+
+
+def expected(sp, *turns):
+    ids, labels = [], []
+    for role, content in turns:
+        i, l = turn(sp, role, content, role == "assistant")
+        ids += i
+        labels += l
+    return ids, labels
+
+
+def encoded(path, sp):
+    conversations, _ = read_conversations(path, verbose=False)
+    return [encode_conversation(sp, c.messages) for c in conversations], conversations
+
+
+# -----------------------------------------------------------------------------
+# formats and the exact ids and labels
+
+FORMATS = {
+    "conversations": {"conversations": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Where is Tom?"},
+                                        {"role": "assistant", "content": "Tom is in the park."}]},
+    "messages": {"messages": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Where is Tom?"},
+                              {"role": "assistant", "content": "Tom is in the park."}]},
+    "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."},
+                                   {"from": "human", "value": "Where is Tom?"},
+                                   {"from": "gpt", "value": "Tom is in the park."}]},
+    "alpaca": {"system": "Be brief.", "instruction": "Where is Tom?", "input": "", "output": "Tom is in the park."},
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_renders_exact_ids_and_labels(tmp_path, sp, fmt, capsys):
+    path = write_jsonl(tmp_path / "chat.jsonl", [FORMATS[fmt]] * 3)
+    [(ids, labels), *_], _ = encoded(path, sp)
+    read_conversations(path)
+    assert capsys.readouterr().out.strip() == f"{path}: {fmt} format, 3 conversations"
+
+    t = ids_of(sp)
+    answer = sp.encode("Tom is in the park.")
+    want_ids = ([t["<|im_start|>"]] + sp.encode("system\n") + sp.encode("Be brief.") + [t["<|im_end|>"]] + sp.encode("\n")
+                + [t["<|im_start|>"]] + sp.encode("user\n") + sp.encode("Where is Tom?") + [t["<|im_end|>"]] + sp.encode("\n")
+                + [t["<|im_start|>"]] + sp.encode("assistant\n") + answer + [t["<|im_end|>"]] + sp.encode("\n"))
+    n_prompt = len(want_ids) - len(answer) - 1 - len(sp.encode("\n"))
+    want_labels = [M] * n_prompt + answer + [t["<|im_end|>"]] + [M] * len(sp.encode("\n"))
+    assert ids == want_ids
+    assert labels == want_labels
+    assert sp.decode(ids) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhere is Tom?<|im_end|>\n" \
+                             "<|im_start|>assistant\nTom is in the park.<|im_end|>\n"
+
+
+def test_alpaca_input_history_and_extra_keys(tmp_path, sp):
+    record = {"instruction": "Add the numbers.", "input": "3 and 4", "output": "7",
+              "history": [["Hi", "Hello!"]], "answer": "7", "id": 12}
+    path = write_jsonl(tmp_path / "a.jsonl", [record, {"instruction": "Only a prompt."}])
+    [(ids, labels), (prompt_ids, prompt_labels)], conversations = encoded(path, sp)
+    assert conversations[0].messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                         {"role": "user", "content": "Add the numbers.\n\n3 and 4"},
+                                         {"role": "assistant", "content": "7"}]
+    assert conversations[0].extra == {"answer": "7", "id": 12}
+    assert (ids, labels) == expected(sp, ("user", "Hi"), ("assistant", "Hello!"),
+                                     ("user", "Add the numbers.\n\n3 and 4"), ("assistant", "7"))
+    assert conversations[1].messages == [{"role": "user", "content": "Only a prompt."}]  # for distill.py
+    assert set(prompt_labels) == {M}
+
+
+def test_multi_turn_trains_every_assistant_turn_and_first_answer_token(tmp_path, sp):
+    turns = [("system", "You help."), ("user", "Hi"), ("assistant", "Hello, Sam."),
+             ("user", "Count to 3."), ("assistant", "1 2 3")]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"conversations": [{"role": r, "content": c} for r, c in turns]}])
+    [(ids, labels)], _ = encoded(path, sp)
+    assert (ids, labels) == expected(sp, *turns)
+    trained_text = sp.decode([i for i in labels if i != M])
+    assert trained_text == "Hello, Sam.<|im_end|>1 2 3<|im_end|>"
+    # the first answer token of each reply, right after the assistant header, is trained
+    header = [ids_of(sp)["<|im_start|>"]] + sp.encode("assistant\n")
+    starts = [k + len(header) for k in range(len(ids)) if ids[k:k + len(header)] == header]
+    assert [sp.decode(ids[k:k + 3]) for k in starts] == [sp.decode(sp.encode("Hello, Sam.")[:3]),
+                                                          sp.decode(sp.encode("1 2 3")[:3])]
+    for k in starts:
+        assert labels[k - 1] == M and labels[k] == ids[k]
+
+
+def test_render_prompt_and_generation_prompt(sp):
+    messages = [{"role": "user", "content": "Hi"}]
+    t = ids_of(sp)
+    assert render_prompt(sp, messages) == turn(sp, "user", "Hi", False)[0] + [t["<|im_start|>"]] + sp.encode("assistant\n")
+    assert render_prompt(sp, messages, add_generation_prompt=False) == turn(sp, "user", "Hi", False)[0]
+    assert render_text(messages, True) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert sp.decode(render_prompt(sp, messages)) == render_text(messages, True)
+
+
+def test_jinja_template_matches_renderer(sp):
+    jinja2 = pytest.importorskip("jinja2")
+    template = jinja2.Environment().from_string(CHAT_TEMPLATE_JINJA)
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "2+2?\n你好"},
+                {"role": "assistant", "content": "<think>\nadd\n</think>\n4"}, {"role": "user", "content": "Thanks"}]
+    for gen in (True, False):
+        text = template.render(messages=messages, add_generation_prompt=gen)
+        assert text == render_text(messages, gen)
+        assert sp.decode(render_prompt(sp, messages, gen)) == text
+
+
+def test_think_tags_are_single_tokens_and_pad_is_not_im_end(sp):
+    t = ids_of(sp)
+    for piece in ("<think>", "</think>", "<|im_start|>", "<|im_end|>"):
+        assert sp.encode(piece) == [t[piece]]
+        assert t[piece] != sp.unk_id()
+    assert sp.pad_id() >= 0 and sp.pad_id() != t["<|im_end|>"]
+
+
+# -----------------------------------------------------------------------------
+# SFTData
+
+def chats(n, seed=0, max_words=20):
+    rng = np.random.default_rng(seed)
+    words = ["Tom", "found", "a", "red", "ball", "in", "the", "park", "Lily", "painted", "boat"]
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(words, size=rng.integers(1, max_words // 2 + 1)))
+        a = " ".join(rng.choice(words, size=rng.integers(1, max_words)))
+        out.append({"conversations": [{"role": "user", "content": f"{i}: {q}?"}, {"role": "assistant", "content": a}]})
+    return out
+
+
+def test_batch_is_shifted_padded_and_weighted(tmp_path, sp, tokenizer_path):
+    t = ids_of(sp)
+    turns = [("user", "Say <think> please"), ("assistant", "<think>\nTom has 3.\n</think>\nThree.")]
+    short = [("user", "Hi"), ("assistant", "Hello.")]
+    path = write_jsonl(tmp_path / "w.jsonl", [{"conversations": [{"role": r, "content": c} for r, c in x]}
+                                              for x in (turns, short)])
+    data = SFTData(path, tokenizer_path, seq_len=256, batch_size=2, think_weight=5.0)
+    tokens, targets, weights = data.batch(0)
+    assert tokens.dtype == targets.dtype == torch.int64 and weights.dtype == torch.float32
+    ids, labels = expected(sp, *turns)
+    ids, labels = ids[:-len(sp.encode("\n"))], labels[:-len(sp.encode("\n"))]  # trailing untrained "\n" dropped
+    short_ids, short_labels = expected(sp, *short)
+    short_ids, short_labels = short_ids[:-len(sp.encode("\n"))], short_labels[:-len(sp.encode("\n"))]
+    assert tokens.shape == (2, len(ids) - 1)
+    rows = {tuple(tokens[r, :len(ids) - 1].tolist()): r for r in range(2)}
+    r = rows[tuple(ids[:-1])]
+    assert targets[r].tolist() == labels[1:]
+    s = 1 - r
+    n = len(short_ids) - 1
+    assert tokens[s, :n].tolist() == short_ids[:-1] and targets[s, :n].tolist() == short_labels[1:]
+    assert set(tokens[s, n:].tolist()) == {sp.pad_id()} and set(targets[s, n:].tolist()) == {M}
+    assert (weights[s, n:] == 0).all()
+
+    # weights: exactly 5 on the trained <think> and </think> targets, 1 on other trained targets, 0 elsewhere
+    tgt, w = targets[r], weights[r]
+    think_at = [k for k, x in enumerate(tgt.tolist()) if x in (t["<think>"], t["</think>"])]
+    assert len(think_at) == 2
+    assert w[think_at].tolist() == [5.0, 5.0]
+    others = [k for k in range(len(tgt)) if k not in think_at]
+    assert w[others].tolist() == [1.0 if tgt[k] != M else 0.0 for k in others]
+    # the <think> the user typed (the first one) is masked as a target: no weight there
+    k = ids.index(t["<think>"]) - 1  # the position whose target it is
+    assert tokens[r, k + 1] == t["<think>"] and tgt[k] == M and w[k] == 0
+    assert SFTData(path, tokenizer_path, seq_len=256, batch_size=2).batch(0)[1].shape == targets.shape
+    assert len(SFTData(path, tokenizer_path, seq_len=256, batch_size=2).batch(0)) == 2
+
+
+def test_loss_weights_ignore_masked_think():
+    targets = np.array([[M, 6, 5, M, 7, 9], [6, M, M, M, M, M]])
+    w = loss_weights(targets, (6, 7), 10.0)
+    assert w.dtype == np.float32
+    assert w.tolist() == [[0, 10, 1, 0, 10, 1], [10, 0, 0, 0, 0, 0]]
+
+
+def test_truncation_and_skip_counts(tmp_path, sp, tokenizer_path, capsys):
+    long_reply = {"conversations": [{"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Tom found a red ball. " * 20}]}
+    long_prompt = {"conversations": [{"role": "user", "content": "Lily painted the boat. " * 20},
+                                     {"role": "assistant", "content": "Yes."}]}
+    no_reply = {"messages": [{"role": "user", "content": "Anyone?"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [long_reply, long_prompt, no_reply] + chats(3, max_words=2))
+    data = SFTData(path, tokenizer_path, seq_len=32, batch_size=1)
+    assert len(data) == 4
+    assert data.stats["truncated"] == 1
+    assert data.stats["skipped_too_long"] == 1 and data.stats["skipped_no_reply"] == 1
+    out = capsys.readouterr().out
+    assert "4 rows" in out and "1 truncated" in out
+    assert "skipped 1 with no assistant reply, 1 whose first reply starts past seq_len" in out
+    # the truncated row keeps the first seq_len + 1 ids: its prompt and the start of the reply
+    ids, labels = expected(sp, ("user", "Hi"), ("assistant", "Tom found a red ball. " * 20))
+    assert data.row(0)[0].tolist() == ids[:33] and data.row(0)[1].tolist() == labels[:33]
+    assert max(data.batch(i)[0].shape[1] for i in range(8)) == 32
+
+
+def test_batches_are_deterministic_cover_epochs_and_split_across_ranks(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "d.jsonl", chats(24))
+    one = SFTData(path, tokenizer_path, seq_len=64, batch_size=4, seed=3)
+    again = SFTData(path, tokenizer_path, seq_len=64, batch_size=4, seed=3)
+    ranks = [SFTData(path, tokenizer_path, seq_len=64, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for index in (0, 5, 6, 11, 7):  # 6 batches per epoch: both epochs, in any order (a resume)
+        tokens, targets = one.batch(index)
+        assert all(torch.equal(a, b) for a, b in zip(tokens, again.batch(index)[0]))
+        for r, data in enumerate(ranks):
+            rt, rg = data.batch(index)
+            assert torch.equal(rt, tokens[2 * r:2 * r + 2]) and torch.equal(rg, targets[2 * r:2 * r + 2])
+    seen = [one.rows_of(i) for i in range(6)]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(24))  # an epoch sees every row once
+    second = np.concatenate([one.rows_of(i) for i in range(6, 12)])
+    assert sorted(second.tolist()) == list(range(24)) and second.tolist() != np.concatenate(seen).tolist()
+    other_seed = SFTData(path, tokenizer_path, seq_len=64, batch_size=4, seed=4)
+    assert not all(np.array_equal(one.rows_of(i), other_seed.rows_of(i)) for i in range(6))
+
+
+def test_batch_larger_than_the_data_wraps_into_the_next_epoch(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "d.jsonl", chats(3))
+    data = SFTData(path, tokenizer_path, seq_len=64, batch_size=5)
+    rows = data.rows_of(0)
+    assert sorted(rows[:3].tolist()) == [0, 1, 2] and data.batch(1)[0].shape[0] == 5
+
+
+# -----------------------------------------------------------------------------
+# reading files and bad input
+
+def test_json_array_file_and_bom(tmp_path, sp):
+    path = tmp_path / "a.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([FORMATS["alpaca"], FORMATS["sharegpt"]]).encode())
+    conversations, stats = read_conversations(str(path), verbose=False)
+    assert [c.messages for c in conversations] == [conversations[1].messages] * 2
+    assert stats["formats"] == {"alpaca": 1, "sharegpt": 1} and conversations[1].where == f"{path} record 1"
+
+
+def test_malformed_lines_are_warned_skipped_and_counted(tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    good = json.dumps(FORMATS["messages"])
+    path.write_text("\n".join([good, "{not json", good, '{"messages": [{"role": "user"}]}', "[1, 2]",
+                               '{"foo": 1}', "", good]) + "\n", encoding="utf-8")
+    conversations, stats = read_conversations(str(path))
+    assert len(conversations) == 3 and stats["malformed"] == 4
+    captured = capsys.readouterr()
+    assert f"{path} line 2: not valid JSON; skipped" in captured.err
+    assert f'{path} line 4: "messages"[0]["content"] is missing; skipped' in captured.err
+    assert f"{path} line 5:" in captured.err and f"{path} line 6: unknown chat format" in captured.err
+    assert captured.out.strip() == f"{path}: messages format, 3 conversations, 4 malformed records skipped"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"foo": 1, "bar": 2}\n', "line 1: unknown chat format (keys: foo, bar); expected conversations, messages "
+                                "or instruction/output"),
+    ('{"text": "a story"}\n', "line 1: unknown chat format (keys: text)"),
+    (json.dumps({"messages": [{"role": "tool", "content": "x"}]}) + "\n",
+     "line 1: \"messages\"[0]: unknown role 'tool'; expected \"role\": system, user, assistant"),
+    (json.dumps(FORMATS["sharegpt"]) + "\n" + json.dumps({"conversations": [{"from": "bot", "value": "x"}]}) + "\n",
+     "line 2: \"conversations\"[0]: unknown role 'bot'"),
+    ("{broken\n\n[3]\n", "no conversations, 2 malformed records skipped"),
+    ("[{]", "not valid JSON"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "x.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError) as e:
+        read_conversations(str(path), verbose=False)
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_files_and_nothing_to_train(tmp_path, tokenizer_path):
+    with pytest.raises(ValueError, match="no such file"):
+        SFTData(tmp_path / "nope.jsonl", tokenizer_path, seq_len=64, batch_size=1)
+    path = write_jsonl(tmp_path / "c.jsonl", chats(2))
+    with pytest.raises(ValueError, match="no such tokenizer"):
+        SFTData(path, tmp_path / "nope.model", seq_len=64, batch_size=1)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
+    with pytest.raises(ValueError, match="no conversation has an assistant reply"):
+        SFTData(prompts, tokenizer_path, seq_len=64, batch_size=1)
+
+
+def test_cli_shows_trained_part(tmp_path, tokenizer_path, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", [FORMATS["sharegpt"]])
+    dataset_sft.main(["--data", path, "--tokenizer", tokenizer_path, "--show", "1"])
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\nWhere is Tom?<|im_end|>\n<|im_start|>assistant\n[[Tom is in the park.<|im_end|>]]" in out
+    with pytest.raises(SystemExit):
+        dataset_sft.main(["--data", str(tmp_path / "none.jsonl"), "--tokenizer", tokenizer_path])
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.jsonl'}: no such file"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sft_alpaca_zh_1k.json").exists(), reason="../shared/data absent")
+def test_real_alpaca_file(tokenizer_path):
+    data = SFTData(SHARED_DATA / "sft_alpaca_zh_1k.json", tokenizer_path, seq_len=128, batch_size=4)
+    assert len(data) > 900 and data.stats["formats"] == {"alpaca": 1000}
+    tokens, targets = data.batch(0)
+    assert tokens.shape[1] <= 128 and (targets != M).any()
