@@ -73,6 +73,7 @@ def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> f
     from convert_hf import hf_config, hf_names
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.cfg, model.tok_embeddings.weight.dtype)))
     state = model.state_dict()
+    # strict=False: with tied embeddings lm_head.weight is not listed; LlamaForCausalLM ties it itself
     hf.load_state_dict({theirs: state[ours] for ours, theirs in hf_names(model.cfg).items()}, strict=False)
     hf.to(device=cfg.device, dtype=model.tok_embeddings.weight.dtype).eval()
     ids = torch.tensor([prompt], device=cfg.device)
