@@ -6,7 +6,7 @@ Convert between our checkpoints and Hugging Face transformers' Llama format.
   python convert_hf.py --to_hf out/sft/best.pt --out out/hf --tokenizer data/tokenizer.model
 
 The export is a plain LlamaForCausalLM (config.json + model.safetensors) with a SentencePiece
-tokenizer (tokenizer.model, plus an exact tokenizer.json and the ChatML chat template), so
+tokenizer (tokenizer.model, plus an exact tokenizer.json and dataset_sft.py's ChatML template), so
 transformers' AutoModelForCausalLM / AutoTokenizer load it, and so do the tools built on the
 format: llama.cpp's convert_hf_to_gguf.py, vLLM, ollama (via GGUF).
 
@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from cli import die, parse_config
+from dataset_sft import CHAT_TEMPLATE_JINJA
 from model import ModelConfig, Transformer, load_model, load_state_dict_checked, save_checkpoint
 
 # Our per-layer module names -> Hugging Face's (under model.layers.{i}.)
@@ -43,10 +44,6 @@ LAYER_NAMES = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-CHAT_TEMPLATE = ("{% for message in messages %}"
-                 "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-                 "{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")  # special tokens; <think> </think> stay visible in decode
 
 
@@ -341,7 +338,7 @@ def save_tokenizer(tokenizer_model: str, out_dir: str, cfg: ModelConfig) -> dict
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as written, no rebuilding
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg.max_seq_len, "chat_template": CHAT_TEMPLATE, **special})
+        "model_max_length": cfg.max_seq_len, "chat_template": CHAT_TEMPLATE_JINJA, **special})
     return {"bos": ids["<s>"], "eos": ids["</s>"], "pad": ids["<pad>"], "im_end": ids["<|im_end|>"]}
 
 

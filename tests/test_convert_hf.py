@@ -7,6 +7,7 @@ import sentencepiece as spm
 import torch
 
 import convert_hf
+from dataset_sft import render_prompt
 from model import ModelConfig, Transformer, load_model, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -172,7 +173,7 @@ def test_chat_template_matches_ours(exported):
     rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == ours + "<|im_start|>assistant\n"
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert list(ids) == sp.encode(ours + "<|im_start|>assistant\n")
+    assert list(ids) == render_prompt(sp, messages, add_generation_prompt=True)
 
 
 def test_exported_folder_loads_and_stops_at_chat_end(exported):
