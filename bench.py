@@ -96,7 +96,8 @@ def print_table(rows):
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, presets=PRESETS, description=__doc__.strip().splitlines()[0])
     if cfg.prompt_tokens + cfg.new_tokens > cfg.max_seq_len:
-        die(f"--prompt_tokens + --new_tokens ({cfg.prompt_tokens + cfg.new_tokens}) exceed --max_seq_len {cfg.max_seq_len}")
+        die(f"--prompt_tokens + --new_tokens ({cfg.prompt_tokens + cfg.new_tokens}) exceed "
+            f"--max_seq_len {cfg.max_seq_len}")
     try:
         cfg.device, dtype = pick_device(cfg.device, cfg.dtype)
     except ValueError as e:
