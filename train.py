@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cli import die, parse_config
-from model import ModelConfig, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
+from model import ModelConfig, Transformer, load_model, load_state_dict_checked, read_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -392,6 +392,25 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     return {"step": step, "val_loss": val_loss, "best_val_loss": best_val, "last_path": last_path}
 
 
+def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: str = ""):
+    """The model to train and, with --resume, the checkpoint to continue from. A fresh run
+    starts from `init_from` (fine-tuning) or from new weights of `model_cfg` (pretraining)."""
+    last = os.path.join(cfg.out_dir, "last.pt")
+    if cfg.resume:
+        start = read_checkpoint(last)
+        model_cfg = model_cfg or ModelConfig.from_dict(start["config"])
+        check_resumable(start, model_cfg, cfg, last)
+        model = Transformer(model_cfg)
+        load_state_dict_checked(model, start["model"], last)
+        return model, start
+    if os.path.exists(last):
+        raise ValueError(f"{last} exists: pass --resume true to continue it, or choose another --out_dir")
+    if init_from:
+        return load_model(init_from)[0], None
+    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
+    return Transformer(model_cfg), None
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     from dataset import TokenShards
     rt = Runtime(cfg)
@@ -401,16 +420,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                             vocab_size=train_data.vocab_size, hidden_dim=cfg.hidden_dim, rope_theta=cfg.rope_theta,
                             max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
-    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
-    model = Transformer(model_cfg)
-    start = None
-    last = os.path.join(cfg.out_dir, "last.pt")
-    if cfg.resume:
-        start = read_checkpoint(last)
-        check_resumable(start, model_cfg, cfg, last)
-        load_state_dict_checked(model, start["model"], last)
-    elif os.path.exists(last):
-        raise ValueError(f"{last} exists: pass --resume true to continue it, or choose another --out_dir")
+    model, start = resume_or_init(cfg, model_cfg)
     if rt.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
               f"{train_data.num_tokens:,} training tokens")

@@ -1,0 +1,145 @@
+"""
+Chat with a fine-tuned model in the terminal.
+
+  python inference_sft.py                                   # out/distill/best.pt, interactive
+  python inference_sft.py --ckpt out/sft/best.pt --system "You are terse."
+  python inference_sft.py --prompt "What is 3 + 4?"         # one answer, then exit (for scripts)
+
+Commands while chatting: /reset forgets the conversation, /exit quits (so do Ctrl-D and Ctrl-C).
+The reasoning between <think> and </think> is shown dimmed with --show_think true (default)
+and hidden with --show_think false; it is not kept in the history (only the answer is).
+When the history outgrows the context, the oldest turns are dropped first.
+"""
+import sys
+import time
+from dataclasses import dataclass
+
+import sentencepiece as spm
+import torch
+
+from cli import die, parse_config
+from dataset_sft import render_prompt
+from model import load_model
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+@dataclass
+class ChatConfig:
+    ckpt: str = "out/distill/best.pt"
+    tokenizer: str = "data/tokenizer.model"
+    prompt: str = ""               # non-empty: answer this one message and exit
+    system: str = ""               # optional system prompt
+    show_think: bool = True        # show the reasoning (dimmed on a terminal) or hide it
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.9
+    repetition_penalty: float = 1.05
+    seed: int = 0
+    device: str = "auto"
+
+
+class Chat:
+    def __init__(self, cfg: ChatConfig):
+        self.cfg = cfg
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        self.model, _ = load_model(cfg.ckpt, device)
+        if device.startswith("cuda"):
+            self.model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer)
+        except (OSError, RuntimeError):
+            raise ValueError(f"{cfg.tokenizer}: cannot load the SentencePiece tokenizer") from None
+        self.im_end, self.think, self.end_think = (self.sp.piece_to_id(p) for p in ("<|im_end|>", "<think>", "</think>"))
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.history = []
+
+    def prompt_ids(self, user_message: str) -> list:
+        """The rendered conversation plus the new message, dropping the oldest exchanges
+        until it leaves room for max_new_tokens in the model's context."""
+        system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+        budget = self.model.cfg.max_seq_len - self.cfg.max_new_tokens
+        turns = self.history + [{"role": "user", "content": user_message}]
+        while True:
+            ids = render_prompt(self.sp, system + turns, add_generation_prompt=True)
+            if len(ids) <= budget or len(turns) == 1:
+                break
+            turns = turns[2:]  # one user message and its answer
+        if len(ids) > budget:
+            raise ValueError(f"the message is {len(ids)} tokens with the template, more than the "
+                             f"{budget} the context leaves after --max_new_tokens {self.cfg.max_new_tokens}")
+        self.history = turns[:-1]
+        return ids
+
+    def reply(self, user_message: str, out=sys.stdout) -> str:
+        """Stream one answer to `out`; return the answer text without the reasoning."""
+        c = self.cfg
+        dim = out.isatty()
+        segments = {"think": [], "answer": []}
+        part, printed = "answer", 0
+        t0, n = time.perf_counter(), 0
+        for tok in self.model.generate_stream(
+                self.prompt_ids(user_message), max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
+                stop_ids=[self.im_end], generator=self.generator):
+            n += 1
+            if tok == self.im_end:
+                break
+            if tok in (self.think, self.end_think):
+                part, printed = ("think" if tok == self.think else "answer"), 0
+                if c.show_think:
+                    out.write((DIM if dim and part == "think" else "") + self.sp.id_to_piece(tok) +
+                              (RESET if dim and part == "answer" else ""))
+                continue
+            segments[part].append(tok)
+            text = self.sp.decode(segments[part])
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if part == "answer" or c.show_think:
+                out.write(text[printed:])
+                out.flush()
+            printed = len(text)
+        out.write((RESET if dim and part == "think" else "") + "\n")
+        answer = self.sp.decode(segments["answer"]).strip()
+        self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": answer}]
+        self.last_speed = n / (time.perf_counter() - t0)
+        return answer
+
+
+def interactive(chat: Chat):
+    print("chat: /reset forgets the conversation, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            message = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if message == "/exit":
+            return
+        if message == "/reset":
+            chat.history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if message:
+            try:
+                chat.reply(message)
+            except KeyboardInterrupt:  # stop this answer, keep chatting
+                print()
+
+
+def main(argv=None):
+    cfg = parse_config(ChatConfig, argv, description=__doc__.strip().splitlines()[0])
+    try:
+        chat = Chat(cfg)
+        if cfg.prompt:
+            chat.reply(cfg.prompt)
+            print(f"({chat.last_speed:.1f} tokens/s)", file=sys.stderr)
+        else:
+            interactive(chat)
+    except ValueError as e:
+        die(str(e))
+
+
+if __name__ == "__main__":
+    main()

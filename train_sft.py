@@ -1,0 +1,65 @@
+"""
+Supervised fine-tuning on conversations, starting from a pretrained checkpoint (ours, or one
+imported from Hugging Face with convert_hf.py). Same loop, precision, logging, atomic
+checkpoints and --resume as pretraining (train.py); only the data changes: only the
+assistant turns (and their closing <|im_end|>) are trained, see dataset_sft.py.
+
+  python train_sft.py                                  # out/pretrain/best.pt + data/sft.jsonl -> out/sft
+  python train_sft.py --init_from hf.pt --train_data my_chats.jsonl --seq_len 1024
+"""
+from dataclasses import dataclass
+
+from cli import parse_config
+from dataset_sft import SFTData
+from train import Runtime, TrainConfig, resume_or_init, run_main, train
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    init_from: str = "out/pretrain/best.pt"
+    train_data: str = "data/sft.jsonl"
+    val_data: str = "data/sft_val.jsonl"
+    tokenizer: str = "data/tokenizer.model"
+    seq_len: int = 0               # longest row in tokens; 0 = the model's max_seq_len
+    out_dir: str = "out/sft"
+    max_steps: int = 200
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 20
+    eval_every: int = 50
+
+
+PRESETS = {
+    "cpu": dict(batch_size=8, max_steps=200),
+    "12gb": dict(batch_size=16, grad_accum=4, max_steps=3000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
+                 eval_every=250, eval_batches=50, log_every=20, compile=True),
+}
+
+
+def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None) -> dict:
+    """Fine-tune on chat data with train.py's loop; distill.py reuses this with think-token
+    weights, an optional teacher loss, and `after(model, result)` for its final report."""
+    rt = Runtime(cfg)
+    model, start = resume_or_init(cfg, init_from=cfg.init_from)
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq_len {seq_len} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
+    data = dict(tokenizer_path=cfg.tokenizer, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                rank=rt.rank, world_size=rt.world_size, think_weight=think_weight)
+    train_data = SFTData(cfg.train_data, **data)
+    val_data = SFTData(cfg.val_data, **data) if cfg.val_data else None
+    if train_data.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{cfg.tokenizer} has {train_data.vocab_size} pieces but the model's vocab_size is "
+                         f"{model.cfg.vocab_size}: use the tokenizer the model was trained with")
+    if rt.master:
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; "
+              f"{len(train_data)} training conversations")
+    kwargs = {"loss_fn": loss_fn} if loss_fn else {}
+    result = train(cfg, model, train_data, val_data, rt, tokenizer=cfg.tokenizer, start=start, **kwargs)
+    if after and rt.master:
+        after(model, result)
+    return result
+
+
+if __name__ == "__main__":
+    run_main(finetune, parse_config(SFTConfig, presets=PRESETS, description=__doc__.strip().splitlines()[0]))
