@@ -59,7 +59,10 @@ class Chat:
         """The rendered conversation plus the new message, dropping the oldest exchanges
         until it leaves room for max_new_tokens in the model's context."""
         system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
-        budget = self.model.cfg.max_seq_len - self.cfg.max_new_tokens
+        # Room for the answer, but never less than half the context for the conversation:
+        # an answer that reaches the end of the context simply stops there.
+        ctx = self.model.cfg.max_seq_len
+        budget = max(ctx - self.cfg.max_new_tokens, ctx // 2)
         turns = self.history + [{"role": "user", "content": user_message}]
         while True:
             ids = render_prompt(self.sp, system + turns, add_generation_prompt=True)
@@ -68,7 +71,7 @@ class Chat:
             turns = turns[2:]  # one user message and its answer
         if len(ids) > budget:
             raise ValueError(f"the message is {len(ids)} tokens with the template, more than the "
-                             f"{budget} the context leaves after --max_new_tokens {self.cfg.max_new_tokens}")
+                             f"{budget} of the model's {ctx}-token context left for the conversation")
         self.history = turns[:-1]
         return ids
 

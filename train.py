@@ -318,14 +318,13 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) \
         if threading.current_thread() is threading.main_thread() else None
-    tokens_per_step = train_data.batch_size * train_data.seq_len * cfg.grad_accum * rt.world_size
-    flops_per_step = raw_model.flops_per_token(train_data.seq_len) * tokens_per_step
     peak = peak_flops(rt, cfg.peak_tflops) * rt.world_size
     prefetch = Prefetcher(train_data, step * cfg.grad_accum, rt.device)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True, desc="train")
     if step == 0 and val_data is not None:  # the starting point, to judge what training achieved
         log({"step": 0, "val_loss": evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)})
     val_loss, loss_sum, window_start, window_steps = None, torch.zeros((), device=rt.device), time.perf_counter(), 0
+    window_tokens = window_flops = 0  # counted from batch shapes (rows can be padded shorter than seq_len)
     try:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
@@ -333,6 +332,8 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
                 group["lr"] = lr
             for micro in range(cfg.grad_accum):
                 batch = prefetch.next()
+                window_tokens += batch[0].numel() * rt.world_size
+                window_flops += raw_model.flops_per_token(batch[0].shape[1]) * batch[0].numel() * rt.world_size
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 sync = micro == cfg.grad_accum - 1 or not rt.ddp
                 with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast:
@@ -355,12 +356,11 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
                     raise FloatingPointError(f"loss is {train_loss} at step {step}; stopping with the last good "
                                              f"checkpoint intact ({last_path}). Try a lower --lr.")
                 elapsed = time.perf_counter() - window_start
-                tok_s = tokens_per_step * window_steps / elapsed
-                mfu = flops_per_step * window_steps / elapsed / peak
+                tok_s, mfu = window_tokens / elapsed, window_flops / elapsed / peak
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
                 log({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
                 loss_sum.zero_()
-                window_steps = 0
+                window_steps = window_tokens = window_flops = 0
             if (step % cfg.eval_every == 0 or last_step) and val_data is not None:
                 val_loss = evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)
                 say(f"step {step}: val loss {val_loss:.4f}")

@@ -1,0 +1,126 @@
+"""
+R1-style reasoning distillation: fine-tune on <think>...</think> answers with the think
+tags' loss weighted up (so a small model learns the reasoning format early), optionally
+plus a logit-level KL term to a larger teacher that shares the tokenizer.
+
+  python distill.py                                   # out/sft/best.pt + data/r1.jsonl -> out/distill
+  python distill.py --teacher out/big/best.pt --kd_weight 0.5 --kd_temperature 2
+
+Before and after training it reports, on held-out problems, how often the answer has a
+well-formed <think>...</think> block and, where the data gives an "answer", how often the
+text after </think> states it.
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cli import parse_config
+from dataset_sft import load_tokenizer, read_conversations, render_prompt, special_ids
+from model import load_model
+from train import default_loss, run_main
+from train_sft import SFTConfig, finetune
+
+
+@dataclass
+class DistillConfig(SFTConfig):
+    init_from: str = "out/sft/best.pt"
+    train_data: str = "data/r1.jsonl"
+    val_data: str = "data/r1_val.jsonl"
+    out_dir: str = "out/distill"
+    max_steps: int = 200
+    think_weight: float = 10.0     # loss weight of the <think> and </think> tokens (1 = plain SFT)
+    teacher: str = ""              # checkpoint of a larger model with the same tokenizer
+    kd_weight: float = 0.5         # loss = (1 - w) * cross-entropy + w * KL(teacher || student)
+    kd_temperature: float = 2.0
+    eval_problems: int = 50        # held-out problems for the format / accuracy report; 0 = skip
+    eval_max_new_tokens: int = 160
+
+
+PRESETS = {
+    "cpu": dict(batch_size=8, max_steps=200),
+    "12gb": dict(batch_size=8, grad_accum=8, max_steps=2000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
+                 eval_every=250, eval_batches=50, log_every=20, compile=True),
+}
+
+WELL_FORMED = re.compile(r"^\s*<think>(.+?)</think>(.*\S.*)$", re.S)
+
+
+def teacher_loss(teacher, cfg: DistillConfig):
+    """Cross-entropy (think-weighted) mixed with the KL divergence from the teacher's softened
+    distribution, on trained positions only; the KL is scaled by T^2 so its gradients keep
+    their size whatever the temperature (Hinton et al.)."""
+    t = cfg.kd_temperature
+
+    def loss_fn(model, batch):
+        tokens, targets, weight = batch
+        logits, ce = model(tokens, targets, weight)
+        with torch.no_grad():
+            teacher_logits = teacher(tokens)[0]
+        trained = targets != -100
+        student = F.log_softmax(logits[trained].float() / t, dim=-1)
+        target = F.log_softmax(teacher_logits[trained].float() / t, dim=-1)
+        kl = F.kl_div(student, target, log_target=True, reduction="batchmean") * t * t
+        return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kl
+    return loss_fn
+
+
+@torch.no_grad()
+def reasoning_report(model, sp, path: str, n: int, max_new_tokens: int) -> dict:
+    """Greedy answers to the first n problems of a held-out file: the share with a
+    well-formed think block, and the share whose text after </think> states the answer."""
+    conversations, _ = read_conversations(path, verbose=False)
+    im_end = special_ids(sp)["im_end"]
+    formed = correct = checkable = 0
+    problems = conversations[:n]
+    for conv in problems:
+        first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
+        prompt = conv.messages[:first_reply]
+        ids = model.generate(render_prompt(sp, prompt), max_new_tokens=max_new_tokens,
+                             temperature=0, stop_ids=[im_end])
+        text = sp.decode([i for i in ids if i != im_end])
+        match = WELL_FORMED.match(text)
+        formed += bool(match)
+        if "answer" in conv.extra:
+            checkable += 1
+            after = match.group(2) if match else text.split("</think>")[-1]
+            # digit-aware boundaries: \b fails between CJK characters and digits
+            correct += bool(re.search(rf"(?<![\w.]){re.escape(str(conv.extra['answer']))}(?![\w.]|\.\d)", after))
+    return {"problems": len(problems), "well_formed": formed / max(1, len(problems)),
+            "accuracy": correct / checkable if checkable else None}
+
+
+def describe(report: dict) -> str:
+    acc = "n/a" if report["accuracy"] is None else f"{report['accuracy']:.1%}"
+    return f"well-formed <think> {report['well_formed']:.1%}, answer accuracy {acc} on {report['problems']} problems"
+
+
+def distill(cfg: DistillConfig) -> dict:
+    loss_fn = default_loss
+    if cfg.teacher:
+        teacher = load_model(cfg.teacher, "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")[0]
+        teacher.eval().requires_grad_(False)
+        loss_fn = teacher_loss(teacher, cfg)
+    sp = load_tokenizer(cfg.tokenizer)
+    report_path = cfg.val_data or cfg.train_data
+    before = {}
+
+    def report(model, result):
+        if not cfg.eval_problems:
+            return
+        model.eval()
+        after = reasoning_report(model, sp, report_path, cfg.eval_problems, cfg.eval_max_new_tokens)
+        print(f"before distillation: {describe(before)}\nafter distillation:  {describe(after)}")
+        result.update(before=before, after=after)
+
+    if cfg.eval_problems and not cfg.resume:
+        start_model = load_model(cfg.init_from)[0].eval()
+        before.update(reasoning_report(start_model, sp, report_path, cfg.eval_problems, cfg.eval_max_new_tokens))
+    elif cfg.eval_problems:
+        before.update(problems=0, well_formed=float("nan"), accuracy=None)
+    return finetune(cfg, think_weight=cfg.think_weight, loss_fn=loss_fn, after=report)
+
+
+if __name__ == "__main__":
+    run_main(distill, parse_config(DistillConfig, presets=PRESETS, description=__doc__.strip().splitlines()[0]))
