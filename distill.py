@@ -73,12 +73,15 @@ def reasoning_report(model, sp, path: str, n: int, max_new_tokens: int) -> dict:
     conversations, _ = read_conversations(path, verbose=False)
     im_end = special_ids(sp)["im_end"]
     formed = correct = checkable = 0
-    problems = conversations[:n]
-    for conv in problems:
+    prompts = []
+    for conv in conversations:
         first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
-        prompt = conv.messages[:first_reply]
-        ids = model.generate(render_prompt(sp, prompt), max_new_tokens=max_new_tokens,
-                             temperature=0, stop_ids=[im_end])
+        ids = render_prompt(sp, conv.messages[:first_reply])
+        if len(ids) <= model.cfg.max_seq_len // 2:  # leave the model room to answer
+            prompts.append((conv, ids))
+    problems = prompts[:n]
+    for conv, ids in problems:
+        ids = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0, stop_ids=[im_end])
         text = sp.decode([i for i in ids if i != im_end])
         match = WELL_FORMED.match(text)
         formed += bool(match)
