@@ -3,12 +3,17 @@ Speed measurements, printed as a table. Each row is one function below.
 
   python bench.py                    # the default model (dim 512, 8 layers, GQA): decode speed
   python bench.py --preset tiny      # a few seconds, to check that everything runs
+  python bench.py --preset cpu       # the cpu training preset's shape
+  python bench.py --preset 12gb      # the 12gb preset's shape, eager and compiled (on a GPU)
   python bench.py --hf false         # skip the transformers comparison (it is not installed)
   python bench.py --dtype bfloat16   # both in bf16 (fast on CPUs with AVX512-BF16 / AMX)
 
 decode: batch-1 greedy generation of --new_tokens tokens after a --prompt_tokens prompt, with
 our generate() and with transformers' LlamaForCausalLM.generate() on the same weights (random
 init: speed does not depend on the values). After a warm-up run, the best of --repeats runs.
+train: one optimizer step on --batch_size x --seq_len tokens (fp32 on CPU, bf16 autocast on CUDA),
+ours eager, ours compiled (--compile true) and transformers, with MFU and peak memory
+(torch.cuda.max_memory_allocated on CUDA; on CPU the training scripts' estimate).
 """
 import time
 from dataclasses import dataclass, field
@@ -35,11 +40,19 @@ class BenchConfig:
     device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
     dtype: str = field(default="auto", metadata={"help": "as inference.py: bf16 (or fp16) on CUDA, fp32 on CPU"})
     seed: int = 0
+    batch_size: int = field(default=8, metadata={"help": "training rows: sequences per step"})
+    seq_len: int = field(default=256, metadata={"help": "training rows: tokens per sequence"})
+    compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd training step"})
+    peak_tflops: float = field(default=0.0, metadata={"help": "for MFU; 0: the GPU table / measured CPU matmuls"})
 
 
 PRESETS = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=128,
-                 prompt_tokens=8, new_tokens=32, repeats=1),
+                 prompt_tokens=8, new_tokens=32, repeats=1, batch_size=2, seq_len=64),
+    "cpu": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=256,
+                prompt_tokens=16, new_tokens=64, repeats=1, batch_size=8, seq_len=256),
+    "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=4096, max_seq_len=1024,
+                 batch_size=16, seq_len=1024, compile=True),
 }
 
 
@@ -86,6 +99,68 @@ def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> f
     return cfg.new_tokens / best_time(run, cfg.repeats, cfg.device)
 
 
+def train_step_timer(model_cfg: ModelConfig, cfg: BenchConfig, rt, compiled: bool):
+    """A function that runs one training step (forward, backward, AdamW) of our model."""
+    model = Transformer(model_cfg).to(rt.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=rt.device.type == "cuda")
+    step_model = torch.compile(model) if compiled else model
+    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=rt.device)
+
+    def step():
+        with rt.autocast:
+            loss = step_model(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, step
+
+
+def train_transformers_timer(model_cfg: ModelConfig, cfg: BenchConfig, rt):
+    """The same training step with transformers' LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert_hf import hf_config
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model_cfg, torch.float32))).to(rt.device)
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=rt.device.type == "cuda")
+    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=rt.device)
+
+    def step():
+        with rt.autocast:
+            loss = hf(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:
+    """Training tokens/s, MFU and peak memory: ours eager, ours compiled, transformers."""
+    import train
+    rt = train.Runtime(train.TrainConfig(device=cfg.device, dtype="auto"))
+    peak = train.peak_flops(rt, cfg.peak_tflops)
+    tokens = cfg.batch_size * cfg.seq_len
+    flops = Transformer(model_cfg).flops_per_token(cfg.seq_len) * tokens
+    estimate = sum(train.estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, rt.dtype).values())
+    variants = [("train, ours", lambda: train_step_timer(model_cfg, cfg, rt, False)[1])]
+    if cfg.compile:
+        variants.append(("train, ours compiled", lambda: train_step_timer(model_cfg, cfg, rt, True)[1]))
+    if cfg.hf:
+        variants.append(("train, transformers", lambda: train_transformers_timer(model_cfg, cfg, rt)))
+    rows = []
+    for name, make in variants:
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        seconds = best_time(make(), cfg.repeats, cfg.device)
+        memory = torch.cuda.max_memory_allocated() if rt.device.type == "cuda" else estimate
+        rows.append((name, tokens / seconds, "tokens/s",
+                     f"MFU {flops / seconds / peak:.1%}, peak memory {memory / 2**30:.2f} GiB"
+                     + ("" if rt.device.type == "cuda" else " (estimate)")))
+    print(f"training: batch {cfg.batch_size} x {cfg.seq_len} tokens, {str(rt.dtype).removeprefix('torch.')}, "
+          f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
+    return rows
+
+
 def print_table(rows):
     """rows: (name, value, unit, note) -> aligned text."""
     width = max(len(r[0]) for r in rows)
@@ -115,7 +190,7 @@ def main(argv=None):
     if cfg.hf:
         theirs = decode_transformers(model, prompt, cfg)
         rows.append(("decode, transformers", theirs, "tokens/s", f"ours is {ours / theirs:.2f}x"))
-    print_table(rows)
+    print_table(training_rows(model_cfg, cfg) + rows)
 
 
 if __name__ == "__main__":
