@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from cli import die, parse_config
+from dataset import load_tokenizer
 
 IGNORE_INDEX = -100  # targets the loss skips (model.py: cross_entropy ignore_index)
 MAX_WARNINGS = 5  # malformed records reported one by one; the rest are only counted
@@ -271,15 +272,6 @@ def fit_row(ids: np.ndarray, labels: np.ndarray, seq_len: int) -> tuple:
     if not (labels[1:end] != IGNORE_INDEX).any():
         return None
     return ids[:end], labels[:end], truncated
-
-
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such tokenizer; make one with python train_tokenizer.py")
-    try:
-        return spm.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError):
-        raise ValueError(f"{path}: not a SentencePiece model") from None
 
 
 class SFTData:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from cli import parse_config
-from dataset_sft import load_tokenizer, read_conversations, render_prompt, special_ids
+from dataset import load_tokenizer
+from dataset_sft import read_conversations, render_prompt, special_ids
 from model import load_model
-from train import default_loss, run_main
+from train import Runtime, default_loss, run_main
 from train_sft import SFTConfig, finetune
 
 
@@ -100,9 +101,10 @@ def describe(report: dict) -> str:
 
 
 def distill(cfg: DistillConfig) -> dict:
+    rt = Runtime(cfg)
     loss_fn = default_loss
     if cfg.teacher:
-        teacher = load_model(cfg.teacher, "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")[0]
+        teacher = load_model(cfg.teacher, rt.device)[0]
         teacher.eval().requires_grad_(False)
         loss_fn = teacher_loss(teacher, cfg)
     sp = load_tokenizer(cfg.tokenizer)
@@ -122,7 +124,7 @@ def distill(cfg: DistillConfig) -> dict:
         before.update(reasoning_report(start_model, sp, report_path, cfg.eval_problems, cfg.eval_max_new_tokens))
     elif cfg.eval_problems:
         before.update(problems=0, well_formed=float("nan"), accuracy=None)
-    return finetune(cfg, think_weight=cfg.think_weight, loss_fn=loss_fn, after=report)
+    return finetune(cfg, think_weight=cfg.think_weight, loss_fn=loss_fn, after=report, rt=rt)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sentencepiece as spm
 import torch
 
 from cli import die, parse_config
+from dataset import load_tokenizer
 from model import load_model
 
 
@@ -59,13 +60,6 @@ def pick_device(device: str, dtype: str) -> "tuple[str, torch.dtype]":
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype}: use auto, float32, bfloat16 or float16")
     return device, getattr(torch, dtype)
-
-
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-    try:
-        return spm.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError):
-        raise ValueError(f"{path}: cannot load the SentencePiece tokenizer (missing or not a .model file)") from None
 
 
 def stream_completion(model, sp, ids: list, cfg: InferenceConfig, generator, out=sys.stdout) -> int:

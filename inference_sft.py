@@ -14,11 +14,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-import sentencepiece as spm
 import torch
 
 from cli import die, parse_config
+from dataset import load_tokenizer
 from dataset_sft import render_prompt
+from inference import pick_device
 from model import load_model
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -43,14 +44,9 @@ class ChatConfig:
 class Chat:
     def __init__(self, cfg: ChatConfig):
         self.cfg = cfg
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        self.model, _ = load_model(cfg.ckpt, device)
-        if device.startswith("cuda"):
-            self.model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer)
-        except (OSError, RuntimeError):
-            raise ValueError(f"{cfg.tokenizer}: cannot load the SentencePiece tokenizer") from None
+        device, dtype = pick_device(cfg.device, "auto")
+        self.model = load_model(cfg.ckpt, device)[0].to(dtype)
+        self.sp = load_tokenizer(cfg.tokenizer)
         self.im_end, self.think, self.end_think = (self.sp.piece_to_id(p) for p in ("<|im_end|>", "<think>", "</think>"))
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.history = []

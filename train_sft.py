@@ -36,10 +36,10 @@ PRESETS = {
 }
 
 
-def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None) -> dict:
+def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None, rt: Runtime = None) -> dict:
     """Fine-tune on chat data with train.py's loop; distill.py reuses this with think-token
     weights, an optional teacher loss, and `after(model, result)` for its final report."""
-    rt = Runtime(cfg)
+    rt = rt or Runtime(cfg)
     model, start = resume_or_init(cfg, init_from=cfg.init_from)
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
