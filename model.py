@@ -69,7 +69,12 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 even under autocast: the mean of squares overflows fp16.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        out = self.weight * xf.to(x.dtype)
+        # Under autocast hand the matmuls one low-precision copy: left to autocast, q, k and v
+        # (and gate and up) would each make and keep their own.
+        if torch.is_autocast_enabled(x.device.type):
+            out = out.to(torch.get_autocast_dtype(x.device.type))
+        return out
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
