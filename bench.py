@@ -11,14 +11,22 @@ Speed measurements, printed as a table. Each row is one function below.
 decode: batch-1 greedy generation of --new_tokens tokens after a --prompt_tokens prompt, with
 our generate() and with transformers' LlamaForCausalLM.generate() on the same weights (random
 init: speed does not depend on the values). After a warm-up run, the best of --repeats runs.
-train: one optimizer step on --batch_size x --seq_len tokens (fp32 on CPU, bf16 autocast on CUDA),
-ours eager, ours compiled (--compile true) and transformers, with MFU and peak memory
-(torch.cuda.max_memory_allocated on CUDA; on CPU the training scripts' estimate).
+train: one optimizer step of --grad_accum micro-batches of --batch_size x --seq_len tokens (fp32
+on CPU, bf16 autocast on CUDA), ours eager, ours compiled (--compile true) and transformers, with
+MFU and peak memory (torch.cuda.max_memory_allocated on CUDA; on CPU the live tensor bytes).
+memory: the same step of ours in bf16, run on fake tensors (shapes, no data, no arithmetic): the
+peak a GPU would need, found on any machine in seconds, next to the training scripts' estimate.
+  python bench.py --preset 12gb --memory_only true    # does the 12gb preset fit, without a GPU
 """
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from cli import die, parse_config
 from inference import pick_device
@@ -42,6 +50,9 @@ class BenchConfig:
     seed: int = 0
     batch_size: int = field(default=8, metadata={"help": "training rows: sequences per step"})
     seq_len: int = field(default=256, metadata={"help": "training rows: tokens per sequence"})
+    grad_accum: int = field(default=1, metadata={"help": "training rows: micro-batches per optimizer step"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "training rows: recompute activations"})
+    memory_only: bool = field(default=False, metadata={"help": "print only the simulated bf16 memory row"})
     compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd training step"})
     peak_tflops: float = field(default=0.0, metadata={"help": "for MFU; 0: the GPU table / measured CPU matmuls"})
 
@@ -52,8 +63,49 @@ PRESETS = {
     "cpu": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=256,
                 prompt_tokens=16, new_tokens=64, repeats=1, batch_size=8, seq_len=256),
     "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=4096, max_seq_len=1024,
-                 batch_size=16, seq_len=1024, compile=True),
+                 batch_size=16, seq_len=1024, grad_accum=4, compile=True),
 }
+
+
+class PeakMemory(TorchDispatchMode):
+    """Counts the bytes of tensor storage made while it is active and still alive, and keeps
+    the peak: what a piece of code allocates, on any device, fake tensors included."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = WeakIdKeyDictionary()  # storages already counted (views share one)
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
+                storage = t.untyped_storage()
+                self.seen[storage] = True
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage.nbytes())
+        return out
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+
+def peak_memory(make_step) -> int:
+    """Peak bytes of making a training step (model, optimizer, batch) and running it twice
+    (the second time with the optimizer's state)."""
+    with PeakMemory() as meter:
+        step = make_step()
+        step()
+        step()
+    return meter.peak
+
+
+def simulated_peak(model_cfg: ModelConfig, cfg: "BenchConfig", dtype=torch.bfloat16) -> int:
+    """Peak bytes of our training step under autocast to `dtype`, on fake tensors. CPU autocast
+    casts the same ops of this model (matmuls, attention) as CUDA autocast does."""
+    with FakeTensorMode():
+        return peak_memory(lambda: train_step_timer(model_cfg, cfg, "cpu", torch.autocast("cpu", dtype=dtype)))
 
 
 def best_time(fn, repeats: int, device: str) -> float:
@@ -99,35 +151,42 @@ def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> f
     return cfg.new_tokens / best_time(run, cfg.repeats, cfg.device)
 
 
-def train_step_timer(model_cfg: ModelConfig, cfg: BenchConfig, rt, compiled: bool):
-    """A function that runs one training step (forward, backward, AdamW) of our model."""
-    model = Transformer(model_cfg).to(rt.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=rt.device.type == "cuda")
+def train_step_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast, compiled: bool = False):
+    """A function that runs one optimizer step (forward and backward of each micro-batch, AdamW)
+    of our model."""
+    with torch.device(device):
+        model = Transformer(model_cfg)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
     step_model = torch.compile(model) if compiled else model
-    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=rt.device)
+    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
 
     def step():
-        with rt.autocast:
-            loss = step_model(x[:, :-1], x[:, 1:])[1]
-        loss.backward()
+        for _ in range(cfg.grad_accum):
+            with autocast:
+                loss = step_model(x[:, :-1], x[:, 1:])[1]
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return model, step
+    return step
 
 
-def train_transformers_timer(model_cfg: ModelConfig, cfg: BenchConfig, rt):
+def train_transformers_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast):
     """The same training step with transformers' LlamaForCausalLM."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from convert_hf import hf_config
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model_cfg, torch.float32))).to(rt.device)
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=rt.device.type == "cuda")
-    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=rt.device)
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model_cfg, torch.float32))).to(device)
+    if cfg.grad_checkpointing:
+        hf.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
+    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
 
     def step():
-        with rt.autocast:
-            loss = hf(input_ids=x, labels=x).loss
-        loss.backward()
+        for _ in range(cfg.grad_accum):
+            with autocast:
+                loss = hf(input_ids=x, labels=x).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -138,34 +197,42 @@ def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:
     import train
     rt = train.Runtime(train.TrainConfig(device=cfg.device, dtype="auto"))
     peak = train.peak_flops(rt, cfg.peak_tflops)
-    tokens = cfg.batch_size * cfg.seq_len
+    tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
     flops = Transformer(model_cfg).flops_per_token(cfg.seq_len) * tokens
-    estimate = sum(train.estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, rt.dtype).values())
-    variants = [("train, ours", lambda: train_step_timer(model_cfg, cfg, rt, False)[1])]
+    variants = [("train, ours", lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast))]
     if cfg.compile:
-        variants.append(("train, ours compiled", lambda: train_step_timer(model_cfg, cfg, rt, True)[1]))
+        variants.append(("train, ours compiled", lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast, True)))
     if cfg.hf:
-        variants.append(("train, transformers", lambda: train_transformers_timer(model_cfg, cfg, rt)))
+        variants.append(("train, transformers", lambda: train_transformers_timer(model_cfg, cfg, rt.device, rt.autocast)))
     rows = []
     for name, make in variants:
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         seconds = best_time(make(), cfg.repeats, cfg.device)
-        memory = torch.cuda.max_memory_allocated() if rt.device.type == "cuda" else estimate
-        rows.append((name, tokens / seconds, "tokens/s",
-                     f"MFU {flops / seconds / peak:.1%}, peak memory {memory / 2**30:.2f} GiB"
-                     + ("" if rt.device.type == "cuda" else " (estimate)")))
-    print(f"training: batch {cfg.batch_size} x {cfg.seq_len} tokens, {str(rt.dtype).removeprefix('torch.')}, "
-          f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
+        memory = torch.cuda.max_memory_allocated() if rt.device.type == "cuda" else peak_memory(make)
+        rows.append((name, tokens / seconds, "tokens/s", f"MFU {flops / seconds / peak:.1%}, "
+                     f"peak memory {memory / 2**30:.2f} GiB"))
+    print(f"training: {cfg.grad_accum} x {cfg.batch_size} x {cfg.seq_len} tokens per step, "
+          f"{str(rt.dtype).removeprefix('torch.')}, peak {peak / 1e12:.2f} TFLOP/s for MFU")
     return rows
+
+
+def memory_row(model_cfg: ModelConfig, cfg: BenchConfig) -> tuple:
+    """Simulated bf16 peak of our training step, next to the training scripts' estimate."""
+    import train
+    simulated = simulated_peak(model_cfg, cfg)
+    estimate = sum(train.estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, torch.bfloat16,
+                                         cfg.grad_checkpointing).values())
+    return ("memory, bf16 step", simulated / 2**30, "GiB", f"on fake tensors; the training scripts estimate "
+            f"{estimate / 2**30:.2f} GiB ({estimate / simulated:.2f}x)")
 
 
 def print_table(rows):
     """rows: (name, value, unit, note) -> aligned text."""
     width = max(len(r[0]) for r in rows)
     for name, value, unit, note in rows:
-        print(f"{name:<{width}}  {value:>10.1f} {unit:<8} {note}")
+        print(f"{name:<{width}}  {value:>10.{2 if unit == 'GiB' else 1}f} {unit:<8} {note}")
 
 
 def main(argv=None):
@@ -180,6 +247,9 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                             vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)
+    if cfg.memory_only:
+        print_table([memory_row(model_cfg, cfg)])
+        return
     model = Transformer(model_cfg).to(device=cfg.device, dtype=dtype).eval()
     prompt = torch.randint(0, cfg.vocab_size, (cfg.prompt_tokens,)).tolist()
     print(f"model: {model.num_params() / 1e6:.1f}M parameters, {cfg.device}, "
@@ -190,7 +260,7 @@ def main(argv=None):
     if cfg.hf:
         theirs = decode_transformers(model, prompt, cfg)
         rows.append(("decode, transformers", theirs, "tokens/s", f"ours is {ours / theirs:.2f}x"))
-    print_table(training_rows(model_cfg, cfg) + rows)
+    print_table(training_rows(model_cfg, cfg) + [memory_row(model_cfg, cfg)] + rows)
 
 
 if __name__ == "__main__":

@@ -127,27 +127,59 @@ def test_sft_chat_and_distillation(pretrained):
     assert after > before, r.stdout
 
 
-def test_memory_estimate_is_close_to_what_training_allocates():
-    import train
-    from model import ModelConfig, Transformer
-    p = {**train.PRESETS["cpu"]}
-    cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
-                      vocab_size=1024, max_seq_len=p["seq_len"])
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    saved = {}
+class RandomTokens:
+    """Stands in for TokenShards: batch i is a fixed random (tokens, targets) pair."""
 
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    x = torch.randint(0, 1024, (p["batch_size"], p["seq_len"] + 1))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x[:, :-1], x[:, 1:])
-    weights = {q.untyped_storage().data_ptr() for q in model.parameters()}
-    activations = sum(v for k, v in saved.items() if k not in weights)
-    actual = activations + 16 * model.num_params()  # weights + grads + two AdamW moments, fp32
-    estimate = sum(train.estimate_memory(cfg, p["batch_size"], p["seq_len"], torch.float32).values())
-    assert 0.8 < estimate / actual < 1.25, (estimate, actual)
+    def __init__(self, vocab_size, batch_size, seq_len):
+        self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
+
+    def batch(self, i):
+        x = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1),
+                          generator=torch.Generator().manual_seed(i))
+        return x[:, :-1], x[:, 1:]
+
+
+# The factor within which the training scripts' memory estimate must match the measured peak.
+ESTIMATE_FACTOR = (0.9, 1.15)
+
+
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_memory_estimate_is_close_to_the_peak_of_the_cpu_training_loop(tmp_path, grad_checkpointing):
+    """The estimate against the bytes of tensors alive at the peak of train.train(), cpu preset, fp32."""
+    import train
+    from bench import PeakMemory
+    from model import ModelConfig, Transformer
+    p = train.PRESETS["cpu"]
+    cfg = train.TrainConfig(out_dir=str(tmp_path), batch_size=p["batch_size"], grad_accum=2, max_steps=2,
+                            warmup_steps=1, eval_every=100, log_every=1, device="cpu",
+                            grad_checkpointing=grad_checkpointing)
+    model_cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
+                            vocab_size=4096, max_seq_len=p["seq_len"])
+    with PeakMemory() as meter:
+        train.train(cfg, Transformer(model_cfg), RandomTokens(4096, p["batch_size"], p["seq_len"]))
+    estimate = sum(train.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], torch.float32,
+                                         grad_checkpointing).values())
+    assert ESTIMATE_FACTOR[0] < estimate / meter.peak < ESTIMATE_FACTOR[1], (estimate, meter.peak)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_memory_estimate_is_close_to_a_simulated_12gb_step(dtype, grad_checkpointing):
+    """The 12gb preset in low precision, on fake tensors (no memory, no arithmetic): the estimate
+    matches, and the step stays under the 11 GiB the preset promises."""
+    import train
+    from bench import BenchConfig, simulated_peak
+    from model import ModelConfig
+    p = train.PRESETS["12gb"]
+    model_cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
+                            vocab_size=4096, max_seq_len=p["seq_len"])
+    bench_cfg = BenchConfig(batch_size=p["batch_size"], seq_len=p["seq_len"], grad_accum=2,
+                            grad_checkpointing=grad_checkpointing)
+    peak = simulated_peak(model_cfg, bench_cfg, dtype)
+    estimate = sum(train.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], dtype,
+                                         grad_checkpointing).values())
+    assert ESTIMATE_FACTOR[0] < estimate / peak < ESTIMATE_FACTOR[1], (estimate, peak)
+    assert peak < 11 * 2**30
 
 
 def test_grad_checkpointing_gives_same_loss_and_gradients():
