@@ -136,7 +136,9 @@ def peak_flops(rt: Runtime, override_tflops: float = 0.0) -> float:
     if rt.device.type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
         return next((t * 1e12 for key, t in GPU_PEAK_TFLOPS.items() if key in name), float("nan"))
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    # A private generator: drawing from the global one would change the dropout masks of a resumed run.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
     a @ b  # warm-up
     t0, reps = time.perf_counter(), 10
     for _ in range(reps):
