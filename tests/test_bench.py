@@ -4,15 +4,30 @@ import sys
 from conftest import ROOT
 
 
-def test_bench_cpu_preset_prints_every_row_and_column():
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--preset", "cpu", "--new_tokens", "8",
-                        "--batch_size", "2", "--seq_len", "64", "--compile", "false"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+def bench(*args):
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.splitlines()
-    for row in ("train, ours", "train, transformers", "decode, ours", "decode, transformers"):
-        line = next(l for l in lines if l.startswith(row + " "))
-        assert float(line.split()[2]) > 0
-    for row in ("train, ours", "train, transformers"):
-        line = next(l for l in lines if l.startswith(row + " "))
+    return r.stdout.splitlines()
+
+
+def row(lines, name):
+    """The line of that row, without its name: "value unit note"."""
+    return next(line for line in lines if line.startswith(name + " "))[len(name):]
+
+
+def test_bench_cpu_preset_prints_every_row_and_column():
+    lines = bench("--preset", "cpu", "--new_tokens", "8", "--batch_size", "2", "--seq_len", "64", "--compile", "false")
+    for name in ("train, ours", "train, transformers", "memory, bf16 step", "decode, ours", "decode, transformers"):
+        assert float(row(lines, name).split()[0]) > 0
+    for name in ("train, ours", "train, transformers"):
+        line = row(lines, name)
         assert "tokens/s" in line and "MFU" in line and "peak memory" in line and "GiB" in line
+        assert float(line.split("peak memory ")[1].split()[0]) > 0
+    assert "estimate" in row(lines, "memory, bf16 step")
+
+
+def test_bench_memory_only_sizes_the_12gb_preset_in_seconds():
+    lines = bench("--preset", "12gb", "--memory_only", "true")
+    assert len(lines) == 1
+    assert 1 < float(row(lines, "memory, bf16 step").split()[0]) < 11
