@@ -79,8 +79,8 @@ class PeakMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
-                storage = t.untyped_storage()
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage not in self.seen:
                 self.seen[storage] = True
                 self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
@@ -101,7 +101,7 @@ def peak_memory(make_step) -> int:
     return meter.peak
 
 
-def simulated_peak(model_cfg: ModelConfig, cfg: "BenchConfig", dtype=torch.bfloat16) -> int:
+def simulated_peak(model_cfg: ModelConfig, cfg: BenchConfig, dtype=torch.bfloat16) -> int:
     """Peak bytes of our training step under autocast to `dtype`, on fake tensors. CPU autocast
     casts the same ops of this model (matmuls, attention) as CUDA autocast does."""
     with FakeTensorMode():
