@@ -16,6 +16,18 @@ def die(message: str, code: int = 1):
     sys.exit(code)
 
 
+def run_guarded(entry, cfg, errors=(ValueError,)):
+    """Call entry(cfg) as a script's main: a user error (one of `errors`) becomes one line
+    and exit 1, Ctrl-C a quiet exit 130."""
+    try:
+        return entry(cfg)
+    except errors as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line that ^C interrupted
+        sys.exit(130)
+
+
 def _parser_for(tp):
     """A function that turns a command-line string into a value of the field's type."""
     if typing.get_origin(tp) is typing.Union:  # Optional[X]

@@ -32,7 +32,7 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from cli import die, parse_config
+from cli import parse_config, run_guarded
 
 DTYPE = np.dtype("<u2")  # uint16, little-endian whatever the machine: ids up to 65535
 MAX_WARNINGS = 5  # malformed lines reported one by one; the rest are only counted
@@ -456,13 +456,7 @@ class TokenShards:
 
 
 def main(argv=None):
-    cfg = parse_config(DatasetConfig, argv, description=__doc__.strip().splitlines()[0])
-    try:
-        build_shards(cfg)
-    except ValueError as e:
-        die(str(e))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_guarded(build_shards, parse_config(DatasetConfig, argv, description=__doc__.strip().splitlines()[0]))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Optional
 import sentencepiece as spm
 import torch
 
-from cli import die, parse_config
+from cli import parse_config, run_guarded
 from dataset import load_tokenizer
 from model import load_model
 
@@ -115,14 +115,7 @@ def run(cfg: InferenceConfig):
 
 
 def main(argv=None):
-    cfg = parse_config(InferenceConfig, argv, description=__doc__.strip().splitlines()[0])
-    try:
-        run(cfg)
-    except ValueError as e:
-        die(str(e))
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        sys.exit(130)
+    run_guarded(run, parse_config(InferenceConfig, argv, description=__doc__.strip().splitlines()[0]))
 
 
 if __name__ == "__main__":

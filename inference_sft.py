@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import die, parse_config
+from cli import parse_config, run_guarded
 from dataset import load_tokenizer
 from dataset_sft import render_prompt
 from inference import pick_device
@@ -127,17 +127,17 @@ def interactive(chat: Chat):
                 print()
 
 
+def run(cfg: ChatConfig):
+    chat = Chat(cfg)
+    if cfg.prompt:
+        chat.reply(cfg.prompt)
+        print(f"({chat.last_speed:.1f} tokens/s)", file=sys.stderr)
+    else:
+        interactive(chat)
+
+
 def main(argv=None):
-    cfg = parse_config(ChatConfig, argv, description=__doc__.strip().splitlines()[0])
-    try:
-        chat = Chat(cfg)
-        if cfg.prompt:
-            chat.reply(cfg.prompt)
-            print(f"({chat.last_speed:.1f} tokens/s)", file=sys.stderr)
-        else:
-            interactive(chat)
-    except ValueError as e:
-        die(str(e))
+    run_guarded(run, parse_config(ChatConfig, argv, description=__doc__.strip().splitlines()[0]))
 
 
 if __name__ == "__main__":

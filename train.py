@@ -19,14 +19,14 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli import die, parse_config
+from cli import die, parse_config, run_guarded
 from model import ModelConfig, Transformer, load_model, load_state_dict_checked, read_checkpoint, save_checkpoint
 
 
@@ -439,20 +439,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def run_main(entry, cfg):
-    """Run a training entry point, turning user errors into one line and a non-zero exit."""
+    """run_guarded for the training scripts: a NaN loss and running out of GPU memory are also
+    one line, and DDP's process group is closed however the run ends."""
     try:
-        result = entry(cfg)
-    except (ValueError, FloatingPointError) as e:
-        die(str(e))
+        return run_guarded(entry, cfg, errors=(ValueError, FloatingPointError))
     except torch.OutOfMemoryError:
         die(f"out of GPU memory with --batch_size {cfg.batch_size}: lower it (raise --grad_accum to keep the "
             f"same tokens per step), lower --seq_len, or add --grad_checkpointing true")
-    except KeyboardInterrupt:
-        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return result
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import sentencepiece as spm
 
-from cli import die, parse_config
+from cli import parse_config, run_guarded
 
 SPECIAL_PIECES = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -157,11 +157,7 @@ def report(path: str, heldout, seconds: float):
 
 
 def main(argv=None):
-    cfg = parse_config(TokenizerConfig, argv, description=__doc__.strip().splitlines()[0])
-    try:
-        train(cfg)
-    except ValueError as e:
-        die(str(e))
+    run_guarded(train, parse_config(TokenizerConfig, argv, description=__doc__.strip().splitlines()[0]))
 
 
 if __name__ == "__main__":
