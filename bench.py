@@ -151,24 +151,29 @@ def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> f
     return cfg.new_tokens / best_time(run, cfg.repeats, cfg.device)
 
 
-def train_step_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast, compiled: bool = False):
-    """A function that runs one optimizer step (forward and backward of each micro-batch, AdamW)
-    of our model."""
-    with torch.device(device):
-        model = Transformer(model_cfg)
-    model.grad_checkpointing = cfg.grad_checkpointing
+def optimizer_step(model, loss_of, cfg: BenchConfig, device, autocast):
+    """A function that runs one optimizer step of `model`: forward (loss_of()) and backward of
+    each micro-batch, then AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
-    step_model = torch.compile(model) if compiled else model
-    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
 
     def step():
         for _ in range(cfg.grad_accum):
             with autocast:
-                loss = step_model(x[:, :-1], x[:, 1:])[1]
+                loss = loss_of()
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def train_step_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast, compiled: bool = False):
+    """One optimizer step of our model."""
+    with torch.device(device):
+        model = Transformer(model_cfg)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    step_model = torch.compile(model) if compiled else model
+    x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
+    return optimizer_step(model, lambda: step_model(x[:, :-1], x[:, 1:])[1], cfg, device, autocast)
 
 
 def train_transformers_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast):
@@ -179,17 +184,8 @@ def train_transformers_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, a
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(model_cfg, torch.float32))).to(device)
     if cfg.grad_checkpointing:
         hf.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
     x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
-
-    def step():
-        for _ in range(cfg.grad_accum):
-            with autocast:
-                loss = hf(input_ids=x, labels=x).loss
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+    return optimizer_step(hf, lambda: hf(input_ids=x, labels=x).loss, cfg, device, autocast)
 
 
 def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:

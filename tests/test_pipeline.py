@@ -143,18 +143,24 @@ class RandomTokens:
 ESTIMATE_FACTOR = (0.9, 1.15)
 
 
+def preset_model(p):
+    """The model of a train.py preset, with the default tokenizer's vocabulary."""
+    from model import ModelConfig
+    return ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
+                       vocab_size=4096, max_seq_len=p["seq_len"])
+
+
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_memory_estimate_is_close_to_the_peak_of_the_cpu_training_loop(tmp_path, grad_checkpointing):
     """The estimate against the bytes of tensors alive at the peak of train.train(), cpu preset, fp32."""
     import train
     from bench import PeakMemory
-    from model import ModelConfig, Transformer
+    from model import Transformer
     p = train.PRESETS["cpu"]
     cfg = train.TrainConfig(out_dir=str(tmp_path), batch_size=p["batch_size"], grad_accum=2, max_steps=2,
                             warmup_steps=1, eval_every=100, log_every=1, device="cpu",
                             grad_checkpointing=grad_checkpointing)
-    model_cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
-                            vocab_size=4096, max_seq_len=p["seq_len"])
+    model_cfg = preset_model(p)
     with PeakMemory() as meter:
         train.train(cfg, Transformer(model_cfg), RandomTokens(4096, p["batch_size"], p["seq_len"]))
     estimate = sum(train.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], torch.float32,
@@ -169,10 +175,8 @@ def test_memory_estimate_is_close_to_a_simulated_12gb_step(dtype, grad_checkpoin
     matches, and the step stays under the 11 GiB the preset promises."""
     import train
     from bench import BenchConfig, simulated_peak
-    from model import ModelConfig
     p = train.PRESETS["12gb"]
-    model_cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
-                            vocab_size=4096, max_seq_len=p["seq_len"])
+    model_cfg = preset_model(p)
     bench_cfg = BenchConfig(batch_size=p["batch_size"], seq_len=p["seq_len"], grad_accum=2,
                             grad_checkpointing=grad_checkpointing)
     peak = simulated_peak(model_cfg, bench_cfg, dtype)
