@@ -67,6 +67,21 @@ def teacher_loss(teacher, cfg: DistillConfig):
     return loss_fn
 
 
+NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\d)")
+
+
+def states_answer(text: str, answer: str) -> bool:
+    """Whether a final answer states `answer`. A numeric answer must be the last number in the
+    text, compared as a number: "The sum is 50." and "答案是：50。" state 50, and so does 50.0,
+    but 500, 5.0 and "50, not 49" do not. A word answer must appear as a whole word, any case."""
+    try:
+        expected = float(answer)
+    except ValueError:
+        return re.search(rf"(?<![A-Za-z0-9_]){re.escape(answer)}(?![A-Za-z0-9_])", text, re.I) is not None
+    numbers = NUMBER.findall(text)
+    return bool(numbers) and float(numbers[-1].replace(",", "")) == expected
+
+
 @torch.no_grad()
 def reasoning_report(model, sp, path: str, n: int, max_new_tokens: int) -> dict:
     """Greedy answers to the first n problems of a held-out file: the share with a
@@ -89,8 +104,7 @@ def reasoning_report(model, sp, path: str, n: int, max_new_tokens: int) -> dict:
         if "answer" in conv.extra:
             checkable += 1
             after = match.group(2) if match else text.split("</think>")[-1]
-            # digit-aware boundaries: \b fails between CJK characters and digits
-            correct += bool(re.search(rf"(?<![\w.]){re.escape(str(conv.extra['answer']))}(?![\w.]|\.\d)", after))
+            correct += states_answer(after, str(conv.extra["answer"]))
     return {"problems": len(problems), "well_formed": formed / max(1, len(problems)),
             "accuracy": correct / checkable if checkable else None}
 

@@ -84,15 +84,23 @@ def stream_completion(model, sp, ids: list, cfg: InferenceConfig, generator, out
     return len(new)
 
 
-def run(cfg: InferenceConfig):
-    device, dtype = pick_device(cfg.device, cfg.dtype)
-    model, ckpt = load_model(cfg.ckpt, device)
+def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str):
+    """(model, tokenizer, device) for generation. The tokenizer is the one given, else the one
+    the checkpoint was trained with; it is refused if its vocabulary does not fit the model."""
+    device, dtype = pick_device(device, dtype)
+    model, ckpt = load_model(ckpt_path, device)
     model.to(dtype)
-    tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
+    tokenizer = tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
     sp = load_tokenizer(tokenizer)
     if sp.get_piece_size() > model.cfg.vocab_size:
-        raise ValueError(f"{tokenizer} has {sp.get_piece_size()} pieces but {cfg.ckpt} was trained with "
+        raise ValueError(f"{tokenizer} has {sp.get_piece_size()} pieces but {ckpt_path} was trained with "
                          f"vocab_size {model.cfg.vocab_size}: pass the tokenizer it was trained with")
+    return model, sp, device
+
+
+def run(cfg: InferenceConfig):
+    model, sp, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
+    dtype = model.tok_embeddings.weight.dtype
     text = cfg.prompt
     if text is None:
         if sys.stdin.isatty():

@@ -12,15 +12,13 @@ When the history outgrows the context, the oldest turns are dropped first.
 """
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from cli import parse_config, run_guarded
-from dataset import load_tokenizer
-from dataset_sft import render_prompt
-from inference import pick_device
-from model import load_model
+from dataset_sft import render_prompt, special_ids
+from inference import load_for_inference
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -28,7 +26,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 @dataclass
 class ChatConfig:
     ckpt: str = "out/distill/best.pt"
-    tokenizer: str = "data/tokenizer.model"
+    tokenizer: str = field(default="", metadata={"help": "SentencePiece model (empty: the one the checkpoint names)"})
     prompt: str = ""               # non-empty: answer this one message and exit
     system: str = ""               # optional system prompt
     show_think: bool = True        # show the reasoning (dimmed on a terminal) or hide it
@@ -42,13 +40,17 @@ class ChatConfig:
 
 
 class Chat:
-    def __init__(self, cfg: ChatConfig):
-        self.cfg = cfg
-        device, dtype = pick_device(cfg.device, "auto")
-        self.model = load_model(cfg.ckpt, device)[0].to(dtype)
-        self.sp = load_tokenizer(cfg.tokenizer)
-        self.im_end, self.think, self.end_think = (self.sp.piece_to_id(p) for p in ("<|im_end|>", "<think>", "</think>"))
+    """A conversation with a model: the history, the prompt that fits the context, and the
+    streamed answers (reasoning shown or hidden, never kept in the history)."""
+
+    def __init__(self, cfg: ChatConfig, model, sp, device="cpu"):
+        self.cfg, self.model, self.sp = cfg, model, sp
+        ids = special_ids(sp)
+        self.im_end, self.think, self.end_think = ids["im_end"], ids["think"], ids["end_think"]
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.history = []
+
+    def reset(self):
         self.history = []
 
     def prompt_ids(self, user_message: str) -> list:
@@ -117,7 +119,7 @@ def interactive(chat: Chat):
         if message == "/exit":
             return
         if message == "/reset":
-            chat.history = []
+            chat.reset()
             print("(conversation cleared)", file=sys.stderr)
             continue
         if message:
@@ -128,7 +130,8 @@ def interactive(chat: Chat):
 
 
 def run(cfg: ChatConfig):
-    chat = Chat(cfg)
+    model, sp, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, "auto")
+    chat = Chat(cfg, model, sp, device)
     if cfg.prompt:
         chat.reply(cfg.prompt)
         print(f"({chat.last_speed:.1f} tokens/s)", file=sys.stderr)

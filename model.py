@@ -357,12 +357,25 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     return ckpt
 
 
+def nonfinite_tensor(state: dict) -> Optional[str]:
+    """The name of the first floating-point tensor holding a NaN or inf, or None."""
+    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
 def save_checkpoint(ckpt: dict, path: str):
     """Write to a temporary file and rename it into place, so a crash mid-write never leaves
-    a truncated file under the real name (the rename is atomic on POSIX and Windows)."""
+    a truncated file under the real name (the rename is atomic on POSIX and Windows).
+    Non-finite weights are refused: they would replace a good checkpoint with a useless one."""
+    bad = nonfinite_tensor(ckpt["model"])
+    if bad:
+        raise FloatingPointError(f"not writing {path}: {bad} has non-finite values")
     tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: drop the half-written file, keep the old one
+            os.remove(tmp)
 
 
 def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":

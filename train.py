@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cli import die, parse_config, run_guarded
-from model import ModelConfig, Transformer, load_model, load_state_dict_checked, read_checkpoint, save_checkpoint
+from model import (ModelConfig, Transformer, load_model, load_state_dict_checked, nonfinite_tensor, read_checkpoint,
+                   save_checkpoint)
 
 
 @dataclass
@@ -124,8 +125,9 @@ class Runtime:
         return bool(t.item())
 
     def all_mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.ddp:
-            dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        if self.ddp:  # SUM then divide: gloo (CPU) has no ReduceOp.AVG
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world_size
         return value
 
 
@@ -309,7 +311,18 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
+    def stop_if_diverged():
+        """Every rank, before every save: the losses not yet checked at a log step, and the
+        weights themselves (a step can make them non-finite while its own loss was finite)."""
+        window_loss = rt.all_mean(loss_sum / max(1, window_steps)).item()
+        bad = nonfinite_tensor(raw_model.state_dict())
+        if not math.isfinite(window_loss) or bad:
+            what = f"loss is {window_loss}" if not math.isfinite(window_loss) else f"{bad} is not finite"
+            raise FloatingPointError(f"{what} at step {step}; stopping with the last good checkpoint intact "
+                                     f"({last_path}). Try a lower --lr.")
+
     def save(path, val_loss=None):
+        stop_if_diverged()
         if rt.master:
             save_checkpoint({"model": raw_model.state_dict(), "config": asdict(raw_model.cfg), "step": step,
                              "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
@@ -364,8 +377,7 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
             if step % cfg.log_every == 0 or last_step:
                 train_loss = rt.all_mean(loss_sum / window_steps).item()  # the only per-log host sync
                 if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"loss is {train_loss} at step {step}; stopping with the last good "
-                                             f"checkpoint intact ({last_path}). Try a lower --lr.")
+                    stop_if_diverged()
                 elapsed = time.perf_counter() - window_start
                 tok_s, mfu = window_tokens / elapsed, window_flops / elapsed / peak
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")

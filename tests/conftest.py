@@ -4,10 +4,28 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+class RandomTokens:
+    """Stands in for TokenShards: batch i is a fixed random (tokens, targets) pair."""
+
+    def __init__(self, vocab_size, batch_size, seq_len):
+        self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
+
+    def batch(self, i):
+        x = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1),
+                          generator=torch.Generator().manual_seed(i))
+        return x[:, :-1], x[:, 1:]
 
 
 def small_corpus(n_lines: int = 3000, seed: int = 0):

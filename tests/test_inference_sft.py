@@ -1,0 +1,104 @@
+"""inference_sft.Chat with a scripted model: reasoning kept out of the history, the history trimmed
+to the context oldest first, /reset, and the tokenizer taken from the checkpoint."""
+import builtins
+import io
+import subprocess
+import sys
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import pytest
+import sentencepiece as spm
+
+import inference_sft
+from conftest import ROOT
+from dataset_sft import special_ids
+from model import ModelConfig, Transformer, save_checkpoint
+
+
+class ScriptedModel:
+    """Stands in for the Transformer: answers with prepared token ids and records each prompt."""
+
+    def __init__(self, replies, max_seq_len=512):
+        self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
+        self.replies, self.prompts = list(replies), []
+
+    def generate_stream(self, prompt, **kwargs):
+        self.prompts.append(list(prompt))
+        yield from self.replies.pop(0)
+
+
+@pytest.fixture(scope="module")
+def sp(tokenizer_path):
+    return spm.SentencePieceProcessor(model_file=tokenizer_path)
+
+
+def reply_ids(sp, answer, think=None):
+    s = special_ids(sp)
+    ids = [s["think"], *sp.encode(think), s["end_think"]] if think is not None else []
+    return ids + sp.encode(answer) + [s["im_end"]]
+
+
+def chat_with(sp, replies, max_seq_len=512, **cfg):
+    model = ScriptedModel(replies, max_seq_len)
+    return inference_sft.Chat(inference_sft.ChatConfig(**cfg), model, sp), model
+
+
+def test_reasoning_is_shown_or_hidden_and_never_kept_in_history(sp):
+    for show in (True, False):
+        chat, model = chat_with(sp, [reply_ids(sp, "It is 7.", think="I add 3 and 4."), reply_ids(sp, "Yes.")],
+                                show_think=show)
+        out = io.StringIO()
+        assert chat.reply("What is 3 + 4?", out) == "It is 7."
+        assert ("I add 3 and 4." in out.getvalue()) == show and "It is 7." in out.getvalue()
+        assert chat.history == [{"role": "user", "content": "What is 3 + 4?"},
+                                {"role": "assistant", "content": "It is 7."}]
+        chat.reply("Sure?", io.StringIO())
+        second_prompt = sp.decode(model.prompts[1])
+        assert "It is 7." in second_prompt and "I add" not in second_prompt
+
+
+def test_history_is_trimmed_to_the_context_oldest_exchange_first(sp):
+    messages = [f"Message number {i} about the red ball in the park." for i in range(8)]
+    chat, model = chat_with(sp, [reply_ids(sp, f"Answer {i}.") for i in range(8)], max_seq_len=160,
+                            max_new_tokens=32)
+    for m in messages:
+        chat.reply(m, io.StringIO())
+    budget = 160 - 32
+    assert all(len(p) <= budget for p in model.prompts)
+    last = sp.decode(model.prompts[-1])
+    assert messages[-1] in last and messages[0] not in last
+    kept = [i for i, m in enumerate(messages) if m in last]
+    assert kept == list(range(kept[0], 8)) and len(kept) >= 2  # a contiguous run of the newest
+    with pytest.raises(ValueError, match="tokens with the template"):
+        chat.reply("word " * 200, io.StringIO())
+
+
+def test_reset_forgets_the_conversation(sp, monkeypatch, capsys):
+    chat, model = chat_with(sp, [reply_ids(sp, "Hi Tom."), reply_ids(sp, "Hello.")])
+    typed = iter(["My name is Tom.", "/reset", "Who am I?", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(typed))
+    inference_sft.interactive(chat)
+    assert "Tom" in sp.decode(model.prompts[0]) and "Tom" not in sp.decode(model.prompts[1])
+    assert "(conversation cleared)" in capsys.readouterr().err
+
+
+def test_default_tokenizer_is_the_checkpoints_and_must_fit_the_model(tokenizer_path, tmp_path):
+    """The checkpoint names its tokenizer, which lies elsewhere than data/tokenizer.model."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=64, max_seq_len=64)
+    good, small = tmp_path / "good.pt", tmp_path / "small.pt"
+    save_checkpoint({"model": Transformer(cfg).state_dict(), "config": asdict(cfg), "tokenizer": tokenizer_path},
+                    str(good))
+    cfg.vocab_size = 256
+    save_checkpoint({"model": Transformer(cfg).state_dict(), "config": asdict(cfg), "tokenizer": tokenizer_path},
+                    str(small))
+
+    def chat(ckpt):
+        return subprocess.run([sys.executable, str(ROOT / "inference_sft.py"), "--ckpt", str(ckpt), "--prompt", "Hi",
+                               "--max_new_tokens", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = chat(good)
+    assert r.returncode == 0, r.stderr
+    r = chat(small)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {tokenizer_path} has 512 pieces but {small} was trained with vocab_size 256: "
+        f"pass the tokenizer it was trained with"]

@@ -1,0 +1,92 @@
+"""The training loop in process: no save ever writes diverged weights, whatever the eval, log and
+stop intervals; atomic checkpoint writes; the weighted loss by hand."""
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import train
+from conftest import RandomTokens
+from model import ModelConfig, Transformer, save_checkpoint
+
+TINY = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=16)
+DIVERGE_AT = 7  # the optimizer step whose loss turns NaN
+
+
+def diverging_loss(interrupt_at=0):
+    """The default loss until step DIVERGE_AT, NaN from then on (evaluation calls are not counted);
+    optionally a Ctrl-C (SIGINT to this process) during step `interrupt_at`."""
+    calls = []
+
+    def loss_fn(model, batch):
+        loss = train.default_loss(model, batch)
+        if not model.training:
+            return loss
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss * float("nan") if len(calls) >= DIVERGE_AT else loss
+    return loss_fn
+
+
+@pytest.mark.parametrize("eval_every,log_every,stop_at_step,interrupt_at", [
+    (4, 10, 0, 0),    # a save at step 8 before the log at step 10 sees the NaN
+    (3, 7, 0, 0),
+    (10, 4, 0, 0),    # the log at step 8 comes first
+    (5, 5, 0, 0),
+    (100, 100, 8, 0),  # --stop_at_step saves after the divergence
+    (100, 100, 0, 9),  # so does Ctrl-C
+])
+def test_a_diverged_run_never_overwrites_a_checkpoint(tmp_path, eval_every, log_every, stop_at_step, interrupt_at):
+    cfg = train.TrainConfig(out_dir=str(tmp_path), batch_size=2, max_steps=30, warmup_steps=1, device="cpu",
+                            eval_every=eval_every, log_every=log_every, eval_batches=1, stop_at_step=stop_at_step)
+    torch.manual_seed(0)
+    data = RandomTokens(TINY.vocab_size, 2, TINY.max_seq_len)
+    with pytest.raises(FloatingPointError, match="stopping with the last good checkpoint intact"):
+        train.train(cfg, Transformer(TINY), data, data, loss_fn=diverging_loss(interrupt_at))
+    saved = [name for name in ("last.pt", "best.pt") if (tmp_path / name).exists()]
+    for name in saved:
+        ckpt = torch.load(tmp_path / name, weights_only=True)
+        assert ckpt["step"] < DIVERGE_AT, name
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values()), name
+    assert ("last.pt" in saved) == (eval_every < DIVERGE_AT)
+
+
+def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
+    state = Transformer(TINY).state_dict()
+    state["norm.weight"][3] = float("inf")
+    with pytest.raises(FloatingPointError, match="norm.weight"):
+        save_checkpoint({"model": state}, str(tmp_path / "x.pt"))
+    assert not os.listdir(tmp_path)
+
+
+def test_a_save_that_fails_halfway_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1}, str(path))
+    before = path.read_bytes()
+
+    def half_written(obj, f):  # a full disk or a crash in the middle of torch.save
+        with open(f, "wb") as out:
+            out.write(before[:len(before) // 2])
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "step": 2}, str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]  # no half-written temporary file left behind
+
+
+def test_weighted_loss_is_divided_by_trained_tokens_not_by_weights():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.5], [1.0, 3.0, 0.0], [0.0, 0.0, 4.0]]])
+    targets = torch.tensor([[0, -100, 1, 0]])
+    weights = torch.tensor([[1.0, 7.0, 10.0, 2.0]])
+
+    def nll(row, target):  # -log softmax(row)[target], by hand
+        return math.log(sum(math.exp(v) for v in row)) - row[target]
+    rows = logits[0].tolist()
+    expected = (1 * nll(rows[0], 0) + 10 * nll(rows[2], 1) + 2 * nll(rows[3], 0)) / 3  # 3 trained tokens
+    assert Transformer.loss(logits, targets, weights).item() == pytest.approx(expected, rel=1e-6)
+    assert Transformer.loss(logits, targets).item() == pytest.approx(
+        (nll(rows[0], 0) + nll(rows[2], 1) + nll(rows[3], 0)) / 3, rel=1e-6)
