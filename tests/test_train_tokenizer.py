@@ -1,10 +1,14 @@
 import json
+import random
+import re
 import subprocess
 import sys
 
+import pytest
 import sentencepiece as spm
 
-from conftest import ROOT, small_corpus
+from conftest import ROOT, SHARED_DATA, small_corpus
+from train_tokenizer import PRESETS, TokenizerConfig
 
 
 def run_cli(*args):
@@ -53,3 +57,82 @@ def test_malformed_lines_are_reported_and_skipped(tmp_path):
     assert f"{corpus} line 7: no \"text\"" in r.stderr
     assert "skipped 2 malformed lines" in r.stderr
     assert (tmp_path / "t.model").exists() and "characters per token" in r.stdout
+
+
+def chinese_corpus(n_lines: int = 800, seed: int = 0):
+    """Short Chinese sentences without spaces: 56 distinct characters."""
+    rng = random.Random(seed)
+    who = ["小明", "小红", "老师", "妈妈", "小猫", "爷爷", "哥哥", "小兔子"]
+    where = ["在公园里", "在河边", "在学校", "在树下", "在海边", "在家里"]
+    did = ["看见了", "喜欢", "买了", "画了", "找到了", "带来了", "数了数"]
+    what = ["三个苹果", "一只小鸟", "红色的气球", "一本新书", "蓝色的风筝", "一些面包"]
+    return [f"{rng.choice(who)}{rng.choice(where)}{rng.choice(did)}{rng.choice(what)}。" for _ in range(n_lines)]
+
+
+def write_corpus(path, lines):
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), encoding="utf-8")
+    return str(path)
+
+
+def pieces(path):
+    return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+
+
+def test_language_picks_the_vocabulary_size(tmp_path):
+    zh = write_corpus(tmp_path / "zh.jsonl", chinese_corpus())
+    en = write_corpus(tmp_path / "en.jsonl", small_corpus(800))  # 10% of its lines have a Chinese phrase
+    for corpus, chosen, line in [(zh, 450, "text is mostly Chinese ("), (en, 350, "text is not mostly Chinese (")]:
+        out = tmp_path / f"{chosen}.model"
+        r = run_cli("--inputs", corpus, "--out", str(out), "--vocab_en", "350", "--vocab_zh", "450")
+        assert r.returncode == 0, r.stderr
+        assert line in r.stdout and f"CJK characters): {chosen} pieces (--vocab_" in r.stdout
+        assert pieces(out) == chosen
+        sp = spm.SentencePieceProcessor(model_file=str(out))
+        assert sp.decode(sp.encode("a b  c 你好")) == "a b  c 你好"  # spaces survive a corpus without any
+
+
+def test_vocab_size_overrides_the_language(tmp_path):
+    zh = write_corpus(tmp_path / "zh.jsonl", chinese_corpus())
+    r = run_cli("--inputs", zh, "--out", str(tmp_path / "t.model"), "--vocab_size", "400", "--vocab_zh", "450")
+    assert r.returncode == 0, r.stderr
+    assert "mostly Chinese" not in r.stdout and pieces(tmp_path / "t.model") == 400
+
+
+def test_presets_choose_the_sizes(tmp_path):
+    # No preset is the cpu preset; --preset 12gb is read from the command line (tiny corpora are
+    # too small for its sizes, so its choice is checked in the line printed before training).
+    assert {k: getattr(TokenizerConfig(), k) for k in PRESETS["cpu"]} == PRESETS["cpu"]
+    assert PRESETS["12gb"]["vocab_en"] > PRESETS["cpu"]["vocab_en"]
+    assert PRESETS["12gb"]["vocab_zh"] >= PRESETS["cpu"]["vocab_zh"] > 5500  # the novels' characters need ~5,500
+    r = run_cli("--help")
+    assert r.returncode == 0 and "--preset {12gb,cpu}" in r.stdout and "--vocab_zh" in r.stdout, r.stderr
+    zh = write_corpus(tmp_path / "zh.jsonl", chinese_corpus(100))
+    en = write_corpus(tmp_path / "en.jsonl", small_corpus(100))
+    for corpus, lang in [(zh, "zh"), (en, "en")]:
+        r = run_cli("--preset", "12gb", "--inputs", corpus, "--out", str(tmp_path / "t.model"))
+        assert f"{PRESETS['12gb']['vocab_' + lang]:,} pieces (--vocab_{lang};" in r.stdout, r.stdout + r.stderr
+    r = run_cli("--preset", "12gb", "--inputs", en, "--out", str(tmp_path / "t.model"), "--vocab_en", "400")
+    assert r.returncode == 0 and pieces(tmp_path / "t.model") == 400, r.stderr  # flags beat the preset
+
+
+def test_too_small_and_too_large_vocabularies_say_what_to_do(tmp_path):
+    zh = write_corpus(tmp_path / "zh.jsonl", chinese_corpus())
+    r = run_cli("--inputs", zh, "--out", str(tmp_path / "t.model"), "--vocab_size", "300")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    m = re.fullmatch(rf"error: sentencepiece could not train a 300-piece vocabulary on {re.escape(zh)}: the "
+                     r"characters alone need ([\d,]+) pieces at --character_coverage 0\.9995: use --vocab_size (\d+) "
+                     r"or lower --character_coverage", r.stderr.strip())
+    assert m and 300 < int(m[1].replace(",", "")) <= int(m[2]), r.stderr
+    r = run_cli("--inputs", zh, "--out", str(tmp_path / "t.model"), "--vocab_size", "5000")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.search(r"the text is too small for that many pieces: use --vocab_size \d+ or less, or more text$",
+                     r.stderr.strip()), r.stderr
+    assert not list(tmp_path.glob("t.*"))
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+def test_default_size_holds_the_characters_of_real_chinese(tmp_path):
+    novels = sorted(str(p) for p in SHARED_DATA.glob("zh_*.txt"))
+    r = run_cli("--inputs", ",".join(novels), "--out", str(tmp_path / "t.model"))
+    assert r.returncode == 0, r.stderr
+    assert "text is mostly Chinese" in r.stdout and pieces(tmp_path / "t.model") == PRESETS["cpu"]["vocab_zh"]
