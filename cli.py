@@ -49,17 +49,22 @@ def _parser_for(tp):
 
 def parse_config(cls, argv=None, presets: typing.Optional[dict] = None, description: str = ""):
     """Build `cls` from the command line. Field defaults come from the dataclass, then the
-    chosen `--preset` (a dict of overrides), then explicit flags."""
+    chosen `--preset` (a dict of overrides), then explicit flags. A field named `preset`, if
+    the dataclass has one, receives the chosen preset's name."""
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(description=description)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="start from a named set of hyperparameters; other flags override it")
     for f in dataclasses.fields(cls):
+        if presets and f.name == "preset":  # filled in below from --preset
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         parser.add_argument(f"--{f.name}", type=_parser_for(hints[f.name]), default=None,
                             help=f"{f.metadata.get('help', '')} (default: {default})".strip())
     args = parser.parse_args(argv)
     values = dict(presets[args.preset]) if presets and args.preset else {}
     values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
+    if presets and args.preset and "preset" in hints:  # a config that acts on its preset's name keeps it
+        values["preset"] = args.preset
     return cls(**values)

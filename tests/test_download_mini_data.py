@@ -1,159 +1,19 @@
+"""download_mini_data.py: the command line, the fallback to the built-in data, and the hub path against
+a local stand-in for `datasets` streaming."""
 import json
 import os
-import re
 import subprocess
 import sys
 import time
+import tracemalloc
 import types
+from pathlib import Path
 
 import pytest
 
 import download_mini_data as dm
-from conftest import ROOT
-
-SMALL = dict(pretrain_mb=0.3, n_sft=400, n_r1=400, n_val=50)
-ROLES = {"system", "user", "assistant"}
-EQUATION = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")  # "3 + 4 = 7", "2 + 2 + 2 = 6", "6 * 4 = 24"
-THINK = re.compile(r"<think>\n(.+?)\n</think>\n(.+)", re.S)
-
-
-def read(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module", params=["en", "zh"])
-def data(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    return request.param, dm.write_offline_data(str(out), request.param, seed=0, **SMALL)
-
-
-def check_equations(text, where):
-    """Every written sum in the text is right; returns the result of the last one."""
-    last = None
-    for lhs, rhs in EQUATION.findall(text):
-        assert eval(lhs) == int(rhs), f"{where}: {lhs} = {rhs}"  # the regex admits only digits and + - * /
-        last = int(rhs)
-    return last
-
-
-def check_chat(record, where):
-    turns = record["conversations"]
-    assert turns and all(set(t) == {"role", "content"} for t in turns), where
-    assert all(t["role"] in ROLES and isinstance(t["content"], str) and t["content"].strip() for t in turns), where
-    roles = [t["role"] for t in turns]
-    body = roles[1:] if roles[0] == "system" else roles
-    assert body == ["user", "assistant"] * (len(body) // 2) and body, f"{where}: roles {roles}"
-    for t in turns:
-        check_equations(t["content"], where)
-
-
-def test_files_and_sizes(data):
-    lang, paths = data
-    assert list(paths) == dm.FILE_NAMES
-    counts = {name: len(read(path)) for name, path in paths.items()}
-    assert counts["sft"] == 400 and counts["r1"] == 400
-    assert counts["pretrain_val"] == counts["sft_val"] == counts["r1_val"] == 50
-    assert 0.3e6 <= sum(len(r["text"].encode()) for r in read(paths["pretrain"])) < 0.35e6
-
-
-def test_deterministic_for_a_seed(data, tmp_path):
-    lang, paths = data
-    same = dm.write_offline_data(str(tmp_path / "same"), lang, seed=0, **SMALL)
-    other = dm.write_offline_data(str(tmp_path / "other"), lang, seed=1, **SMALL)
-    for name in dm.FILE_NAMES:
-        with open(paths[name], "rb") as a, open(same[name], "rb") as b, open(other[name], "rb") as c:
-            first = a.read()
-            assert first == b.read(), name
-            assert first != c.read(), name
-
-
-def test_pretrain_and_chat_schema(data):
-    lang, paths = data
-    for name in ("pretrain", "pretrain_val"):
-        for i, r in enumerate(read(paths[name])):
-            assert list(r) == ["text"] and r["text"].strip(), f"{name} {i}"
-            check_equations(r["text"], f"{name} {i}")
-    for name in ("sft", "sft_val"):
-        for i, r in enumerate(read(paths[name])):
-            assert list(r) == ["conversations"]
-            check_chat(r, f"{name} {i}")
-
-
-def recomputed_answer(lang, question):
-    """The answer of a counting question worked out from its text, or None for an arithmetic one."""
-    if lang == "zh":
-        m = re.search(r"有几个是(\S+?)：(.+)？", question)
-        return sum(w in dm.ZH_CATEGORIES[m[1]] for w in m[2].split("、")) if m else None
-    m = re.search(r"letter \"(\w)\" (?:appear )?in (?:the word )?\"(\w+)\"", question)
-    if m:
-        return m[2].count(m[1])
-    m = re.search(r"(?:letters are in|How long is) the word \"(\w+)\"", question)
-    if m:
-        return len(m[1])
-    m = re.search(r"How many (\w+)s are in this list: (.+)\?", question)
-    return sum(w in dm.CATEGORIES[m[1]] for w in m[2].split(", ")) if m else None
-
-
-def test_reasoning_records_are_well_formed_and_correct(data):
-    lang, paths = data
-    kinds = {"counted": 0, "summed": 0}
-    for name in ("r1", "r1_val"):
-        for i, r in enumerate(read(paths[name])):
-            where = f"{name} {i}"
-            assert set(r) == {"conversations", "answer"} and isinstance(r["answer"], str), where
-            check_chat(r, where)
-            assert len(r["conversations"]) in (2, 3), where
-            question, reply = r["conversations"][-2]["content"], r["conversations"][-1]["content"]
-            assert reply.count("<think>") == 1 and reply.count("</think>") == 1, where
-            m = THINK.fullmatch(reply)
-            assert m and m[1].strip() and m[2].strip(), where
-            assert re.search(rf"(?<![\w.]){re.escape(r['answer'])}(?!\w|\.\d)" if lang == "en" else
-                             rf"(?<!\d){re.escape(r['answer'])}(?!\d)", m[2]), f"{where}: answer not in {m[2]!r}"
-            expected = recomputed_answer(lang, question)
-            if expected is None:
-                expected = check_equations(m[1], where)
-                assert expected is not None, f"{where}: no worked sum in {m[1]!r}"
-                kinds["summed"] += 1
-            else:
-                kinds["counted"] += 1
-            assert r["answer"] == str(expected), f"{where}: {question!r} -> {r['answer']} (expected {expected})"
-    assert kinds["counted"] > 20 and kinds["summed"] > 200
-
-
-def test_reasoning_validation_questions_are_not_in_training(data):
-    lang, paths = data
-    train = {r["conversations"][-2]["content"] for r in read(paths["r1"])}
-    val = [r["conversations"][-2]["content"] for r in read(paths["r1_val"])]
-    assert len(set(val)) == len(val) and not train & set(val)
-
-
-def test_english_chat_answers_are_right(tmp_path):
-    paths = dm.write_offline_data(str(tmp_path), "en", seed=3, pretrain_mb=0.01, n_sft=1500, n_r1=1, n_val=1)
-    checked = 0
-    for r in read(paths["sft"]):
-        for t in r["conversations"]:
-            for word, spelled in re.findall(r"\"(\w+)\" is spelled ([a-z-]+)\.", t["content"]):
-                assert spelled == "-".join(word)
-                checked += 1
-            for word, n in re.findall(r"The word \"(\w+)\" has (\d+) letters\.", t["content"]):
-                assert len(word) == int(n)
-                checked += 1
-            for big, small in re.findall(r"^(\d+) is bigger than (\d+)\.$", t["content"]):
-                assert int(big) > int(small)
-                checked += 1
-    assert checked > 50
-
-
-def test_english_text_is_varied(tmp_path):
-    paths = dm.write_offline_data(str(tmp_path), "en", seed=0, pretrain_mb=1.0, n_sft=1, n_r1=1, n_val=1)
-    texts = [r["text"] for r in read(paths["pretrain"])]
-    sentences = [s for t in texts for s in re.split(r"(?<=[.!?])\s+|\n+", t) if s.strip()]
-    vocabulary = {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
-    assert len(sentences) > 15_000
-    assert len(set(sentences)) / len(sentences) > 0.5
-    assert len(set(texts)) / len(texts) > 0.95
-    assert len(vocabulary) > 1200
+import offline_data as od
+from conftest import ROOT, read_jsonl as read
 
 
 def run_cli(*args, **kwargs):
@@ -166,11 +26,11 @@ def test_cli_offline_and_help(tmp_path):
     r = run_cli("--offline", "true", "--out_dir", str(out), "--pretrain_mb", "0.1", "--n_sft", "50", "--n_r1", "50",
                 "--n_val", "10", env={**os.environ, "PYTHONHASHSEED": "123"})
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.jsonl" for n in dm.FILE_NAMES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.jsonl" for n in od.FILE_NAMES)
     assert str(out / "sft.jsonl") in r.stdout and "MB" in r.stdout and "note:" not in r.stderr
     # the same bytes in another process (another string hash seed): no set or hash order leaks into the data
-    here = dm.write_offline_data(str(tmp_path / "here"), "en", seed=0, pretrain_mb=0.1, n_sft=50, n_r1=50, n_val=10)
-    assert all((out / f"{n}.jsonl").read_bytes() == open(here[n], "rb").read() for n in dm.FILE_NAMES)
+    here = od.write_offline_data(str(tmp_path / "here"), "en", seed=0, pretrain_mb=0.1, n_sft=50, n_r1=50, n_val=10)
+    assert all((out / f"{n}.jsonl").read_bytes() == open(here[n], "rb").read() for n in od.FILE_NAMES)
     r = run_cli("--help")
     assert r.returncode == 0
     for flag in ("--out_dir", "--lang", "--offline", "--seed", "--pretrain_mb", "--n_sft", "--n_r1", "--n_val"):
@@ -189,7 +49,7 @@ def test_unreachable_hub_falls_back_with_one_note(tmp_path, monkeypatch, capsys)
     dm.main(["--out_dir", str(tmp_path), "--pretrain_mb", "0.05", "--n_sft", "20", "--n_r1", "20", "--n_val", "5"])
     assert time.time() - start < 10
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["note: 127.0.0.1 unreachable, writing the built-in offline data instead"]
+    assert err == ["note: 127.0.0.1 is unreachable, writing the built-in offline data instead"]
     assert len(read(tmp_path / "r1.jsonl")) == 20
 
 
@@ -198,41 +58,265 @@ def test_failing_datasets_falls_back(tmp_path, monkeypatch, capsys):
         raise ConnectionError("Couldn't reach the dataset\nmore detail")
 
     monkeypatch.setattr(dm, "hub_reachable", lambda timeout: True)
-    monkeypatch.setattr(dm, "stream_stage", broken_stream)
+    monkeypatch.setattr(dm, "open_stream", broken_stream)
     dm.main(["--out_dir", str(tmp_path), "--pretrain_mb", "0.05", "--n_sft", "20", "--n_r1", "20", "--n_val", "5"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("note", "error"))]
     assert len(err) == 1 and err[0].startswith("note: streaming from huggingface.co failed (ConnectionError: "
                                                "Couldn't reach the dataset)")
+    assert not (tmp_path / "download_state.json").exists() and not list(tmp_path.glob("*.partial"))
     assert len(read(tmp_path / "sft.jsonl")) == 20
 
 
-FAKE_HUB = {
-    ("roneneldan/TinyStories", "train"): [{"text": f"Story {i}."} for i in range(10)] + [{"text": "  "}],
-    ("roneneldan/TinyStories", "validation"): [{"text": f"Held out {i}."} for i in range(10)],
-    ("yahma/alpaca-cleaned", "train"): [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
-                                        {"instruction": "Name a color.", "input": "Be brief.", "output": "Red."},
-                                        {"instruction": "Empty reply.", "input": "", "output": ""}] * 3,
-    ("bespokelabs/Bespoke-Stratos-17k", "train"): [
-        {"system": "Your role as an assistant involves ...",
-         "conversations": [{"from": "user", "value": "What is 6 * 7?"},
-                           {"from": "assistant", "value": "<|begin_of_thought|>\n\n6 * 7 = 42\n\n<|end_of_thought|>\n\n"
-                                                          "<|begin_of_solution|>\n\nIt is \\boxed{42}.\n\n"
-                                                          "<|end_of_solution|>"}]},
-        {"conversations": [{"from": "user", "value": "Prove it."},
-                           {"from": "assistant", "value": "no markers here"}]},
-        {"conversations": [{"from": "user", "value": "Half of 1?"},
-                           {"from": "assistant", "value": "<|begin_of_thought|>x<|end_of_thought|>"
-                                                          "<|begin_of_solution|>\\boxed{\\frac{1}{2}}"
-                                                          "<|end_of_solution|>"}]}] * 2,
+class FakeStream:
+    """Stands in for a streaming `datasets.IterableDataset`: iteration, state_dict and load_state_dict
+    (the state is that after the last record yielded, as in `datasets`). Records are made on demand."""
+
+    def __init__(self, make, n, hub):
+        self.make, self.n, self.hub, self.pos = make, n, hub, 0
+
+    def __iter__(self):
+        while self.pos < self.n:
+            self.pos += 1
+            self.hub.yielded += 1
+            if self.hub.yielded == self.hub.interrupt_at:
+                raise KeyboardInterrupt
+            yield self.make(self.pos - 1)
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+class FakeHub:
+    """A local stand-in for datasets.load_dataset(..., streaming=True): {(path, split): (make, n)}."""
+
+    def __init__(self, sets, interrupt_at=0):
+        self.sets, self.interrupt_at, self.yielded, self.calls = sets, interrupt_at, 0, []
+
+    def load_dataset(self, path, name=None, split=None, streaming=False, **kwargs):
+        assert streaming
+        self.calls.append((path, name, split, kwargs))
+        make, n = self.sets[path, split]
+        return FakeStream(make, n, self)
+
+    def install(self, monkeypatch):
+        monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=self.load_dataset))
+        return self
+
+
+def cycle(records):
+    return lambda i: records[i % len(records)], len(records)
+
+
+# One record of each hub set, written by hand from its dataset card: the real field names and nesting.
+CARD_RECORDS = {
+    "roneneldan/TinyStories": {"text": "Once upon a time, there was a little dog named Max. Max loved the park."},
+    "HuggingFaceFW/fineweb-edu": {
+        "text": "Photosynthesis is the process plants use to turn light into chemical energy.",
+        "id": "<urn:uuid:0b7e2a4c-5d1f-4a8e-9c3b-2f6d7e8a9b10>", "dump": "CC-MAIN-2013-20",
+        "url": "http://example.org/biology/photosynthesis.html", "date": "2013-05-18T07:24:47Z",
+        "file_path": "s3://commoncrawl/crawl-data/CC-MAIN-2013-20/x.warc.gz", "language": "en",
+        "language_score": 0.9712, "token_count": 15, "score": 3.21875, "int_score": 3},
+    "wikimedia/wikipedia": {"id": "13", "url": "https://zh.wikipedia.org/wiki/%E6%95%B0%E5%AD%A6", "title": "数学",
+                            "text": "数学是研究数量、结构以及空间等概念及其变化的一门学科。"},
+    "HuggingFaceFW/fineweb-2": {
+        "text": "人工智能是计算机科学的一个分支，它试图理解智能的实质。", "id": "<urn:uuid:3f1c9a7e>",
+        "dump": "CC-MAIN-2023-50", "url": "https://example.cn/ai.html", "date": "2023-12-02T10:15:33Z",
+        "file_path": "s3://commoncrawl/x.warc.gz", "language": "cmn", "language_score": 0.9987,
+        "language_script": "Hani", "minhash_cluster_size": 2, "top_langs": "{\"cmn_Hani_score\": 0.9987}"},
+    "yahma/alpaca-cleaned": {"instruction": "Name a color.", "input": "Be brief.", "output": "Red."},
+    "shibing624/alpaca-zh": {"instruction": "给出三个保持健康的小贴士。", "input": "", "output": "均衡饮食。"},
+    "llamafactory/alpaca_gpt4_zh": {"instruction": "给出三个保持健康的小贴士。", "input": "", "output": "经常锻炼。"},
+    "HuggingFaceTB/smol-smoltalk": {
+        "messages": [{"content": "What is the capital of France?", "role": "user"},
+                     {"content": "The capital of France is Paris.", "role": "assistant"}],
+        "source": "everyday-conversations"},
+    "shibing624/sharegpt_gpt4": {"conversations": [
+        {"from": "human", "value": "你好，请介绍一下长城。"}, {"from": "gpt", "value": "长城是中国古代的军事防御工程。"},
+        {"from": "human", "value": "它是什么时候修建的？"}, {"from": "gpt", "value": "最早修建于春秋战国时期。"}]},
+    "bespokelabs/Bespoke-Stratos-17k": {
+        "system": "Your role as an assistant involves thoroughly exploring questions ...",
+        "conversations": [{"from": "user", "value": "Return your final response within \\boxed{}. What is 7 + 5?"},
+                          {"from": "assistant", "value": "<|begin_of_thought|>\n\n7 + 5 = 12.\n\n<|end_of_thought|>"
+                                                         "\n\n<|begin_of_solution|>\n\nThe sum is \\boxed{12}.\n\n"
+                                                         "<|end_of_solution|>"}]},
+    "Congliu/Chinese-DeepSeek-R1-Distill-data-110k": {
+        "input": "小明有5个苹果，又买了3个，现在一共有几个？", "content": "5 + 3 = 8。\n\n最终答案：\\boxed{8}",
+        "reasoning_content": "原来5个，加上3个，就是8个。", "repo_name": "meta-math/GSM8K_zh", "prompt_tokens_len": 32,
+        "content_tokens_len": 25, "reasoning_content_tokens_len": 20, "score": 10},
+}
+EXPECTED = {  # what each card record becomes
+    "HuggingFaceTB/smol-smoltalk": {"conversations": [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."}]},
+    "shibing624/sharegpt_gpt4": {"conversations": [
+        {"role": "user", "content": "你好，请介绍一下长城。"}, {"role": "assistant", "content": "长城是中国古代的军事防御工程。"},
+        {"role": "user", "content": "它是什么时候修建的？"}, {"role": "assistant", "content": "最早修建于春秋战国时期。"}]},
+    "bespokelabs/Bespoke-Stratos-17k": {"conversations": [
+        {"role": "user", "content": "Return your final response within \\boxed{}. What is 7 + 5?"},
+        {"role": "assistant", "content": "<think>\n7 + 5 = 12.\n</think>\nThe sum is \\boxed{12}."}], "answer": "12"},
+    "Congliu/Chinese-DeepSeek-R1-Distill-data-110k": {"conversations": [
+        {"role": "user", "content": "小明有5个苹果，又买了3个，现在一共有几个？"},
+        {"role": "assistant", "content": "<think>\n原来5个，加上3个，就是8个。\n</think>\n5 + 3 = 8。\n\n最终答案：\\boxed{8}"}],
+        "answer": "8"},
 }
 
 
-def test_online_records_are_normalised(tmp_path, monkeypatch):
-    def load_dataset(path, name=None, split=None, streaming=False):
-        assert streaming and name is None
-        return iter(FAKE_HUB[path, split])
+def test_every_hub_set_has_a_card_record_that_normalises():
+    used = {s.path for langs in dm.HUB_SETS.values() for stages in langs.values() for sets in stages.values()
+            for s in sets}
+    assert used == set(CARD_RECORDS) == set(dm.NORMALISERS)
+    for path, rec in CARD_RECORDS.items():
+        record = dm.NORMALISERS[path](rec)
+        if "text" in rec:
+            assert record == {"text": rec["text"]}, path
+        elif "instruction" in rec:
+            prompt = "\n\n".join(x for x in (rec["instruction"], rec["input"]) if x)
+            assert record == {"conversations": [{"role": "user", "content": prompt},
+                                                {"role": "assistant", "content": rec["output"]}]}, path
+        else:
+            assert record == EXPECTED[path], path
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+def card_hub(n, text_chars=60, sizes=None):
+    """Every (set, split) of both presets with n records (or sizes[path]) shaped like its card record, made on
+    demand; pretraining texts are numbered so that order and duplicates show."""
+    sets = {}
+    for langs in dm.HUB_SETS.values():
+        for stages in langs.values():
+            for hub_sets in stages.values():
+                for s in hub_sets:
+                    rec = CARD_RECORDS[s.path]
+                    if "text" in rec:
+                        def make(i, rec=rec, path=s.path):
+                            return {**rec, "text": f"{path} {i} " + "x" * text_chars}
+                    else:
+                        def make(i, rec=rec):
+                            return rec
+                    for split in (s.split, s.val_split):
+                        if split:
+                            sets[s.path, split] = (make, (sizes or {}).get(s.path, n))
+    return sets
+
+
+SMALL_CHATS = {path: 40 for path in ("HuggingFaceTB/smol-smoltalk", "llamafactory/alpaca_gpt4_zh",
+                                     "shibing624/sharegpt_gpt4", "bespokelabs/Bespoke-Stratos-17k",
+                                     "Congliu/Chinese-DeepSeek-R1-Distill-data-110k")}
+
+
+def small_12gb(tmp_path, lang, **overrides):
+    return dm.DownloadConfig(preset="12gb", lang=lang, out_dir=str(tmp_path),
+                             **{**dm.PRESETS["12gb"], "n_val": 3, "pretrain_tokens": 1000, **overrides})
+
+
+def file_bytes(out_dir):
+    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir())}
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_12gb_fetch_takes_every_set_in_order_up_to_the_token_budget(tmp_path, monkeypatch, lang):
+    hub = FakeHub(card_hub(300, sizes={"wikimedia/wikipedia": 40, **SMALL_CHATS})).install(monkeypatch)
+    cfg = small_12gb(tmp_path, lang, pretrain_tokens=4000)
+    paths = dm.download_online(cfg)
+    texts = [r["text"] for r in read(paths["pretrain"])]
+    budget = cfg.pretrain_tokens * dm.CHARS_PER_TOKEN[lang]
+    assert sum(map(len, texts)) >= budget > sum(map(len, texts[:-1]))  # stops at the budget, not before
+    first = dm.HUB_SETS["12gb"][lang]["pretrain"][0].path
+    assert texts[0].startswith(f"{first} 3 ")  # records 0-2 are the validation set
+    assert [r["text"] for r in read(paths["pretrain_val"])] == [f"{first} {i} " + "x" * 60 for i in range(3)]
+    if lang == "zh":  # wikipedia runs out after 40 records, then fineweb-2
+        assert texts[36].startswith("wikimedia/wikipedia 39 ") and texts[37].startswith("HuggingFaceFW/fineweb-2 0 ")
+    sft_sets = dm.HUB_SETS["12gb"][lang]["sft"]
+    sft_val = 0 if sft_sets[0].val_split else 3
+    assert len(read(paths["sft"])) == 40 * len(sft_sets) - sft_val  # every record of every set
+    assert len(read(paths["r1"])) == 40 - 3
+    assert ("HuggingFaceTB/smol-smoltalk", None, "test", {}) in hub.calls or lang == "zh"
+    assert ("shibing624/sharegpt_gpt4", None, "train", {"data_files": "sharegpt_zh_38K_format.jsonl"}) in hub.calls \
+        or lang == "en"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("interrupt_at", [2, 9, 30, 44, 61, 95, 130])
+def test_an_interrupted_fetch_resumed_gives_exactly_the_uninterrupted_records(tmp_path, monkeypatch, interrupt_at):
+    monkeypatch.setattr(dm, "COMMIT_EVERY", 4)
+    FakeHub(card_hub(40)).install(monkeypatch)
+    dm.download_online(small_12gb(tmp_path / "straight", "zh"))
+    hub = FakeHub(card_hub(40), interrupt_at=interrupt_at).install(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        dm.download_online(small_12gb(tmp_path / "split", "zh"))
+    FakeHub(card_hub(40)).install(monkeypatch)
+    dm.download_online(small_12gb(tmp_path / "split", "zh"))
+    straight, split = file_bytes(tmp_path / "straight"), file_bytes(tmp_path / "split")
+    state = json.loads(split.pop("download_state.json"))
+    straight.pop("download_state.json")
+    assert split == straight
+    assert all(stage["done"] for stage in state["stages"].values()) and hub.yielded == interrupt_at
+
+
+def test_a_finished_stage_is_not_fetched_again(tmp_path, monkeypatch):
+    FakeHub(card_hub(40)).install(monkeypatch)
+    dm.download_online(small_12gb(tmp_path, "en"))
+    (tmp_path / "r1.jsonl").unlink()
+    hub = FakeHub(card_hub(40)).install(monkeypatch)
+    dm.download_online(small_12gb(tmp_path, "en"))
+    assert {path for path, *_ in hub.calls} == {"bespokelabs/Bespoke-Stratos-17k"}
+    assert len(read(tmp_path / "r1.jsonl")) == 37
+
+
+def test_the_fetch_is_streamed_in_flat_memory(tmp_path, monkeypatch):
+    """Peak Python memory while fetching 2,000 or 20,000 pretraining documents of 1 KB: about the same."""
+    peaks = []
+    for n in (2_000, 20_000):
+        FakeHub(card_hub(n, text_chars=1000)).install(monkeypatch)
+        cfg = small_12gb(tmp_path / str(n), "en", pretrain_tokens=n * 1000 // 4, online_sft=5, online_r1=5)
+        tracemalloc.start()
+        dm.download_online(cfg)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert len(read(tmp_path / str(n) / "pretrain.jsonl")) >= 0.9 * n
+    assert peaks[1] < 1.3 * peaks[0] + 200_000, peaks
+
+
+def test_the_disk_space_needed_is_checked_first(tmp_path, monkeypatch, capsys):
+    hub = FakeHub(card_hub(40)).install(monkeypatch)
+    monkeypatch.setattr(dm.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=2_000_000_000))
+    with pytest.raises(ValueError, match=r"has 2.0 GB free but this download needs about 7.\d GB"):
+        dm.download_online(dm.DownloadConfig(preset="12gb", out_dir=str(tmp_path), **dm.PRESETS["12gb"]))
+    assert hub.calls == [] and "fetching about 7." in capsys.readouterr().out
+
+
+def test_12gb_offline_is_refused_in_one_line(tmp_path):
+    for args in (["--offline", "true"], []):
+        r = run_cli("--preset", "12gb", "--out_dir", str(tmp_path), *args,
+                    env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"})
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("error: --preset 12gb streams about ") and "fineweb-edu" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_online_records_are_normalised(tmp_path, monkeypatch):
+    """The cpu preset: document, record and character limits, held-out records, skipped records."""
+    sets = {
+        ("roneneldan/TinyStories", "train"): cycle([{"text": f"Story {i}."} for i in range(10)] + [{"text": "  "}]),
+        ("roneneldan/TinyStories", "validation"): cycle([{"text": f"Held out {i}."} for i in range(10)]),
+        ("yahma/alpaca-cleaned", "train"): cycle([{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+                                                  {"instruction": "Name a color.", "input": "Be brief.",
+                                                   "output": "Red."},
+                                                  {"instruction": "Empty reply.", "input": "", "output": ""}] * 3),
+        ("bespokelabs/Bespoke-Stratos-17k", "train"): cycle([
+            CARD_RECORDS["bespokelabs/Bespoke-Stratos-17k"],
+            {"conversations": [{"from": "user", "value": "Prove it."}, {"from": "assistant", "value": "no markers"}]},
+            {"conversations": [{"from": "user", "value": "Half of 1?"},
+                               {"from": "assistant", "value": "<|begin_of_thought|>x<|end_of_thought|>"
+                                                              "<|begin_of_solution|>\\boxed{\\frac{1}{2}}"
+                                                              "<|end_of_solution|>"}]},
+            {"conversations": [{"from": "user", "value": "Long?"},
+                               {"from": "assistant", "value": "<|begin_of_thought|>" + "y" * 9000 +
+                                "<|end_of_thought|><|begin_of_solution|>no<|end_of_solution|>"}]}] * 2),
+    }
+    FakeHub(sets).install(monkeypatch)
     cfg = dm.DownloadConfig(out_dir=str(tmp_path), online_pretrain=5, online_sft=3, online_r1=2, n_val=1)
     paths = dm.download_online(cfg)
     assert [r["text"] for r in read(paths["pretrain"])] == [f"Story {i}." for i in range(5)]
@@ -241,13 +325,11 @@ def test_online_records_are_normalised(tmp_path, monkeypatch):
     assert sft[0] == {"conversations": [{"role": "user", "content": "Add 2 and 3."},
                                         {"role": "assistant", "content": "5"}]}
     assert sft[1]["conversations"][0]["content"] == "Name a color.\n\nBe brief."
-    assert all(r["conversations"][-1]["content"] for r in sft)
+    assert all(r["conversations"][-1]["content"] for r in sft) and len(sft) == 4
     r1 = read(paths["r1_val"]) + read(paths["r1"])
-    reply = "<think>\n6 * 7 = 42\n</think>\nIt is \\boxed{42}."
-    assert r1[0] == {"conversations": [{"role": "user", "content": "What is 6 * 7?"},
-                                       {"role": "assistant", "content": reply}], "answer": "42"}
+    assert r1[0] == EXPECTED["bespokelabs/Bespoke-Stratos-17k"]
     assert "answer" not in r1[1] and r1[1]["conversations"][-1]["content"].startswith("<think>\nx\n</think>\n")
-    assert len(r1) == 3
+    assert r1[2] == r1[0] and len(r1) == 3  # the 9,000-character trace was skipped
 
 
 def test_chinese_reasoning_fields_are_wrapped():
@@ -257,13 +339,3 @@ def test_chinese_reasoning_fields_are_wrapped():
     assert record == {"conversations": [{"role": "user", "content": "3加4等于几？"},
                                         {"role": "assistant", "content": reply}], "answer": "7"}
     assert dm.from_reasoning_fields({"input": "q", "reasoning_content": "", "content": "a"}) is None
-
-
-def test_interrupted_write_leaves_no_file(tmp_path):
-    def records():
-        yield {"text": "one"}
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        dm.write_jsonl(str(tmp_path / "x.jsonl"), records())
-    assert list(tmp_path.iterdir()) == []

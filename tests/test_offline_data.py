@@ -1,0 +1,156 @@
+"""The built-in data generator: sizes, determinism, schemas, and sums, counts and answers that are right."""
+import re
+
+import pytest
+
+import offline_data as od
+from conftest import read_jsonl as read
+
+SMALL = dict(pretrain_mb=0.3, n_sft=400, n_r1=400, n_val=50)
+ROLES = {"system", "user", "assistant"}
+EQUATION = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")  # "3 + 4 = 7", "2 + 2 + 2 = 6", "6 * 4 = 24"
+THINK = re.compile(r"<think>\n(.+?)\n</think>\n(.+)", re.S)
+
+
+@pytest.fixture(scope="module", params=["en", "zh"])
+def data(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    return request.param, od.write_offline_data(str(out), request.param, seed=0, **SMALL)
+
+
+def check_equations(text, where):
+    """Every written sum in the text is right; returns the result of the last one."""
+    last = None
+    for lhs, rhs in EQUATION.findall(text):
+        assert eval(lhs) == int(rhs), f"{where}: {lhs} = {rhs}"  # the regex admits only digits and + - * /
+        last = int(rhs)
+    return last
+
+
+def check_chat(record, where):
+    turns = record["conversations"]
+    assert turns and all(set(t) == {"role", "content"} for t in turns), where
+    assert all(t["role"] in ROLES and isinstance(t["content"], str) and t["content"].strip() for t in turns), where
+    roles = [t["role"] for t in turns]
+    body = roles[1:] if roles[0] == "system" else roles
+    assert body == ["user", "assistant"] * (len(body) // 2) and body, f"{where}: roles {roles}"
+    for t in turns:
+        check_equations(t["content"], where)
+
+
+def test_files_and_sizes(data):
+    lang, paths = data
+    assert list(paths) == od.FILE_NAMES
+    counts = {name: len(read(path)) for name, path in paths.items()}
+    assert counts["sft"] == 400 and counts["r1"] == 400
+    assert counts["pretrain_val"] == counts["sft_val"] == counts["r1_val"] == 50
+    assert 0.3e6 <= sum(len(r["text"].encode()) for r in read(paths["pretrain"])) < 0.35e6
+
+
+def test_deterministic_for_a_seed(data, tmp_path):
+    lang, paths = data
+    same = od.write_offline_data(str(tmp_path / "same"), lang, seed=0, **SMALL)
+    other = od.write_offline_data(str(tmp_path / "other"), lang, seed=1, **SMALL)
+    for name in od.FILE_NAMES:
+        with open(paths[name], "rb") as a, open(same[name], "rb") as b, open(other[name], "rb") as c:
+            first = a.read()
+            assert first == b.read(), name
+            assert first != c.read(), name
+
+
+def test_pretrain_and_chat_schema(data):
+    lang, paths = data
+    for name in ("pretrain", "pretrain_val"):
+        for i, r in enumerate(read(paths[name])):
+            assert list(r) == ["text"] and r["text"].strip(), f"{name} {i}"
+            check_equations(r["text"], f"{name} {i}")
+    for name in ("sft", "sft_val"):
+        for i, r in enumerate(read(paths[name])):
+            assert list(r) == ["conversations"]
+            check_chat(r, f"{name} {i}")
+
+
+def recomputed_answer(lang, question):
+    """The answer of a counting question worked out from its text, or None for an arithmetic one."""
+    if lang == "zh":
+        m = re.search(r"有几个是(\S+?)：(.+)？", question)
+        return sum(w in od.ZH_CATEGORIES[m[1]] for w in m[2].split("、")) if m else None
+    m = re.search(r"letter \"(\w)\" (?:appear )?in (?:the word )?\"(\w+)\"", question)
+    if m:
+        return m[2].count(m[1])
+    m = re.search(r"(?:letters are in|How long is) the word \"(\w+)\"", question)
+    if m:
+        return len(m[1])
+    m = re.search(r"How many (\w+)s are in this list: (.+)\?", question)
+    return sum(w in od.CATEGORIES[m[1]] for w in m[2].split(", ")) if m else None
+
+
+def test_reasoning_records_are_well_formed_and_correct(data):
+    lang, paths = data
+    kinds = {"counted": 0, "summed": 0}
+    for name in ("r1", "r1_val"):
+        for i, r in enumerate(read(paths[name])):
+            where = f"{name} {i}"
+            assert set(r) == {"conversations", "answer"} and isinstance(r["answer"], str), where
+            check_chat(r, where)
+            assert len(r["conversations"]) in (2, 3), where
+            question, reply = r["conversations"][-2]["content"], r["conversations"][-1]["content"]
+            assert reply.count("<think>") == 1 and reply.count("</think>") == 1, where
+            m = THINK.fullmatch(reply)
+            assert m and m[1].strip() and m[2].strip(), where
+            assert re.search(rf"(?<![\w.]){re.escape(r['answer'])}(?!\w|\.\d)" if lang == "en" else
+                             rf"(?<!\d){re.escape(r['answer'])}(?!\d)", m[2]), f"{where}: answer not in {m[2]!r}"
+            expected = recomputed_answer(lang, question)
+            if expected is None:
+                expected = check_equations(m[1], where)
+                assert expected is not None, f"{where}: no worked sum in {m[1]!r}"
+                kinds["summed"] += 1
+            else:
+                kinds["counted"] += 1
+            assert r["answer"] == str(expected), f"{where}: {question!r} -> {r['answer']} (expected {expected})"
+    assert kinds["counted"] > 20 and kinds["summed"] > 200
+
+
+def test_reasoning_validation_questions_are_not_in_training(data):
+    lang, paths = data
+    train = {r["conversations"][-2]["content"] for r in read(paths["r1"])}
+    val = [r["conversations"][-2]["content"] for r in read(paths["r1_val"])]
+    assert len(set(val)) == len(val) and not train & set(val)
+
+
+def test_english_chat_answers_are_right(tmp_path):
+    paths = od.write_offline_data(str(tmp_path), "en", seed=3, pretrain_mb=0.01, n_sft=1500, n_r1=1, n_val=1)
+    checked = 0
+    for r in read(paths["sft"]):
+        for t in r["conversations"]:
+            for word, spelled in re.findall(r"\"(\w+)\" is spelled ([a-z-]+)\.", t["content"]):
+                assert spelled == "-".join(word)
+                checked += 1
+            for word, n in re.findall(r"The word \"(\w+)\" has (\d+) letters\.", t["content"]):
+                assert len(word) == int(n)
+                checked += 1
+            for big, small in re.findall(r"^(\d+) is bigger than (\d+)\.$", t["content"]):
+                assert int(big) > int(small)
+                checked += 1
+    assert checked > 50
+
+
+def test_english_text_is_varied(tmp_path):
+    paths = od.write_offline_data(str(tmp_path), "en", seed=0, pretrain_mb=1.0, n_sft=1, n_r1=1, n_val=1)
+    texts = [r["text"] for r in read(paths["pretrain"])]
+    sentences = [s for t in texts for s in re.split(r"(?<=[.!?])\s+|\n+", t) if s.strip()]
+    vocabulary = {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
+    assert len(sentences) > 15_000
+    assert len(set(sentences)) / len(sentences) > 0.5
+    assert len(set(texts)) / len(texts) > 0.95
+    assert len(vocabulary) > 1200
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+    def records():
+        yield {"text": "one"}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        od.write_jsonl(str(tmp_path / "x.jsonl"), records())
+    assert list(tmp_path.iterdir()) == []
