@@ -55,6 +55,8 @@ class BenchConfig:
     memory_only: bool = field(default=False, metadata={"help": "print only the simulated bf16 memory row"})
     compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd training step"})
     peak_tflops: float = field(default=0.0, metadata={"help": "for MFU; 0: the GPU table / measured CPU matmuls"})
+    memory_cap_gib: float = field(default=0.0, metadata={
+        "help": "CUDA: use at most this much GPU memory, e.g. 12 to act as a 12 GB card; 0: all"})
 
 
 PRESETS = {
@@ -62,8 +64,8 @@ PRESETS = {
                  prompt_tokens=8, new_tokens=32, repeats=1, batch_size=2, seq_len=64),
     "cpu": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=256,
                 prompt_tokens=16, new_tokens=64, repeats=1, batch_size=8, seq_len=256),
-    "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=4096, max_seq_len=1024,
-                 batch_size=16, seq_len=1024, grad_accum=4, compile=True),
+    "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=12000, max_seq_len=1024,
+                 batch_size=8, seq_len=1024, grad_accum=8, compile=True),
 }
 
 
@@ -238,6 +240,9 @@ def main(argv=None):
             f"--max_seq_len {cfg.max_seq_len}")
     try:
         cfg.device, dtype = pick_device(cfg.device, cfg.dtype)
+        if cfg.device.startswith("cuda"):
+            from train import cap_memory
+            cap_memory(torch.device(cfg.device), cfg.memory_cap_gib)
     except ValueError as e:
         die(str(e))
     torch.manual_seed(cfg.seed)

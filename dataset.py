@@ -417,6 +417,7 @@ class TokenShards:
         self.vocab_size, self.eos_id, self.tokenizer = infos[0]["vocab_size"], infos[0]["eos_id"], infos[0]["tokenizer"]
         lengths = np.array([info["num_tokens"] for info in infos], dtype=np.int64)
         self.num_tokens = int(lengths.sum())
+        self.tokens_per_row = seq_len  # every row is a full window
         # opened once; the OS pages in only the windows read (a 0-token file cannot be mapped)
         self.shards = [np.memmap(p, dtype=DTYPE, mode="r") if n else None for p, n in zip(self.paths, lengths)]
         windows = np.maximum(lengths - seq_len, 0)  # start positions with seq_len + 1 tokens after them

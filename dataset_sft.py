@@ -328,6 +328,10 @@ class SFTData:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def tokens_per_row(self) -> float:
+        return self.num_tokens / len(self)
+
     def row(self, i: int) -> tuple:
         """(ids, labels) of row i as int64 arrays."""
         ids = self.ids[self.offsets[i]:self.offsets[i + 1]].astype(np.int64)

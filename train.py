@@ -53,6 +53,7 @@ class TrainConfig:
     compile: bool = False          # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     peak_tflops: float = 0.0       # for MFU; 0 = look up the GPU / measure the CPU
+    memory_cap_gib: float = 0.0    # CUDA: use at most this much GPU memory (a big GPU acting as a 12 GB card); 0 = all
     seed: int = 0
     resume: bool = False           # continue from out_dir/last.pt
     stop_at_step: int = 0          # save and stop early (e.g. to split a run across sessions); 0 = never
@@ -76,7 +77,9 @@ class PretrainConfig(TrainConfig):
 
 PRESETS = {
     "cpu": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=256, batch_size=8, max_steps=300),
-    "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, seq_len=1024, batch_size=16, grad_accum=4,
+    # 8 x 1024 x 8 = 65,536 tokens per step; a micro-batch of 8 leaves room on a 12 GB card that also
+    # drives a desktop (5.9 GiB simulated with the 12gb tokenizer's 12,000 pieces; 16 rows: 10.3 GiB).
+    "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, seq_len=1024, batch_size=8, grad_accum=8,
                  max_steps=20000, lr=6e-4, min_lr=6e-5, warmup_steps=500, eval_every=500, eval_batches=50,
                  log_every=20, compile=True),
 }
@@ -84,6 +87,17 @@ PRESETS = {
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; "4070" must come after "4070 Ti" style names.
 GPU_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "4090": 165, "4080": 97, "4070": 58,
                    "3090": 71, "3080": 59, "3070": 40, "3060": 25}
+
+
+def cap_memory(device: torch.device, cap_gib: float):
+    """Let the caching allocator use at most cap_gib of the card, so that a large GPU shows what a
+    smaller one would: allocations beyond it raise out-of-memory as they would there."""
+    if cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        if cap_gib * 2**30 > total:
+            raise ValueError(f"--memory_cap_gib {cap_gib} is more than the {total / 2**30:.1f} GiB of "
+                             f"{torch.cuda.get_device_name(device)}")
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
 
 
 class Runtime:
@@ -103,6 +117,7 @@ class Runtime:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            cap_memory(self.device, cfg.memory_cap_gib)
         if self.ddp:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         dtype = cfg.dtype
@@ -184,11 +199,33 @@ def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int, rt: Run
               f" = {total / 2**30:.2f} GiB")
     if rt.device.type == "cuda":
         free = torch.cuda.mem_get_info(rt.device)[0]
+        if cfg.memory_cap_gib:
+            free = min(free, cfg.memory_cap_gib * 2**30 - torch.cuda.memory_reserved(rt.device))
         if total > 0.95 * free:
             hint = "" if cfg.grad_checkpointing else ", or add --grad_checkpointing true"
             raise ValueError(f"needs about {total / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
                              f"{torch.cuda.get_device_name(rt.device)}: lower --batch_size (raise --grad_accum "
                              f"to keep the same tokens per step) or --seq_len{hint}")
+
+
+# Past about four passes over the same tokens, more repetition is worth little (Muennighoff et al. 2023,
+# "Scaling Data-Constrained Language Models").
+USEFUL_EPOCHS = 4
+
+
+def report_epochs(cfg: TrainConfig, data, rt: Runtime):
+    """Before the first step: the tokens this run will read against the tokens the data holds."""
+    rows = cfg.max_steps * cfg.grad_accum * cfg.batch_size * rt.world_size
+    reads = rows * data.tokens_per_row
+    epochs = reads / data.num_tokens
+    if rt.master:
+        print(f"this run reads {reads / 1e6:,.1f}M tokens ({cfg.max_steps:,} steps x {rows // cfg.max_steps:,} rows); "
+              f"the data holds {data.num_tokens / 1e6:,.1f}M: {epochs:,.2f} epochs")
+        if epochs > USEFUL_EPOCHS:
+            print(f"warning: {epochs:.0f} passes over the same data; past about {USEFUL_EPOCHS} more repetition "
+                  f"is worth little: fetch more data (download_mini_data.py) or lower --max_steps to about "
+                  f"{int(cfg.max_steps * USEFUL_EPOCHS / epochs):,}", file=sys.stderr)
+    return epochs
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -287,11 +324,13 @@ def check_resumable(ckpt: dict, model_cfg: ModelConfig, cfg: TrainConfig, path: 
 def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: Runtime = None,
           loss_fn=default_loss, tokenizer: str = "", start: dict = None) -> dict:
     """The training loop. `train_data.batch(i)` returns the tuple passed to loss_fn(model, batch),
-    by default model(tokens, targets[, loss_weight]); train_data also has batch_size and seq_len
-    (the longest row, for the memory estimate and MFU). `start` is a checkpoint to resume from.
+    by default model(tokens, targets[, loss_weight]); train_data also has batch_size, seq_len
+    (the longest row, for the memory estimate and MFU), num_tokens (all it holds) and tokens_per_row
+    (on average, for the epochs report). `start` is a checkpoint to resume from.
     Returns {"step", "val_loss", "best_val_loss", "last_path"}."""
     rt = rt or Runtime(cfg)
     check_memory(model.cfg, cfg, train_data.seq_len, rt)
+    report_epochs(cfg, train_data, rt)
     torch.manual_seed(cfg.seed + rt.rank)
     model.to(rt.device)
     model.grad_checkpointing = cfg.grad_checkpointing

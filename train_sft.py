@@ -31,7 +31,7 @@ class SFTConfig(TrainConfig):
 
 PRESETS = {
     "cpu": dict(batch_size=8, max_steps=200),
-    "12gb": dict(batch_size=16, grad_accum=4, max_steps=3000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
+    "12gb": dict(batch_size=8, grad_accum=8, max_steps=3000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
                  eval_every=250, eval_batches=50, log_every=20, compile=True),
 }
 

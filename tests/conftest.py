@@ -19,8 +19,9 @@ def read_jsonl(path):
 class RandomTokens:
     """Stands in for TokenShards: batch i is a fixed random (tokens, targets) pair."""
 
-    def __init__(self, vocab_size, batch_size, seq_len):
+    def __init__(self, vocab_size, batch_size, seq_len, num_tokens=10**9):
         self.vocab_size, self.batch_size, self.seq_len = vocab_size, batch_size, seq_len
+        self.num_tokens, self.tokens_per_row = num_tokens, seq_len
 
     def batch(self, i):
         x = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1),

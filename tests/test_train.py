@@ -90,3 +90,35 @@ def test_weighted_loss_is_divided_by_trained_tokens_not_by_weights():
     assert Transformer.loss(logits, targets, weights).item() == pytest.approx(expected, rel=1e-6)
     assert Transformer.loss(logits, targets).item() == pytest.approx(
         (nll(rows[0], 0) + nll(rows[2], 1) + nll(rows[3], 0)) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("max_steps,warned", [(10, False), (50, True)])
+def test_epochs_are_reported_and_many_are_warned_about(tmp_path, capsys, max_steps, warned):
+    """2 rows x 16 tokens a step: 10 steps over 1,000 tokens are 0.32 epochs; 50 steps over 200 tokens
+    are 8 epochs, past the 4 worth having: warned, with the number of steps that would make 4."""
+    cfg = train.TrainConfig(out_dir=str(tmp_path), batch_size=2, max_steps=max_steps, warmup_steps=1, device="cpu",
+                            eval_every=1000, log_every=1000)
+    data = RandomTokens(TINY.vocab_size, 2, TINY.max_seq_len, num_tokens=200 if warned else 1000)
+    train.train(cfg, Transformer(TINY), data)
+    out, err = capsys.readouterr()
+    reads = max_steps * 2 * 16
+    epochs = reads / data.num_tokens
+    assert f"this run reads {reads / 1e6:,.1f}M tokens ({max_steps} steps x 2 rows); the data holds 0.0M: " \
+           f"{epochs:.2f} epochs" in out
+    assert ("warning: 8 passes over the same data" in err) == warned
+    if warned:
+        assert "lower --max_steps to about 25" in err
+
+
+def test_memory_cap_sets_the_allocator_fraction(monkeypatch):
+    """A 80 GiB card capped to 12 GiB: the caching allocator gets 12/80 of it; more than the card is refused."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Big GPU")
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: calls.append((f, device)))
+    train.cap_memory(torch.device("cuda:0"), 12)
+    assert calls == [(12 / 80, torch.device("cuda:0"))]
+    train.cap_memory(torch.device("cuda:0"), 0)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="--memory_cap_gib 96 is more than the 80.0 GiB of Big GPU"):
+        train.cap_memory(torch.device("cuda:0"), 96)
