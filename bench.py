@@ -28,9 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cli import die, parse_config
+from cli import UserError, parse_config, run_guarded
 from inference import pick_device
-from model import ModelConfig, Transformer
+from model import ModelConfig, ModelError, Transformer
 
 
 @dataclass
@@ -233,18 +233,14 @@ def print_table(rows):
         print(f"{name:<{width}}  {value:>10.{2 if unit == 'GiB' else 1}f} {unit:<8} {note}")
 
 
-def main(argv=None):
-    cfg = parse_config(BenchConfig, argv, presets=PRESETS, description=__doc__.strip().splitlines()[0])
+def run(cfg: BenchConfig):
     if cfg.prompt_tokens + cfg.new_tokens > cfg.max_seq_len:
-        die(f"--prompt_tokens + --new_tokens ({cfg.prompt_tokens + cfg.new_tokens}) exceed "
-            f"--max_seq_len {cfg.max_seq_len}")
-    try:
-        cfg.device, dtype = pick_device(cfg.device, cfg.dtype)
-        if cfg.device.startswith("cuda"):
-            from train import cap_memory
-            cap_memory(torch.device(cfg.device), cfg.memory_cap_gib)
-    except ValueError as e:
-        die(str(e))
+        raise UserError(f"--prompt_tokens + --new_tokens ({cfg.prompt_tokens + cfg.new_tokens}) exceed "
+                        f"--max_seq_len {cfg.max_seq_len}")
+    cfg.device, dtype = pick_device(cfg.device, cfg.dtype)
+    if cfg.device.startswith("cuda"):
+        from train import cap_memory
+        cap_memory(torch.device(cfg.device), cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                             vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)
@@ -262,6 +258,11 @@ def main(argv=None):
         theirs = decode_transformers(model, prompt, cfg)
         rows.append(("decode, transformers", theirs, "tokens/s", f"ours is {ours / theirs:.2f}x"))
     print_table(training_rows(model_cfg, cfg) + [memory_row(model_cfg, cfg)] + rows)
+
+
+def main(argv=None):
+    run_guarded(run, parse_config(BenchConfig, argv, presets=PRESETS, description=__doc__.strip().splitlines()[0]),
+                errors=(ModelError,))
 
 
 if __name__ == "__main__":

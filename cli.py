@@ -1,7 +1,7 @@
 """
 The small piece every script shares: turn the hyperparameter dataclass at the top of a
 script into `--field value` flags (with optional named presets), and report user errors
-as one line instead of a traceback. Standard library only.
+(UserError) as one line instead of a traceback. Standard library only.
 """
 import argparse
 import dataclasses
@@ -10,18 +10,23 @@ import sys
 import typing
 
 
+class UserError(ValueError):
+    """Bad input or settings: a missing file, a malformed record, a flag out of range. run_guarded
+    reports it as one line; any other exception is a bug and keeps its traceback."""
+
+
 def die(message: str, code: int = 1):
     """Print `error: message` to stderr and exit: the way scripts report bad input."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
-def run_guarded(entry, cfg, errors=(ValueError,)):
-    """Call entry(cfg) as a script's main: a user error (one of `errors`) becomes one line
-    and exit 1, Ctrl-C a quiet exit 130."""
+def run_guarded(entry, cfg, errors=()):
+    """Call entry(cfg) as a script's main: a UserError (or one of `errors`, such as model.py's
+    ModelError) becomes one line and exit 1, Ctrl-C a quiet exit 130."""
     try:
         return entry(cfg)
-    except errors as e:
+    except (UserError, *errors) as e:
         die(str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)  # end the line that ^C interrupted
@@ -60,8 +65,9 @@ def parse_config(cls, argv=None, presets: typing.Optional[dict] = None, descript
         if presets and f.name == "preset":  # filled in below from --preset
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        by_preset = "".join(f", {name}: {p[f.name]}" for name, p in (presets or {}).items() if f.name in p)
         parser.add_argument(f"--{f.name}", type=_parser_for(hints[f.name]), default=None,
-                            help=f"{f.metadata.get('help', '')} (default: {default})".strip())
+                            help=f"{f.metadata.get('help', '')} (default: {default}{by_preset})".strip())
     args = parser.parse_args(argv)
     values = dict(presets[args.preset]) if presets and args.preset else {}
     values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})

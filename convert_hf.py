@@ -28,9 +28,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from cli import die, parse_config
+from cli import UserError, parse_config, run_guarded
 from dataset_sft import CHAT_TEMPLATE_JINJA
-from model import ModelConfig, Transformer, load_model, load_state_dict_checked, save_checkpoint
+from model import ModelConfig, ModelError, Transformer, load_model, load_state_dict_checked, save_checkpoint
+from records import atomic_path, atomic_write
+from tokenizer import SPECIAL_PIECES
 
 # Our per-layer module names -> Hugging Face's (under model.layers.{i}.)
 LAYER_NAMES = {
@@ -44,7 +46,8 @@ LAYER_NAMES = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")  # special tokens; <think> </think> stay visible in decode
+# special tokens (skipped by decode(skip_special_tokens=True)); <think> </think> stay visible
+CHAT_MARKERS = (SPECIAL_PIECES["im_start"], SPECIAL_PIECES["im_end"])
 
 
 def hf_names(cfg: ModelConfig) -> dict:
@@ -63,11 +66,11 @@ def hf_names(cfg: ModelConfig) -> dict:
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from a LlamaForCausalLM config.json; one-line error for what we cannot run."""
     def refuse(why):
-        raise ValueError(f"{source}: {why}; only plain Llama models convert")
+        raise UserError(f"{source}: {why}; only plain Llama models convert")
 
     def need(key):
         if key not in hf:
-            raise ValueError(f"{source}: no {key!r}")
+            raise UserError(f"{source}: no {key!r}")
         return hf[key]
 
     if hf.get("model_type") != "llama":
@@ -131,7 +134,7 @@ def read_hf_tensors(model_dir: str) -> dict:
             with open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError):
-            raise ValueError(f"{index}: not a safetensors index (no weight_map)") from None
+            raise UserError(f"{index}: not a safetensors index (no weight_map)") from None
         tensors = {}
         for shard in shards:
             tensors.update(read_weights_file(os.path.join(model_dir, shard)))
@@ -139,7 +142,7 @@ def read_hf_tensors(model_dir: str) -> dict:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.exists(os.path.join(model_dir, name)):
             return read_weights_file(os.path.join(model_dir, name))
-    raise ValueError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    raise UserError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
 def read_weights_file(path: str) -> dict:
@@ -153,19 +156,19 @@ def read_weights_file(path: str) -> dict:
         return load(path)
     except Exception as e:  # safetensors, zip and unpickling errors share no narrower base class
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: cannot read the weights (corrupt or truncated?): {detail}") from None
+        raise UserError(f"{path}: cannot read the weights (corrupt or truncated?): {detail}") from None
 
 
 def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
     """Our Transformer (fp32, CPU) from a Hugging Face LlamaForCausalLM folder."""
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(config_path):
-        raise ValueError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
+        raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
     with open(config_path, encoding="utf-8") as f:
         try:
             hf_cfg = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+            raise UserError(f"{config_path}: not valid JSON ({e})") from None
     cfg = config_from_hf(hf_cfg, config_path)
     hf = read_hf_tensors(model_dir)
     names = hf_names(cfg)
@@ -173,11 +176,11 @@ def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
     extra = sorted(k for k in hf if k not in names.values() and k not in ignored
                    and not k.endswith("rotary_emb.inv_freq"))  # old files keep RoPE's buffer
     if extra:
-        raise ValueError(f"{model_dir}: unexpected tensor {extra[0]}" +
-                         (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+        raise UserError(f"{model_dir}: unexpected tensor {extra[0]}" +
+                        (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     missing = [theirs for theirs in names.values() if theirs not in hf]
     if missing:
-        raise ValueError(f"{model_dir}: missing tensor {missing[0]}")
+        raise UserError(f"{model_dir}: missing tensor {missing[0]}")
     state = {ours: hf[theirs] for ours, theirs in names.items()}
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -195,9 +198,8 @@ def save_hf(model: Transformer, out_dir: str, tokenizer_model: str = None):
     token_ids = save_tokenizer(tokenizer_model, out_dir, model.cfg) if tokenizer_model else None
     state = model.state_dict()
     tensors = {theirs: state[ours].detach().cpu().contiguous() for ours, theirs in hf_names(model.cfg).items()}
-    path = os.path.join(out_dir, "model.safetensors")
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     dtype = model.tok_embeddings.weight.dtype
     if token_ids:
         write_json(os.path.join(out_dir, "generation_config.json"), {
@@ -210,15 +212,14 @@ def _safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise ValueError("converting needs the safetensors package: pip install safetensors") from None
+        raise UserError("converting needs the safetensors package: pip install safetensors") from None
     return safetensors.torch
 
 
 def write_json(path: str, obj):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -249,7 +250,7 @@ def _proto_fields(buf: bytes):
             size = 8 if wire == 1 else 4
             value, pos = buf[pos:pos + size], pos + size
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+            raise UserError(f"unsupported protobuf wire type {wire}")
         yield key >> 3, value
 
 
@@ -271,7 +272,7 @@ def read_sentencepiece(path: str) -> dict:
             elif number == 3:
                 normalizer = dict(_proto_fields(value))
     except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error):
-        raise ValueError(f"{path}: cannot read the SentencePiece model") from None
+        raise UserError(f"{path}: cannot read the SentencePiece model") from None
     return {"pieces": pieces, "bpe": trainer.get(3, 1) == 2,
             "normalizer": normalizer.get(1, b"nmt_nfkc").decode(), "add_dummy_prefix": bool(normalizer.get(3, 1)),
             "remove_extra_whitespaces": bool(normalizer.get(4, 1)), "byte_fallback": bool(trainer.get(35, 0)),
@@ -320,18 +321,18 @@ def save_tokenizer(tokenizer_model: str, out_dir: str, cfg: ModelConfig) -> dict
     and <|im_end|>."""
     info = read_sentencepiece(tokenizer_model)
     if len(info["pieces"]) > cfg.vocab_size:
-        raise ValueError(f"{tokenizer_model} has {len(info['pieces'])} pieces but the model's vocab_size is "
-                         f"{cfg.vocab_size}: pass the tokenizer it was trained with")
+        raise UserError(f"{tokenizer_model} has {len(info['pieces'])} pieces but the model's vocab_size is "
+                        f"{cfg.vocab_size}: pass the tokenizer it was trained with")
     if not info["bpe"] or info["normalizer"] != "identity" or info["add_dummy_prefix"] \
             or info["remove_extra_whitespaces"] or info["whitespace_as_suffix"]:
-        raise ValueError(f"{tokenizer_model}: only tokenizers made by train_tokenizer.py export exactly "
-                         "(BPE, identity normalization, no dummy prefix, whitespace kept)")
+        raise UserError(f"{tokenizer_model}: only tokenizers made by train_tokenizer.py export exactly "
+                        "(BPE, identity normalization, no dummy prefix, whitespace kept)")
     ids = {piece: i for i, (piece, _, _) in enumerate(info["pieces"])}
     missing = [p for p in ("<unk>", "<s>", "</s>", "<pad>") + CHAT_MARKERS if p not in ids]
     if missing:
-        raise ValueError(f"{tokenizer_model}: no {missing[0]} piece")
-    shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model.tmp"))
-    os.replace(os.path.join(out_dir, "tokenizer.model.tmp"), os.path.join(out_dir, "tokenizer.model"))
+        raise UserError(f"{tokenizer_model}: no {missing[0]} piece")
+    with atomic_path(os.path.join(out_dir, "tokenizer.model")) as tmp:
+        shutil.copyfile(tokenizer_model, tmp)
     write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json(info))
     special = {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<pad>"}
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
@@ -353,31 +354,32 @@ class ConvertConfig:
                                                          "(empty: the one recorded in the checkpoint)"})
 
 
-def main(argv=None):
-    cfg = parse_config(ConvertConfig, argv, description=__doc__.strip().splitlines()[0])
+def convert(cfg: ConvertConfig):
     if bool(cfg.from_hf) == bool(cfg.to_hf) or not cfg.out:
-        die("give --from_hf DIR or --to_hf CKPT, and --out")
-    try:
-        if cfg.from_hf:
-            model, model_cfg = load_hf(cfg.from_hf)
-            tokenizer = os.path.join(cfg.from_hf, "tokenizer.model")
-            tokenizer = tokenizer if os.path.exists(tokenizer) else ""
-            save_checkpoint({"model": model.state_dict(), "config": asdict(model_cfg), "step": 0,
-                             "tokenizer": tokenizer}, cfg.out)
-            print(f"wrote {cfg.out}: {model.num_params() / 1e6:.1f}M parameters, {model_cfg.n_layers} layers")
-            if not tokenizer:
-                print(f"note: {cfg.from_hf} has no tokenizer.model; pass its SentencePiece tokenizer "
-                      "to the other scripts with --tokenizer", file=sys.stderr)
-        else:
-            model, ckpt = load_model(cfg.to_hf)
-            tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or ""
-            if tokenizer and not os.path.exists(tokenizer):
-                raise ValueError(f"{tokenizer}: no such tokenizer (pass --tokenizer)")
-            save_hf(model, cfg.out, tokenizer or None)
-            print(f"wrote {cfg.out}/ " + ("with tokenizer " + tokenizer if tokenizer else
-                                          "without a tokenizer (pass --tokenizer to include one)"))
-    except ValueError as e:
-        die(str(e))
+        raise UserError("give --from_hf DIR or --to_hf CKPT, and --out")
+    if cfg.from_hf:
+        model, model_cfg = load_hf(cfg.from_hf)
+        tokenizer = os.path.join(cfg.from_hf, "tokenizer.model")
+        tokenizer = tokenizer if os.path.exists(tokenizer) else ""
+        save_checkpoint({"model": model.state_dict(), "config": asdict(model_cfg), "step": 0,
+                         "tokenizer": tokenizer}, cfg.out)
+        print(f"wrote {cfg.out}: {model.num_params() / 1e6:.1f}M parameters, {model_cfg.n_layers} layers")
+        if not tokenizer:
+            print(f"note: {cfg.from_hf} has no tokenizer.model; pass its SentencePiece tokenizer "
+                  "to the other scripts with --tokenizer", file=sys.stderr)
+    else:
+        model, ckpt = load_model(cfg.to_hf)
+        tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or ""
+        if tokenizer and not os.path.exists(tokenizer):
+            raise UserError(f"{tokenizer}: no such tokenizer (pass --tokenizer)")
+        save_hf(model, cfg.out, tokenizer or None)
+        print(f"wrote {cfg.out}/ " + ("with tokenizer " + tokenizer if tokenizer else
+                                      "without a tokenizer (pass --tokenizer to include one)"))
+
+
+def main(argv=None):
+    run_guarded(convert, parse_config(ConvertConfig, argv, description=__doc__.strip().splitlines()[0]),
+                errors=(ModelError,))
 
 
 if __name__ == "__main__":

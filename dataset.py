@@ -32,10 +32,11 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from cli import parse_config, run_guarded
+from cli import UserError, parse_config, run_guarded
+from records import Skipped, atomic_write, iter_json_records
+from tokenizer import load_tokenizer
 
 DTYPE = np.dtype("<u2")  # uint16, little-endian whatever the machine: ids up to 65535
-MAX_WARNINGS = 5  # malformed lines reported one by one; the rest are only counted
 DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}
 
 
@@ -63,32 +64,23 @@ def warn(message: str):
     tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
 
 
-def read_jsonl(path: str, text_field: str, stats: dict):
-    """Yield (text or None, bytes read) per line; a malformed line is warned about and yields None."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                yield None, len(raw)
-                continue
-            try:
-                record = json.loads(raw)
-                if not isinstance(record, dict):
-                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                if text_field not in record:
-                    raise ValueError(f"no \"{text_field}\" field")
-                if not isinstance(record[text_field], str):
-                    raise ValueError(f"\"{text_field}\" is {type(record[text_field]).__name__}, not a string")
-            except ValueError as e:  # also json.JSONDecodeError and UnicodeDecodeError
-                stats["malformed"] += 1
-                if stats["malformed"] <= MAX_WARNINGS:
-                    reason = e if type(e) is ValueError else "not valid JSON"
-                    warn(f"{path} line {lineno}: {reason}; skipped")
-                yield None, len(raw)
-                continue
-            yield record[text_field], len(raw)
+def read_jsonl(path: str, text_field: str, skipped: Skipped):
+    """Yield (text or None, bytes read) per record; a damaged one is warned about and yields None."""
+    for where, record, nbytes in iter_json_records(path):
+        if not isinstance(record, dict):
+            reason = "not valid JSON" if record is None else f"expected a JSON object, got {type(record).__name__}"
+        elif text_field not in record:
+            reason = f"no \"{text_field}\" field"
+        elif not isinstance(record[text_field], str):
+            reason = f"\"{text_field}\" is {type(record[text_field]).__name__}, not a string"
+        else:
+            yield record[text_field], nbytes
+            continue
+        skipped.warn(where, reason)
+        yield None, nbytes
 
 
-def read_txt(path: str, stats: dict):
+def read_txt(path: str, skipped: Skipped):
     """Yield (document, bytes read): a document is a block of lines ended by a blank line (or
     the end of the file), without its final newline. Windows line ends become \\n."""
     block, size = [], 0
@@ -98,9 +90,7 @@ def read_txt(path: str, stats: dict):
             try:
                 line = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")
             except UnicodeDecodeError:
-                stats["malformed"] += 1
-                if stats["malformed"] <= MAX_WARNINGS:
-                    warn(f"{path} line {lineno}: not valid UTF-8; skipped")
+                skipped.warn(f"{path} line {lineno}", "not valid UTF-8")
                 continue
             if line.strip():
                 block.append(line.removesuffix("\n").removesuffix("\r"))
@@ -129,34 +119,34 @@ def read_with_datasets(path: str, builder: str, text_field: str):
             batch = next(batches, None)
         except Exception as e:  # pyarrow / datasets errors on a damaged file: one line for the user
             detail = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-            raise ValueError(f"{path}: could not be read as {builder}: {detail}") from None
+            raise UserError(f"{path}: could not be read as {builder}: {detail}") from None
         if batch is None:
             return
         if text_field not in batch:
-            raise ValueError(f"{path}: no column \"{text_field}\" (columns: {', '.join(batch)}); "
-                             f"choose one with --text_field")
+            raise UserError(f"{path}: no column \"{text_field}\" (columns: {', '.join(batch)}); "
+                            f"choose one with --text_field")
         yield from ((t if isinstance(t, str) else None, 0) for t in batch[text_field])
 
 
 def check_input(path: str):
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".jsonl", ".txt", *DATASETS_BUILDERS):
-        raise ValueError(f"{path}: unknown format {ext or '(no extension)'}; "
-                         f"use .jsonl, .txt, {', '.join(DATASETS_BUILDERS)}")
+        raise UserError(f"{path}: unknown format {ext or '(no extension)'}; "
+                        f"use .jsonl, .txt, {', '.join(DATASETS_BUILDERS)}")
 
 
-def read_documents(path: str, text_field: str, stats: dict):
+def read_documents(path: str, text_field: str, skipped: Skipped):
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
-        return read_jsonl(path, text_field, stats)
+        return read_jsonl(path, text_field, skipped)
     if ext == ".txt":
-        return read_txt(path, stats)
+        return read_txt(path, skipped)
     return read_with_datasets(path, DATASETS_BUILDERS[ext], text_field)
 
 
-def make_tasks(sources, cfg: DatasetConfig, stats: dict):
+def make_tasks(sources, cfg: DatasetConfig, skipped: Skipped):
     """Group documents into (split, texts, bytes) chunks for the workers. With no val_inputs,
     document k (1-based) of the inputs is held out when k * val_fraction crosses an integer:
     deterministic, evenly spread, and exactly floor(n * val_fraction) documents."""
@@ -164,7 +154,7 @@ def make_tasks(sources, cfg: DatasetConfig, stats: dict):
     held_out_from_inputs = not any(split == "val" for split, _ in sources)
     k = 0
     for source_split, path in sources:
-        for text, nbytes in read_documents(path, cfg.text_field, stats):
+        for text, nbytes in read_documents(path, cfg.text_field, skipped):
             split = source_split
             if text and split == "train" and held_out_from_inputs:
                 k += 1
@@ -272,10 +262,8 @@ class ShardWriter:
 
 def write_sidecar(bin_path: str, info: dict):
     """<bin_path>.json, atomically. Written after the .bin: its presence marks the shard complete."""
-    tmp = bin_path + ".json.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(bin_path + ".json") as f:
         json.dump(info, f, indent=2)
-    os.replace(tmp, bin_path + ".json")
 
 
 def remove_stale_shards(out_dir: str, name: str):
@@ -290,50 +278,33 @@ def remove_stale_shards(out_dir: str, name: str):
 # -----------------------------------------------------------------------------
 # the whole job
 
-def check_vocab(sp) -> None:
-    """Shards store ids as uint16, so the vocabulary must fit."""
-    if sp.get_piece_size() > 65535:
-        raise ValueError(f"the tokenizer has {sp.get_piece_size()} pieces, more than the 65535 that uint16 "
-                         f"shards can hold: train one with --vocab_size 65535 or less")
-
-
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such tokenizer; make one with python train_tokenizer.py")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=path)
-    except (OSError, RuntimeError):
-        raise ValueError(f"{path}: not a SentencePiece model") from None
-    check_vocab(sp)
-    if sp.eos_id() < 0:
-        raise ValueError(f"{path}: the tokenizer has no end-of-document piece (eos)")
-    return sp
-
-
 def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest would need Python 3.11
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def build_shards(cfg: DatasetConfig) -> dict:
     """Tokenize cfg.inputs (and the held-out documents) into shards; return what was written."""
     if cfg.shard_tokens < 1 or cfg.num_workers < 1 or cfg.chunk_docs < 1:
-        raise ValueError("shard_tokens, num_workers and chunk_docs must be at least 1")
+        raise UserError("shard_tokens, num_workers and chunk_docs must be at least 1")
     if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction {cfg.val_fraction} must be in [0, 1)")
+        raise UserError(f"val_fraction {cfg.val_fraction} must be in [0, 1)")
     sp = load_tokenizer(cfg.tokenizer)
     train_paths = [p for p in cfg.inputs.split(",") if p]
     val_paths = [p for p in cfg.val_inputs.split(",") if p]
     if not train_paths:
-        raise ValueError("no --inputs given")
+        raise UserError("no --inputs given")
     for path in train_paths:
         check_input(path)
     for path in val_paths:
         try:
             check_input(path)
-        except ValueError as e:
-            raise ValueError(f"{e} (held-out documents; --val_inputs \"\" holds out --val_fraction "
-                             f"of the inputs instead)") from None
+        except UserError as e:
+            raise UserError(f"{e} (held-out documents; --val_inputs \"\" holds out --val_fraction "
+                            f"of the inputs instead)") from None
     has_val = bool(val_paths) or cfg.val_fraction > 0
 
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -341,13 +312,13 @@ def build_shards(cfg: DatasetConfig) -> dict:
     prefix = os.path.join(cfg.out_dir, cfg.name)
     writers = {"train": ShardWriter(lambda i: f"{prefix}_train_{i:03d}.bin", cfg.shard_tokens, sp.eos_id()),
                "val": ShardWriter(lambda i: f"{prefix}_val.bin", 0, sp.eos_id())}
-    stats = {"malformed": 0}
+    skipped = Skipped()
     sources = [("train", p) for p in train_paths] + [("val", p) for p in val_paths]
     total_bytes = sum(os.path.getsize(p) for _, p in sources if p.endswith((".jsonl", ".txt")))
     bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing")
     t0 = time.perf_counter()
     try:
-        tasks = make_tasks(sources, cfg, stats)
+        tasks = make_tasks(sources, cfg, skipped)
         with contextlib.closing(tokenize_in_order(tasks, cfg.tokenizer, cfg.num_workers)) as results:
             for split, ids, _, nbytes in results:  # closing: an error here still stops the worker pool
                 writers[split].write(ids)
@@ -355,14 +326,14 @@ def build_shards(cfg: DatasetConfig) -> dict:
         written = {split: w.close() for split, w in writers.items()}
         bar.close()
         seconds = time.perf_counter() - t0
-        if stats["malformed"]:
-            warn(f"skipped {stats['malformed']} malformed lines in total")
+        if skipped.count:
+            warn(f"skipped {skipped.count} malformed lines in total")
         if not written["train"]:
-            raise ValueError(f"no documents to train on in {cfg.inputs}")
+            raise UserError(f"no documents to train on in {cfg.inputs}")
         if has_val and not written["val"]:
-            raise ValueError(f"no documents in {cfg.val_inputs}" if val_paths else
-                             f"val_fraction {cfg.val_fraction} of the documents holds out none: "
-                             f"raise --val_fraction, give --val_inputs, or pass --val_fraction 0")
+            raise UserError(f"no documents in {cfg.val_inputs}" if val_paths else
+                            f"val_fraction {cfg.val_fraction} of the documents holds out none: "
+                            f"raise --val_fraction, give --val_inputs, or pass --val_fraction 0")
         info = {"tokenizer": cfg.tokenizer, "tokenizer_sha256": file_sha256(cfg.tokenizer),
                 "vocab_size": sp.get_piece_size(), "eos_id": sp.eos_id(), "dtype": "uint16"}
         for path, tokens, documents in written["train"] + written["val"]:
@@ -375,7 +346,7 @@ def build_shards(cfg: DatasetConfig) -> dict:
 
     summary = {split: {"paths": [p for p, _, _ in files], "tokens": sum(t for _, t, _ in files),
                        "documents": sum(d for _, _, d in files)} for split, files in written.items()}
-    summary.update(seconds=seconds, malformed_lines=stats["malformed"],
+    summary.update(seconds=seconds, malformed_lines=skipped.count,
                    tokens_per_second=(summary["train"]["tokens"] + summary["val"]["tokens"]) / max(seconds, 1e-9))
     for split, s in summary.items():
         if isinstance(s, dict) and s["paths"]:
@@ -404,16 +375,16 @@ class TokenShards:
         else:
             self.paths = [os.fspath(p) for p in pattern_or_paths]
         if not self.paths:
-            raise ValueError(f"no token shards match {pattern_or_paths}: make them with python dataset.py")
+            raise UserError(f"no token shards match {pattern_or_paths}: make them with python dataset.py")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+            raise UserError(f"rank {rank} is not in 0..{world_size - 1}")
         self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
         infos = [self._read_sidecar(p) for p in self.paths]
         for key in ("vocab_size", "eos_id", "tokenizer_sha256"):
             for path, info in zip(self.paths, infos):
                 if info[key] != infos[0][key]:
-                    raise ValueError(f"{path} and {self.paths[0]} were made with different tokenizers "
-                                     f"({key} {info[key]} vs {infos[0][key]}): rebuild them with one")
+                    raise UserError(f"{path} and {self.paths[0]} were made with different tokenizers "
+                                    f"({key} {info[key]} vs {infos[0][key]}): rebuild them with one")
         self.vocab_size, self.eos_id, self.tokenizer = infos[0]["vocab_size"], infos[0]["eos_id"], infos[0]["tokenizer"]
         lengths = np.array([info["num_tokens"] for info in infos], dtype=np.int64)
         self.num_tokens = int(lengths.sum())
@@ -422,9 +393,9 @@ class TokenShards:
         self.shards = [np.memmap(p, dtype=DTYPE, mode="r") if n else None for p, n in zip(self.paths, lengths)]
         windows = np.maximum(lengths - seq_len, 0)  # start positions with seq_len + 1 tokens after them
         if windows.sum() == 0:
-            raise ValueError(f"{pattern_or_paths}: no shard has the seq_len + 1 = {seq_len + 1} tokens one window "
-                             f"needs (largest: {lengths.max()} tokens, {self.num_tokens} in total); "
-                             f"use a smaller --seq_len or more data")
+            raise UserError(f"{pattern_or_paths}: no shard has the seq_len + 1 = {seq_len + 1} tokens one window "
+                            f"needs (largest: {lengths.max()} tokens, {self.num_tokens} in total); "
+                            f"use a smaller --seq_len or more data")
         self.window_ends = np.cumsum(windows)  # shard i owns the global start positions [starts[i], ends[i])
         self.window_starts = self.window_ends - windows
 
@@ -434,15 +405,15 @@ class TokenShards:
             with open(path + ".json", encoding="utf-8") as f:
                 info = json.load(f)
         except FileNotFoundError:
-            raise ValueError(f"{path} has no sidecar {path}.json, so it is incomplete (an interrupted "
-                             f"dataset.py run?): rerun python dataset.py") from None
+            raise UserError(f"{path} has no sidecar {path}.json, so it is incomplete (an interrupted "
+                            f"dataset.py run?): rerun python dataset.py") from None
         except json.JSONDecodeError:
-            raise ValueError(f"{path}.json is not valid JSON: rerun python dataset.py") from None
+            raise UserError(f"{path}.json is not valid JSON: rerun python dataset.py") from None
         if info.get("dtype") != "uint16":
-            raise ValueError(f"{path}.json: dtype {info.get('dtype')!r}, expected \"uint16\"")
+            raise UserError(f"{path}.json: dtype {info.get('dtype')!r}, expected \"uint16\"")
         if os.path.getsize(path) != info["num_tokens"] * DTYPE.itemsize:
-            raise ValueError(f"{path} is {os.path.getsize(path)} bytes but its sidecar says {info['num_tokens']} "
-                             f"tokens: the file changed after it was written; rerun python dataset.py")
+            raise UserError(f"{path} is {os.path.getsize(path)} bytes but its sidecar says {info['num_tokens']} "
+                            f"tokens: the file changed after it was written; rerun python dataset.py")
         return info
 
     def batch(self, index: int) -> tuple:

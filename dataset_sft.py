@@ -4,16 +4,12 @@ The one chat template every script shares is here, and SFTData, the reader train
 
   python dataset_sft.py --data data/sft.jsonl --show 2     # what was detected, and two rows with the trained part marked
 
-Input: a .jsonl file (one JSON object per line) or a .json file holding one JSON array. Each record is
-one conversation in one of these formats, detected record by record and reported:
-  conversations  {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (ours)
-  messages       {"messages": [{"role": ..., "content": ...}, ...]}                                (OpenAI)
-  sharegpt       {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
-  alpaca         {"instruction": ..., "input": ..., "output": ...}, optional "history": [[user, reply], ...]
-A top-level "system" string (alpaca, LLaMA-Factory's sharegpt) becomes the first turn. Other top-level
-keys (like the "answer" of data/r1.jsonl) are kept in Conversation.extra. A line that is not valid
-JSON or lacks its fields is warned about and skipped; an unknown role, or a first record in no known
-format, stops with an error: that is a different schema, not a damaged line.
+Input: a .jsonl file (one JSON object per line) or a .json file holding one JSON array, each record one
+conversation in any of the four formats of records.py (ours, OpenAI messages, ShareGPT, alpaca), detected
+record by record and reported. Other top-level keys (like the "answer" of data/r1.jsonl) are kept in
+Conversation.extra. A line that is not valid JSON or lacks its fields is warned about and skipped; an
+unknown role, or a first record in no known format, stops with an error: that is a different schema,
+not a damaged line.
 
 Template (ChatML), the same as CHAT_TEMPLATE_JINJA:
   <|im_start|>{role}\\n{content}<|im_end|>\\n  per turn, then <|im_start|>assistant\\n to ask for a reply,
@@ -31,24 +27,20 @@ then a row longer than seq_len + 1 ids is cut to its first seq_len + 1 ids (coun
 row left with no trained token is skipped (counted). tokens = ids[:-1], targets = labels[1:].
 """
 import itertools
-import json
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from cli import die, parse_config
-from dataset import load_tokenizer
+from cli import UserError, parse_config, run_guarded
+from records import BadRecord, Skipped, chat_messages, iter_json_records
+from tokenizer import load_tokenizer, special_ids
 
 IGNORE_INDEX = -100  # targets the loss skips (model.py: cross_entropy ignore_index)
-MAX_WARNINGS = 5  # malformed records reported one by one; the rest are only counted
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 # The template in Jinja, for tokenizer_config.json (convert_hf.py) and transformers' apply_chat_template.
 CHAT_TEMPLATE_JINJA = ("{% for message in messages %}"
                        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -66,20 +58,6 @@ class InspectConfig:
 
 # -----------------------------------------------------------------------------
 # the template
-
-def special_ids(sp: spm.SentencePieceProcessor) -> dict:
-    """The ids of the chat markers and <pad>, looked up by piece. sp.piece_to_id answers <unk>'s id for a
-    piece it lacks, so each is checked: a tokenizer without them cannot render the template."""
-    pieces = {"im_start": "<|im_start|>", "im_end": "<|im_end|>", "think": "<think>", "end_think": "</think>"}
-    ids = {name: sp.piece_to_id(piece) for name, piece in pieces.items()}
-    for name, i in ids.items():
-        if i == sp.unk_id():
-            raise ValueError(f"the tokenizer has no {pieces[name]} piece; train one with python train_tokenizer.py")
-    ids["pad"] = sp.pad_id()
-    if ids["pad"] < 0:
-        raise ValueError("the tokenizer has no <pad> piece; train one with python train_tokenizer.py")
-    return ids
-
 
 def render_text(messages, add_generation_prompt: bool = False) -> str:
     """The template as text: what CHAT_TEMPLATE_JINJA renders and what render_prompt's ids decode to."""
@@ -130,132 +108,38 @@ class Conversation:
     where: str      # "data/sft.jsonl line 17", for messages about it
 
 
-class BadRecord(Exception):
-    """A damaged record: warned about and skipped, not fatal."""
-
-
-def iter_records(path: str):
-    """Yield (where, JSON value or None) for each record of a JSON-lines file, or of a file holding one
-    JSON array (it starts with "["). A line that is not valid JSON gives None."""
-    with open(path, "rb") as f:
-        if f.read(1024).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
-            f.seek(0)
-            try:
-                records = json.load(f)
-            except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            yield from ((f"{path} record {i}", r) for i, r in enumerate(records))
-            return
-        f.seek(0)
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                try:
-                    yield f"{path} line {lineno}", json.loads(raw)
-                except ValueError:
-                    yield f"{path} line {lineno}", None
-
-
-def detect_format(record: dict):
-    """(format, key holding the turns) for a record, or None. ShareGPT turns are told apart from ours by
-    their "from" key, under "conversations" or "messages" alike."""
-    for key in ("conversations", "messages"):
-        if key in record:
-            turns = record[key]
-            sharegpt = isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]
-            return ("sharegpt" if sharegpt else key), key
-    if "instruction" in record:
-        return "alpaca", None
-    return None
-
-
-def text_field(value, what: str) -> str:
-    if not isinstance(value, str):
-        raise BadRecord(f"{what} is {'missing' if value is None else type(value).__name__ + ', not a string'}")
-    return value
-
-
-def alpaca_turns(record: dict) -> list:
-    """instruction + input (a blank line between) is the user turn, output the reply; "history" pairs come first."""
-    prompt = text_field(record["instruction"], '"instruction"')
-    extra_input = text_field(record.get("input") or "", '"input"')
-    turns = []
-    for i, pair in enumerate(record.get("history") or []):
-        if not (isinstance(pair, list) and len(pair) == 2):
-            raise BadRecord(f'"history"[{i}] is not a [user, reply] pair')
-        turns += [("user", text_field(pair[0], f'"history"[{i}][0]')),
-                  ("assistant", text_field(pair[1], f'"history"[{i}][1]'))]
-    turns.append(("user", prompt + ("\n\n" + extra_input if extra_input else "")))
-    if "output" in record:  # without one the record is a prompt (for distill.py), with nothing to train
-        turns.append(("assistant", text_field(record["output"], '"output"')))
-    return turns
-
-
-def chat_turns(record: dict, fmt: str, key: str) -> list:
-    role_key, content_key, roles = ("from", "value", SHAREGPT_ROLES) if fmt == "sharegpt" else \
-        ("role", "content", CHAT_ROLES)
-    if not isinstance(record[key], list) or not record[key]:
-        raise BadRecord(f'"{key}" is not a non-empty list')
-    turns = []
-    for i, turn in enumerate(record[key]):
-        if not isinstance(turn, dict):
-            raise BadRecord(f'"{key}"[{i}] is not an object')
-        role = roles.get(turn.get(role_key))
-        if role is None:  # a different schema (tools, function calls), not a damaged line: stop
-            raise ValueError(f'"{key}"[{i}]: unknown role {turn.get(role_key)!r}; expected "{role_key}": '
-                             f'{", ".join(roles)}')
-        turns.append((role, text_field(turn.get(content_key), f'"{key}"[{i}]["{content_key}"]')))
-    return turns
-
-
-def parse_record(record: dict, fmt: str, key) -> tuple:
-    """(messages, extra) of one record in a detected format."""
-    turns = alpaca_turns(record) if fmt == "alpaca" else chat_turns(record, fmt, key)
-    consumed = {"instruction", "input", "output", "history"} if fmt == "alpaca" else {key}
-    system = record.get("system")
-    if isinstance(system, str):
-        consumed.add("system")
-        if system and turns[0][0] != "system":
-            turns.insert(0, ("system", system))
-    messages = [{"role": role, "content": content} for role, content in turns]
-    return messages, {k: v for k, v in record.items() if k not in consumed}
-
-
 def read_conversations(path: str, verbose: bool = True) -> tuple:
     """All conversations of a chat file, and stats: {"formats": Counter, "malformed": int}. With verbose,
     malformed records are warned about on stderr and one line says what was found."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    conversations, formats, malformed = [], Counter(), 0
-    for n, (where, record) in enumerate(iter_records(path)):
+        raise UserError(f"{path}: no such file")
+    conversations, formats, skipped = [], Counter(), Skipped(verbose)
+    for n, (where, record, _) in enumerate(iter_json_records(path)):
         try:
-            if not isinstance(record, dict):
-                raise BadRecord("not valid JSON" if record is None else f"a JSON {type(record).__name__}, not an object")
-            fmt = detect_format(record)
+            try:
+                fmt, messages, extra = chat_messages(record)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
             if fmt is None:
                 unknown = (f"unknown chat format (keys: {', '.join(record) or 'none'}); "
                            f"expected conversations, messages or instruction/output")
                 if n == 0:  # the file is not a chat file at all: one error, not a warning per line
-                    raise ValueError(f"{where}: {unknown}")
+                    raise UserError(f"{where}: {unknown}")
                 raise BadRecord(unknown)
-            try:
-                messages, extra = parse_record(record, *fmt)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
         except BadRecord as e:
-            malformed += 1
-            if verbose and malformed <= MAX_WARNINGS:
-                print(f"warning: {where}: {e}; skipped", file=sys.stderr)
+            skipped.warn(where, e)
             continue
-        formats[fmt[0]] += 1
+        formats[fmt] += 1
         conversations.append(Conversation(messages, extra, where))
-    skipped = f", {malformed:,} malformed records skipped" if malformed else ""
+    skipped_note = f", {skipped.count:,} malformed records skipped" if skipped.count else ""
     if not conversations:
-        raise ValueError(f"{path}: no conversations{skipped}")
+        raise UserError(f"{path}: no conversations{skipped_note}")
     if verbose:
         found = " and ".join(f"{f} ({c:,})" for f, c in formats.most_common()) if len(formats) > 1 else \
             next(iter(formats))
-        print(f"{path}: {found} format{'s' if len(formats) > 1 else ''}, {len(conversations):,} conversations{skipped}")
-    return conversations, {"formats": formats, "malformed": malformed}
+        print(f"{path}: {found} format{'s' if len(formats) > 1 else ''}, {len(conversations):,} conversations"
+              f"{skipped_note}")
+    return conversations, {"formats": formats, "malformed": skipped.count}
 
 
 # -----------------------------------------------------------------------------
@@ -287,9 +171,9 @@ class SFTData:
     def __init__(self, path, tokenizer_path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, think_weight=None):
         if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
+            raise UserError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+            raise UserError(f"rank {rank} is not in 0..{world_size - 1}")
         self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
         self.think_weight = think_weight
         self.sp = sp = load_tokenizer(tokenizer_path)
@@ -310,8 +194,8 @@ class SFTData:
         self.stats = {**read_stats, "rows": len(rows), "truncated": 0, "skipped_no_reply": 0, "skipped_too_long": 0,
                       **counts}
         if not rows:
-            raise ValueError(f"{path}: no conversation has an assistant reply within seq_len {seq_len} tokens "
-                             f"({counts['skipped_no_reply']} without one, {counts['skipped_too_long']} starting later)")
+            raise UserError(f"{path}: no conversation has an assistant reply within seq_len {seq_len} tokens "
+                            f"({counts['skipped_no_reply']} without one, {counts['skipped_too_long']} starting later)")
         lengths = np.array([len(ids) for ids, _ in rows])
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.ids = np.concatenate([ids for ids, _ in rows])
@@ -373,16 +257,16 @@ def show_row(sp, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
     return "".join(start + sp.decode([i for i, _ in g]) + end if t else sp.decode([i for i, _ in g]) for t, g in spans)
 
 
-def main(argv=None):
-    cfg = parse_config(InspectConfig, argv, description=__doc__.strip().splitlines()[0])
-    try:
-        data = SFTData(cfg.data, cfg.tokenizer, cfg.seq_len, batch_size=1)
-    except ValueError as e:
-        die(str(e))
+def inspect(cfg: InspectConfig):
+    data = SFTData(cfg.data, cfg.tokenizer, cfg.seq_len, batch_size=1)
     for i in range(min(cfg.show, len(data))):
         ids, labels = data.row(i)
         print(f"--- row {i}: {len(ids) - 1} tokens, {int((labels[1:] != IGNORE_INDEX).sum())} trained")
         print(show_row(data.sp, ids, labels != IGNORE_INDEX, sys.stdout.isatty()))
+
+
+def main(argv=None):
+    run_guarded(inspect, parse_config(InspectConfig, argv, description=__doc__.strip().splitlines()[0]))
 
 
 if __name__ == "__main__":

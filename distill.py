@@ -17,20 +17,32 @@ import torch
 import torch.nn.functional as F
 
 from cli import parse_config
-from dataset import load_tokenizer
-from dataset_sft import read_conversations, render_prompt, special_ids
+from dataset_sft import read_conversations, render_prompt
 from model import load_model
+from tokenizer import load_tokenizer, special_ids
 from train import Runtime, default_loss, run_main
 from train_sft import SFTConfig, finetune
 
 
 @dataclass
 class DistillConfig(SFTConfig):
+    """Distillation's own values for every field a user tunes (none is inherited from fine-tuning's);
+    the tokenizer, seq_len and the plumbing of train.py's TrainConfig are shared."""
     init_from: str = "out/sft/best.pt"
     train_data: str = "data/r1.jsonl"
     val_data: str = "data/r1_val.jsonl"
     out_dir: str = "out/distill"
+    batch_size: int = 8            # conversations per micro-batch per process
+    grad_accum: int = 1
     max_steps: int = 200
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 10
+    log_every: int = 10
     think_weight: float = 10.0     # loss weight of the <think> and </think> tokens (1 = plain SFT)
     teacher: str = ""              # checkpoint of a larger model with the same tokenizer
     kd_weight: float = 0.5         # loss = (1 - w) * cross-entropy + w * KL(teacher || student)

@@ -35,8 +35,9 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from cli import die, parse_config
+from cli import UserError, parse_config, run_guarded
 from offline_data import FILE_NAMES, GENERATORS, think_reply, write_jsonl, write_offline_data
+from records import BadRecord, atomic_write, chat_messages
 
 
 @dataclass
@@ -113,7 +114,6 @@ STAGES = ("pretrain", "sft", "r1")
 CHARS_PER_TOKEN = {"en": 4.0, "zh": 1.4}
 BYTES_PER_CHAR = {"en": 1.0, "zh": 3.0}  # UTF-8 (Chinese characters take three bytes)
 COMMIT_EVERY = 5000  # records between commits of the download state: a resume re-fetches at most this many
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 STRATOS_REPLY = re.compile(r"<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>\s*"
                            r"<\|begin_of_solution\|>(.*?)<\|end_of_solution\|>", re.S)
 
@@ -149,36 +149,29 @@ def from_text(rec):
     return {"text": text_of(rec, "text")} if text_of(rec, "text") else None
 
 
-def from_alpaca(rec):
-    prompt = "\n\n".join(p for p in (text_of(rec, "instruction"), text_of(rec, "input")) if p)
-    return chat([("user", prompt), ("assistant", text_of(rec, "output"))])
-
-
-def from_messages(rec):
-    """OpenAI style: {"messages": [{"role", "content"}]}."""
-    roles = {"system", "user", "assistant"}
-    return chat([(t.get("role") if t.get("role") in roles else None, text_of(t, "content"))
-                 for t in rec.get("messages") or []])
-
-
-def sharegpt_turns(rec):
-    return [(SHAREGPT_ROLES.get(t.get("from")), text_of(t, "value")) for t in rec.get("conversations") or []]
-
-
-def from_sharegpt(rec):
-    return chat(sharegpt_turns(rec))
+def from_chat(rec):
+    """A chat record in any format records.py reads (alpaca, OpenAI messages, ShareGPT)."""
+    try:
+        fmt, messages, _ = chat_messages(rec)
+    except (BadRecord, UserError):  # a damaged record, or another schema (tool calls): not usable
+        return None
+    return chat([(m["role"], m["content"]) for m in messages]) if fmt else None
 
 
 def from_stratos(rec):
     # Its system prompt only explains the <|begin_of_thought|> markers, which become <think> here: dropped.
+    record = from_chat({k: v for k, v in rec.items() if k != "system"})
+    if record is None:
+        return None
     turns = []
-    for role, text in sharegpt_turns(rec):
-        if role == "assistant":
+    for turn in record["conversations"]:
+        text = turn["content"]
+        if turn["role"] == "assistant":
             m = STRATOS_REPLY.search(text)
             if not m:
                 return None
             text = think_reply(m.group(1), m.group(2))
-        turns.append((role, text))
+        turns.append((turn["role"], text))
     return chat(turns, with_answer=True)
 
 
@@ -191,9 +184,9 @@ def from_reasoning_fields(rec):
 
 NORMALISERS = {"roneneldan/TinyStories": from_text, "wikimedia/wikipedia": from_text,
                "HuggingFaceFW/fineweb-edu": from_text, "HuggingFaceFW/fineweb-2": from_text,
-               "yahma/alpaca-cleaned": from_alpaca, "shibing624/alpaca-zh": from_alpaca,
-               "llamafactory/alpaca_gpt4_zh": from_alpaca, "HuggingFaceTB/smol-smoltalk": from_messages,
-               "shibing624/sharegpt_gpt4": from_sharegpt, "bespokelabs/Bespoke-Stratos-17k": from_stratos,
+               "yahma/alpaca-cleaned": from_chat, "shibing624/alpaca-zh": from_chat,
+               "llamafactory/alpaca_gpt4_zh": from_chat, "HuggingFaceTB/smol-smoltalk": from_chat,
+               "shibing624/sharegpt_gpt4": from_chat, "bespokelabs/Bespoke-Stratos-17k": from_stratos,
                "Congliu/Chinese-DeepSeek-R1-Distill-data-110k": from_reasoning_fields}
 
 
@@ -350,14 +343,12 @@ def download_online(cfg: DownloadConfig) -> dict:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
         if (state["preset"], state["lang"]) != (cfg.preset, cfg.lang):
-            raise ValueError(f"{state_path} belongs to a --preset {state['preset']} --lang {state['lang']} download: "
-                             f"run that to finish it, or use another --out_dir")
+            raise UserError(f"{state_path} belongs to a --preset {state['preset']} --lang {state['lang']} download: "
+                            f"run that to finish it, or use another --out_dir")
 
     def save_state():
-        tmp = state_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(state_path) as f:
             json.dump(state, f)
-        os.replace(tmp, state_path)
 
     todo = [s for s in STAGES if not stage_complete(cfg, s, state)]
     check_disk(cfg, todo, state)
@@ -379,8 +370,8 @@ def check_disk(cfg: DownloadConfig, stages, state):
     free = shutil.disk_usage(cfg.out_dir).free
     print(f"fetching about {need / 1e9:.2f} GB into {cfg.out_dir} ({free / 1e9:.1f} GB free)")
     if need > free:
-        raise ValueError(f"{cfg.out_dir} has {free / 1e9:.1f} GB free but this download needs about "
-                         f"{need / 1e9:.1f} GB: free some space or pass --out_dir on a larger disk")
+        raise UserError(f"{cfg.out_dir} has {free / 1e9:.1f} GB free but this download needs about "
+                        f"{need / 1e9:.1f} GB: free some space or pass --out_dir on a larger disk")
 
 
 def describe_sets(preset: str, lang: str) -> str:
@@ -417,50 +408,50 @@ def hub_unusable(cfg: DownloadConfig) -> Optional[str]:
     return None
 
 
-def main(argv=None):
-    sources = " ".join(f"[{preset} {lang}] {describe_sets(preset, lang)}."
-                       for preset in HUB_SETS for lang in HUB_SETS[preset])
-    cfg = parse_config(DownloadConfig, argv, presets=PRESETS, description=f"Write pretrain / sft / r1 jsonl data "
-                       f"for a preset. Online sources: {sources} Offline (--offline true, or when the hub cannot be "
-                       f"reached with the cpu preset): a built-in generator of stories, chats and checkable "
-                       f"reasoning problems.")
+def download(cfg: DownloadConfig):
     if cfg.lang not in GENERATORS:
-        die(f"--lang must be one of {', '.join(GENERATORS)}, got {cfg.lang!r}")
+        raise UserError(f"--lang must be one of {', '.join(GENERATORS)}, got {cfg.lang!r}")
     if min(cfg.n_sft, cfg.n_r1, cfg.n_val) < 1 or cfg.pretrain_mb <= 0 or \
             min(cfg.online_pretrain, cfg.online_sft, cfg.online_r1, cfg.pretrain_tokens) < 0:
-        die("record counts and --pretrain_mb must be positive (online limits: 0 or more)")
+        raise UserError("record counts and --pretrain_mb must be positive (online limits: 0 or more)")
     unusable = "--offline true was given" if cfg.offline else hub_unusable(cfg)
     if cfg.preset != "cpu" and unusable:
         total = sum(stage_mb(cfg, stage) for stage in STAGES) / 1e3
-        die(f"--preset {cfg.preset} streams about {total:.0f} GB from the Hugging Face hub "
-            f"({describe_sets(cfg.preset, cfg.lang)}), but {unusable}; the built-in offline data is only the cpu "
-            f"preset's (--preset cpu --offline true)")
+        raise UserError(f"--preset {cfg.preset} streams about {total:.0f} GB from the Hugging Face hub "
+                        f"({describe_sets(cfg.preset, cfg.lang)}), but {unusable}; the built-in offline data is "
+                        f"only the cpu preset's (--preset cpu --offline true)")
     paths = None
     if unusable and not cfg.offline:
         note(f"{unusable}, writing the built-in offline data instead")
     elif not unusable:
         try:
             paths = download_online(cfg)
-        except ValueError as e:
-            die(str(e))
-        except KeyboardInterrupt:
-            print("\ninterrupted: run the same command again to continue where it stopped", file=sys.stderr)
-            sys.exit(130)
+        except (UserError, KeyboardInterrupt) as e:
+            if isinstance(e, KeyboardInterrupt):
+                print("\ninterrupted: run the same command again to continue where it stopped", file=sys.stderr)
+            raise
         except Exception as e:  # any failure of the hub or of `datasets` (a full disk shows here too)
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             failure = f"streaming from {hub_address()[0]} failed ({type(e).__name__}: {reason})"
             if cfg.preset != "cpu":
-                die(f"{failure}; run the same command again to continue where it stopped")
+                raise UserError(f"{failure}; run the same command again to continue where it stopped") from None
             note(f"{failure}, writing the built-in offline data instead")
     if paths is None:
         try:
             paths = write_offline_data(cfg.out_dir, cfg.lang, cfg.seed, cfg.pretrain_mb, cfg.n_sft, cfg.n_r1, cfg.n_val)
-            discard_download_state(cfg.out_dir)
         except OSError as e:
-            die(f"cannot write to {cfg.out_dir}: {e.strerror or e}")
-        except ValueError as e:
-            die(str(e))
+            raise UserError(f"cannot write to {cfg.out_dir}: {e.strerror or e}") from None
+        discard_download_state(cfg.out_dir)
     print_summary(paths)
+
+
+def main(argv=None):
+    sources = " ".join(f"[{preset} {lang}] {describe_sets(preset, lang)}."
+                       for preset in HUB_SETS for lang in HUB_SETS[preset])
+    run_guarded(download, parse_config(
+        DownloadConfig, argv, presets=PRESETS, description=f"Write pretrain / sft / r1 jsonl data for a preset. "
+        f"Online sources: {sources} Offline (--offline true, or when the hub cannot be reached with the cpu "
+        f"preset): a built-in generator of stories, chats and checkable reasoning problems."))
 
 
 if __name__ == "__main__":

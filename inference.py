@@ -21,9 +21,9 @@ from typing import Optional
 import sentencepiece as spm
 import torch
 
-from cli import parse_config, run_guarded
-from dataset import load_tokenizer
-from model import load_model
+from cli import UserError, parse_config, run_guarded
+from model import ModelError, load_model
+from tokenizer import StreamDecoder, load_tokenizer
 
 
 @dataclass
@@ -58,30 +58,25 @@ def pick_device(device: str, dtype: str) -> "tuple[str, torch.dtype]":
         else:
             dtype = "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype}: use auto, float32, bfloat16 or float16")
+        raise UserError(f"--dtype {dtype}: use auto, float32, bfloat16 or float16")
     return device, getattr(torch, dtype)
 
 
 def stream_completion(model, sp, ids: list, cfg: InferenceConfig, generator, out=sys.stdout) -> int:
-    """Write the continuation of `ids` to `out` as it is generated; return the number of
-    tokens generated. Each step decodes all new tokens and prints what was not printed yet,
-    so characters that span several byte tokens (Chinese, emoji) come out whole."""
-    new, printed = [], 0
+    """Write the continuation of `ids` to `out` as it is generated, characters that span several
+    byte tokens (Chinese, emoji) whole; return the number of tokens generated."""
+    text, n = StreamDecoder(sp), 0
     for tok in model.generate_stream(ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
                                      stop_ids=[sp.eos_id()], generator=generator):
-        new.append(tok)
+        n += 1
         if tok == sp.eos_id():
             break
-        text = sp.decode(new)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            continue
-        out.write(text[printed:])
+        out.write(text.add(tok))
         out.flush()
-        printed = len(text)
-    out.write(sp.decode([t for t in new if t != sp.eos_id()])[printed:] + "\n")
+    out.write(text.rest() + "\n")
     out.flush()
-    return len(new)
+    return n
 
 
 def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str):
@@ -93,8 +88,8 @@ def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str):
     tokenizer = tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
     sp = load_tokenizer(tokenizer)
     if sp.get_piece_size() > model.cfg.vocab_size:
-        raise ValueError(f"{tokenizer} has {sp.get_piece_size()} pieces but {ckpt_path} was trained with "
-                         f"vocab_size {model.cfg.vocab_size}: pass the tokenizer it was trained with")
+        raise UserError(f"{tokenizer} has {sp.get_piece_size()} pieces but {ckpt_path} was trained with "
+                        f"vocab_size {model.cfg.vocab_size}: pass the tokenizer it was trained with")
     return model, sp, device
 
 
@@ -108,8 +103,8 @@ def run(cfg: InferenceConfig):
         text = sys.stdin.read().removesuffix("\n")
     ids = prompt_ids(sp, text)
     if len(ids) >= model.cfg.max_seq_len:
-        raise ValueError(f"the prompt is {len(ids)} tokens but the model's context (max_seq_len) is "
-                         f"{model.cfg.max_seq_len}: shorten it")
+        raise UserError(f"the prompt is {len(ids)} tokens but the model's context (max_seq_len) is "
+                        f"{model.cfg.max_seq_len}: shorten it")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     t0, n_tokens = time.perf_counter(), 0
     for i in range(cfg.num_samples):
@@ -123,7 +118,8 @@ def run(cfg: InferenceConfig):
 
 
 def main(argv=None):
-    run_guarded(run, parse_config(InferenceConfig, argv, description=__doc__.strip().splitlines()[0]))
+    run_guarded(run, parse_config(InferenceConfig, argv, description=__doc__.strip().splitlines()[0]),
+                errors=(ModelError,))
 
 
 if __name__ == "__main__":

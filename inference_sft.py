@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cli import parse_config, run_guarded
-from dataset_sft import render_prompt, special_ids
+from cli import UserError, parse_config, run_guarded
+from dataset_sft import render_prompt
 from inference import load_for_inference
+from model import ModelError
+from tokenizer import StreamDecoder, special_ids
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -68,8 +70,8 @@ class Chat:
                 break
             turns = turns[2:]  # one user message and its answer
         if len(ids) > budget:
-            raise ValueError(f"the message is {len(ids)} tokens with the template, more than the "
-                             f"{budget} of the model's {ctx}-token context left for the conversation")
+            raise UserError(f"the message is {len(ids)} tokens with the template, more than the "
+                            f"{budget} of the model's {ctx}-token context left for the conversation")
         self.history = turns[:-1]
         return ids
 
@@ -77,8 +79,8 @@ class Chat:
         """Stream one answer to `out`; return the answer text without the reasoning."""
         c = self.cfg
         dim = out.isatty()
-        segments = {"think": [], "answer": []}
-        part, printed = "answer", 0
+        segments = {"think": StreamDecoder(self.sp), "answer": StreamDecoder(self.sp)}
+        part = "answer"
         t0, n = time.perf_counter(), 0
         for tok in self.model.generate_stream(
                 self.prompt_ids(user_message), max_new_tokens=c.max_new_tokens, temperature=c.temperature,
@@ -88,21 +90,21 @@ class Chat:
             if tok == self.im_end:
                 break
             if tok in (self.think, self.end_think):
-                part, printed = ("think" if tok == self.think else "answer"), 0
+                if part == "think" and c.show_think:
+                    out.write(segments["think"].rest())
+                part = "think" if tok == self.think else "answer"
                 if c.show_think:
                     out.write((DIM if dim and part == "think" else "") + self.sp.id_to_piece(tok) +
                               (RESET if dim and part == "answer" else ""))
                 continue
-            segments[part].append(tok)
-            text = self.sp.decode(segments[part])
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
+            new_text = segments[part].add(tok)
             if part == "answer" or c.show_think:
-                out.write(text[printed:])
+                out.write(new_text)
                 out.flush()
-            printed = len(text)
+        if part == "answer" or c.show_think:
+            out.write(segments[part].rest())
         out.write((RESET if dim and part == "think" else "") + "\n")
-        answer = self.sp.decode(segments["answer"]).strip()
+        answer = segments["answer"].text().strip()
         self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": answer}]
         self.last_speed = n / (time.perf_counter() - t0)
         return answer
@@ -140,7 +142,8 @@ def run(cfg: ChatConfig):
 
 
 def main(argv=None):
-    run_guarded(run, parse_config(ChatConfig, argv, description=__doc__.strip().splitlines()[0]))
+    run_guarded(run, parse_config(ChatConfig, argv, description=__doc__.strip().splitlines()[0]),
+                errors=(ModelError,))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+class ModelError(ValueError):
+    """Bad input to the model: a config, a checkpoint or a prompt that cannot work. Scripts report
+    it as one line; other exceptions are bugs and keep their traceback."""
+
+
 @dataclass
 class ModelConfig:
     dim: int = 512
@@ -39,9 +44,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            raise ModelError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+            raise ModelError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
@@ -55,7 +60,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
+            raise ModelError(f"unknown model config fields: {', '.join(unknown)}")
         return cls(**d)
 
 
@@ -129,17 +134,17 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        B, T, _ = x.shape  # x: (B, T, dim); cos, sin: (T, head_dim)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if cache is not None:
             start = cache.pos
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, n_kv_heads, start+T, hd)
             if start > 0:
                 # One new token sees everything; several new tokens after a prefix need an
                 # offset causal mask, which is_causal (top-left aligned) cannot express.
@@ -147,14 +152,19 @@ class Attention(nn.Module):
                 if T > 1:
                     mask = torch.arange(start + T, device=x.device)[None, :] <= \
                         torch.arange(start, start + T, device=x.device)[:, None]
+        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, n_heads, T, head_dim)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # heads side by side again: (B, T, dim)
 
 
 class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up projection (both dim -> hidden_dim),
+    w2 the down projection back to dim; the names are Meta's LLaMA code's (transformers: gate_proj,
+    up_proj, down_proj)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
@@ -217,9 +227,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            raise ModelError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
+            raise ModelError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
         h = self.dropout(self.tok_embeddings(tokens))
         cos = self.rope_cos[start:start + T].to(h.dtype)
         sin = self.rope_sin[start:start + T].to(h.dtype)
@@ -272,13 +282,13 @@ class Transformer(nn.Module):
         stop id (which is yielded), after max_new_tokens, or when the context is full."""
         prompt = list(prompt)
         if not prompt:
-            raise ValueError("empty prompt")
+            raise ModelError("empty prompt")
         if len(prompt) >= self.cfg.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len "
+            raise ModelError(f"prompt of {len(prompt)} tokens does not fit max_seq_len "
                              f"{self.cfg.max_seq_len} (leave room for at least one new token)")
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}")
+            raise ModelError(f"prompt token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}")
         steps = min(max_new_tokens, self.cfg.max_seq_len - len(prompt))
         was_training = self.training
         self.eval()
@@ -331,13 +341,13 @@ def load_state_dict_checked(model: nn.Module, state: dict, source: str = "checkp
     expected = model.state_dict()
     for name, tensor in state.items():
         if name not in expected:
-            raise ValueError(f"{source}: unexpected tensor {name} (shape {tuple(tensor.shape)})")
+            raise ModelError(f"{source}: unexpected tensor {name} (shape {tuple(tensor.shape)})")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the config "
+            raise ModelError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the config "
                              f"expects {tuple(expected[name].shape)}")
     missing = [n for n in expected if n not in state]
     if missing:
-        raise ValueError(f"{source}: missing tensor {missing[0]}" +
+        raise ModelError(f"{source}: missing tensor {missing[0]}" +
                          (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     model.load_state_dict(state)
 
@@ -348,12 +358,12 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such checkpoint") from None
+        raise ModelError(f"{path}: no such checkpoint") from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a readable checkpoint (corrupt or truncated?): {detail}") from None
+        raise ModelError(f"{path}: not a readable checkpoint (corrupt or truncated?): {detail}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
+        raise ModelError(f"{path}: not a checkpoint of this project (no 'model' and 'config' entries)")
     return ckpt
 
 

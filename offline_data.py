@@ -1,6 +1,6 @@
 """
 The built-in data: a generator, owned by this project, of everything the pipeline needs when the
-hub cannot be reached (and for the tests). Standard library only; deterministic for a seed.
+hub cannot be reached (and for the tests). Deterministic for a seed.
 
 English: ~3.5 MB of templated stories, dialogues and explanations about a small world of children,
 animals, places and things; chats about that same world (facts, sums, spelling, rewriting, stories,
@@ -15,6 +15,9 @@ import json
 import os
 import random
 import re
+
+from cli import UserError
+from records import atomic_write
 
 def think_reply(reasoning: str, reply: str) -> str:
     """An assistant reply with its reasoning: the one layout of <think> that every reasoning record uses."""
@@ -1550,7 +1553,7 @@ def new_problems(rng, make_problem, n: int, seen: set):
         if question in seen:
             misses += 1
             if misses > 10_000:
-                raise ValueError(f"only {len(seen)} different reasoning problems could be made: ask for fewer")
+                raise UserError(f"only {len(seen)} different reasoning problems could be made: ask for fewer")
             continue
         seen.add(question)
         made, misses = made + 1, 0
@@ -1558,17 +1561,10 @@ def new_problems(rng, make_problem, n: int, seen: set):
 
 
 def write_jsonl(path: str, records) -> str:
-    """Write records to path via a temp file, so an interrupted run never leaves a complete-looking file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write records to path atomically: an interrupted run never leaves a complete-looking file."""
+    with atomic_write(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
 
@@ -1577,7 +1573,7 @@ def write_offline_data(out_dir: str, lang: str = "en", seed: int = 0, pretrain_m
     """Write the six built-in files into out_dir; returns {name: path}. Each file has its own random stream
     (seeded by seed and file name), so changing one size leaves the other files as they were."""
     if lang not in GENERATORS:
-        raise ValueError(f"--lang must be one of {', '.join(GENERATORS)}, got {lang!r}")
+        raise UserError(f"--lang must be one of {', '.join(GENERATORS)}, got {lang!r}")
     make_document, make_chat, make_problem = GENERATORS[lang]
     rng = {name: random.Random(f"{seed}:{lang}:{name}") for name in FILE_NAMES}
     seen_questions = set()

@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,14 +27,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli import die, parse_config, run_guarded
-from model import (ModelConfig, Transformer, load_model, load_state_dict_checked, nonfinite_tensor, read_checkpoint,
-                   save_checkpoint)
+from cli import UserError, die, parse_config, run_guarded
+from model import (ModelConfig, ModelError, Transformer, load_model, load_state_dict_checked, nonfinite_tensor,
+                   read_checkpoint, save_checkpoint)
 
 
 @dataclass
 class TrainConfig:
-    """The loop's settings, shared by every training script."""
+    """The loop's settings, with pretraining's values. train_sft.py and distill.py restate the first
+    block with their own values, so a change here changes pretraining only; the rest is plumbing that
+    every stage shares."""
     out_dir: str = "out/pretrain"
     batch_size: int = 8            # sequences per micro-batch per process
     grad_accum: int = 1            # micro-batches per optimizer step
@@ -42,12 +45,13 @@ class TrainConfig:
     min_lr: float = 1e-4           # the cosine schedule ends here
     warmup_steps: int = 30
     weight_decay: float = 0.1      # applied to 2-D weights only (not norms)
-    beta1: float = 0.9
-    beta2: float = 0.95
     grad_clip: float = 1.0         # 0 disables clipping
     eval_every: int = 100          # also when last.pt / best.pt are written
     eval_batches: int = 10
     log_every: int = 10
+    # shared by every stage
+    beta1: float = 0.9
+    beta2: float = 0.95
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     dtype: str = "auto"            # auto | float32 | bfloat16 | float16
     compile: bool = False          # torch.compile the model
@@ -95,8 +99,8 @@ def cap_memory(device: torch.device, cap_gib: float):
     if cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         if cap_gib * 2**30 > total:
-            raise ValueError(f"--memory_cap_gib {cap_gib} is more than the {total / 2**30:.1f} GiB of "
-                             f"{torch.cuda.get_device_name(device)}")
+            raise UserError(f"--memory_cap_gib {cap_gib} is more than the {total / 2**30:.1f} GiB of "
+                            f"{torch.cuda.get_device_name(device)}")
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
 
 
@@ -113,7 +117,7 @@ class Runtime:
         if device == "cuda" and self.ddp:
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+            raise UserError(f"--device {cfg.device}: CUDA is not available on this machine")
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -203,9 +207,9 @@ def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int, rt: Run
             free = min(free, cfg.memory_cap_gib * 2**30 - torch.cuda.memory_reserved(rt.device))
         if total > 0.95 * free:
             hint = "" if cfg.grad_checkpointing else ", or add --grad_checkpointing true"
-            raise ValueError(f"needs about {total / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
-                             f"{torch.cuda.get_device_name(rt.device)}: lower --batch_size (raise --grad_accum "
-                             f"to keep the same tokens per step) or --seq_len{hint}")
+            raise UserError(f"needs about {total / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
+                            f"{torch.cuda.get_device_name(rt.device)}: lower --batch_size (raise --grad_accum "
+                            f"to keep the same tokens per step) or --seq_len{hint}")
 
 
 # Past about four passes over the same tokens, more repetition is worth little (Muennighoff et al. 2023,
@@ -225,7 +229,6 @@ def report_epochs(cfg: TrainConfig, data, rt: Runtime):
             print(f"warning: {epochs:.0f} passes over the same data; past about {USEFUL_EPOCHS} more repetition "
                   f"is worth little: fetch more data (download_mini_data.py) or lower --max_steps to about "
                   f"{int(cfg.max_steps * USEFUL_EPOCHS / epochs):,}", file=sys.stderr)
-    return epochs
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -312,13 +315,146 @@ def check_resumable(ckpt: dict, model_cfg: ModelConfig, cfg: TrainConfig, path: 
     """Refuse to resume into a different model or a different data order: one line naming the field."""
     for name, value in asdict(model_cfg).items():
         if ckpt["config"].get(name) != value:
-            raise ValueError(f"{path} was trained with {name}={ckpt['config'].get(name)!r} but this run "
-                             f"has {name}={value!r}; use the same settings or a new --out_dir")
+            raise UserError(f"{path} was trained with {name}={ckpt['config'].get(name)!r} but this run "
+                            f"has {name}={value!r}; use the same settings or a new --out_dir")
     for name in ("batch_size", "grad_accum", "seed"):
         old = ckpt.get("train_config", {}).get(name)
         if old != getattr(cfg, name):
-            raise ValueError(f"{path} was trained with {name}={old!r} but this run has "
-                             f"{name}={getattr(cfg, name)!r}; the data order would change")
+            raise UserError(f"{path} was trained with {name}={old!r} but this run has "
+                            f"{name}={getattr(cfg, name)!r}; the data order would change")
+
+
+class LogWindow:
+    """The steps since the last log line. Their loss is summed on the device (reading it is a host sync:
+    only at log steps and saves); tokens and FLOPs are counted from batch shapes (rows can be padded
+    shorter than seq_len), all ranks together, for tokens/s and MFU."""
+
+    def __init__(self, rt: Runtime, flops_per_token):
+        self.rt, self.flops_per_token = rt, flops_per_token
+        self.loss_sum, self.steps, self.tokens, self.flops = torch.zeros((), device=rt.device), 0, 0, 0
+        self.start = None  # set by the loop when the window's first step begins
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor):
+        """One micro-batch."""
+        self.loss_sum += loss.detach().float()
+        self.tokens += tokens.numel() * self.rt.world_size
+        self.flops += self.flops_per_token(tokens.shape[1]) * tokens.numel() * self.rt.world_size
+
+    def mean_loss(self) -> float:
+        return self.rt.all_mean(self.loss_sum / max(1, self.steps)).item()
+
+
+def optimizer_step(model, optimizer, prefetch: Prefetcher, loss_fn, cfg: TrainConfig, rt: Runtime, window: LogWindow):
+    """One optimizer step: cfg.grad_accum micro-batches forward and backward, then clip and update."""
+    for micro in range(cfg.grad_accum):
+        batch = prefetch.next()
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        sync = micro == cfg.grad_accum - 1 or not rt.ddp
+        with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast:
+            loss = loss_fn(model, batch) / cfg.grad_accum
+        rt.scaler.scale(loss).backward()
+        window.add(loss, batch[0])
+    if cfg.grad_clip:
+        rt.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    rt.scaler.step(optimizer)
+    rt.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class Run:
+    """The loop's state between optimizer steps and the bookkeeping after each: logging, the divergence
+    check, evaluation and checkpoints, stopping. Only rank 0 prints and writes. As a context manager it
+    turns Ctrl-C into a flag, so that the loop stops between steps and saves."""
+
+    def __init__(self, cfg: TrainConfig, model: Transformer, optimizer, rt: Runtime, tokenizer: str, start: dict,
+                 evaluate=None):
+        self.cfg, self.model, self.optimizer, self.rt, self.tokenizer = cfg, model, optimizer, rt, tokenizer
+        self.evaluate = evaluate  # the validation loss, or None without validation data
+        self.step, self.val_loss, self.best_val = 0, None, float("inf")
+        if start:
+            self.step, self.best_val = start["step"], start.get("best_val_loss", float("inf"))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.last_path, self.best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
+        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.interrupted = False
+        self.peak_flops = peak_flops(rt, cfg.peak_tflops) * rt.world_size
+        self.window = LogWindow(rt, model.flops_per_token)
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.master, dynamic_ncols=True, desc="train")
+
+    def __enter__(self):  # only the main thread may handle signals
+        self.previous_handler = signal.signal(signal.SIGINT, lambda *_: setattr(self, "interrupted", True)) \
+            if threading.current_thread() is threading.main_thread() else None
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
+
+    def say(self, message: str):
+        if self.rt.master:
+            tqdm.write(message)
+
+    def log(self, record: dict):
+        if self.rt.master:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_window(self, lr: float):
+        """Loss, tokens/s and MFU of the steps since the last log line, to the bar and metrics.jsonl."""
+        train_loss = self.window.mean_loss()  # the only per-log host sync
+        if not math.isfinite(train_loss):
+            self.stop_if_diverged()
+        elapsed = time.perf_counter() - self.window.start
+        tok_s, mfu = self.window.tokens / elapsed, self.window.flops / elapsed / self.peak_flops
+        self.bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+        self.log({"step": self.step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
+        self.window = LogWindow(self.rt, self.model.flops_per_token)
+
+    def stop_if_diverged(self):
+        """Every rank, before every save: the losses not yet checked at a log step, and the
+        weights themselves (a step can make them non-finite while its own loss was finite)."""
+        window_loss = self.window.mean_loss()
+        bad = nonfinite_tensor(self.model.state_dict())
+        if not math.isfinite(window_loss) or bad:
+            what = f"loss is {window_loss}" if not math.isfinite(window_loss) else f"{bad} is not finite"
+            raise FloatingPointError(f"{what} at step {self.step}; stopping with the last good checkpoint intact "
+                                     f"({self.last_path}). Try a lower --lr.")
+
+    def save(self, path: str):
+        """The data position is not saved: batch i is a pure function of the seed and i, so the step gives it."""
+        self.stop_if_diverged()
+        if self.rt.master:
+            save_checkpoint({"model": self.model.state_dict(), "config": asdict(self.model.cfg), "step": self.step,
+                             "optimizer": self.optimizer.state_dict(), "scaler": self.rt.scaler.state_dict(),
+                             "rng": capture_rng(), "train_config": asdict(self.cfg), "tokenizer": self.tokenizer,
+                             "val_loss": self.val_loss, "best_val_loss": self.best_val}, path)
+
+    def evaluate_and_save(self):
+        """The validation loss (with validation data), best.pt when it improved, then last.pt."""
+        if self.evaluate:
+            self.val_loss = self.evaluate()
+            self.say(f"step {self.step}: val loss {self.val_loss:.4f}")
+            self.log({"step": self.step, "val_loss": self.val_loss})
+            if self.val_loss < self.best_val:
+                self.best_val = self.val_loss
+                self.save(self.best_path)
+        self.save(self.last_path)
+
+    def stop_at_step(self):
+        self.save(self.last_path)
+        self.say(f"stopped at step {self.step} as asked: saved {self.last_path}; continue with --resume true")
+
+    def stop_if_ctrl_c(self):
+        """Under DDP every rank must agree to stop, which costs a collective: only at log steps."""
+        if (not self.rt.ddp or self.step % self.cfg.log_every == 0) and self.rt.any_rank(self.interrupted):
+            self.save(self.last_path)
+            self.bar.close()
+            if self.rt.master:
+                print(f"interrupted at step {self.step}: saved {self.last_path}; continue with --resume true",
+                      file=sys.stderr)
+            raise KeyboardInterrupt
 
 
 def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: Runtime = None,
@@ -335,123 +471,40 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     model.to(rt.device)
     model.grad_checkpointing = cfg.grad_checkpointing
     optimizer = make_optimizer(model, cfg, rt)
-    step, best_val = 0, float("inf")
     if start:
         optimizer.load_state_dict(start["optimizer"])
         rt.scaler.load_state_dict(start["scaler"])
         restore_rng(start["rng"])
-        step, best_val = start["step"], start.get("best_val_loss", float("inf"))
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
     if rt.ddp:
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-
-    def stop_if_diverged():
-        """Every rank, before every save: the losses not yet checked at a log step, and the
-        weights themselves (a step can make them non-finite while its own loss was finite)."""
-        window_loss = rt.all_mean(loss_sum / max(1, window_steps)).item()
-        bad = nonfinite_tensor(raw_model.state_dict())
-        if not math.isfinite(window_loss) or bad:
-            what = f"loss is {window_loss}" if not math.isfinite(window_loss) else f"{bad} is not finite"
-            raise FloatingPointError(f"{what} at step {step}; stopping with the last good checkpoint intact "
-                                     f"({last_path}). Try a lower --lr.")
-
-    def save(path, val_loss=None):
-        stop_if_diverged()
-        if rt.master:
-            save_checkpoint({"model": raw_model.state_dict(), "config": asdict(raw_model.cfg), "step": step,
-                             "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
-                             "rng": capture_rng(), "data_state": {"index": step * cfg.grad_accum},
-                             "train_config": asdict(cfg), "tokenizer": tokenizer,
-                             "val_loss": val_loss, "best_val_loss": best_val}, path)
-
-    def say(message):
-        if rt.master:
-            tqdm.write(message)
-
-    def log(record):
-        if rt.master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) \
-        if threading.current_thread() is threading.main_thread() else None
-    peak = peak_flops(rt, cfg.peak_tflops) * rt.world_size
-    prefetch = Prefetcher(train_data, step * cfg.grad_accum, rt.device)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, dynamic_ncols=True, desc="train")
-    if step == 0 and val_data is not None:  # the starting point, to judge what training achieved
-        log({"step": 0, "val_loss": evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)})
-    val_loss, loss_sum, window_start, window_steps = None, torch.zeros((), device=rt.device), time.perf_counter(), 0
-    window_tokens = window_flops = 0  # counted from batch shapes (rows can be padded shorter than seq_len)
-    try:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
+    validate = (lambda: evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)) if val_data is not None else None
+    run = Run(cfg, raw_model, optimizer, rt, tokenizer, start, validate)
+    with run, contextlib.closing(Prefetcher(train_data, run.step * cfg.grad_accum, rt.device)) as prefetch:
+        if run.step == 0 and validate:  # the starting point, to judge what training achieved
+            run.log({"step": 0, "val_loss": validate()})
+        while run.step < cfg.max_steps:
+            if run.window.steps == 0:  # timed from here: the evaluation and saving before it are left out
+                run.window.start = time.perf_counter()
+            lr = lr_at(run.step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for micro in range(cfg.grad_accum):
-                batch = prefetch.next()
-                window_tokens += batch[0].numel() * rt.world_size
-                window_flops += raw_model.flops_per_token(batch[0].shape[1]) * batch[0].numel() * rt.world_size
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = micro == cfg.grad_accum - 1 or not rt.ddp
-                with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast:
-                    loss = loss_fn(model, batch) / cfg.grad_accum
-                rt.scaler.scale(loss).backward()
-                loss_sum += loss.detach().float()
-            if cfg.grad_clip:
-                rt.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_steps += 1
-            bar.update(1)
-            last_step = step == cfg.max_steps
-            if step % cfg.log_every == 0 or last_step:
-                train_loss = rt.all_mean(loss_sum / window_steps).item()  # the only per-log host sync
-                if not math.isfinite(train_loss):
-                    stop_if_diverged()
-                elapsed = time.perf_counter() - window_start
-                tok_s, mfu = window_tokens / elapsed, window_flops / elapsed / peak
-                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
-                log({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
-                loss_sum.zero_()
-                window_steps = window_tokens = window_flops = 0
-            if (step % cfg.eval_every == 0 or last_step) and val_data is not None:
-                val_loss = evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)
-                say(f"step {step}: val loss {val_loss:.4f}")
-                log({"step": step, "val_loss": val_loss})
-                if val_loss < best_val:
-                    best_val = val_loss
-                    save(best_path, val_loss)
-            if step % cfg.eval_every == 0 or last_step:
-                save(last_path, val_loss)
-            if step == cfg.stop_at_step and not last_step:
-                save(last_path, val_loss)
-                say(f"stopped at step {step} as asked: saved {last_path}; continue with --resume true")
+            optimizer_step(model, optimizer, prefetch, loss_fn, cfg, rt, run.window)
+            run.step += 1
+            run.window.steps += 1
+            run.bar.update(1)
+            last_step = run.step == cfg.max_steps
+            if run.step % cfg.log_every == 0 or last_step:
+                run.log_window(lr)
+            if run.step % cfg.eval_every == 0 or last_step:
+                run.evaluate_and_save()
+            if run.step == cfg.stop_at_step and not last_step:
+                run.stop_at_step()
                 break
-            # Under DDP every rank must agree to stop, which costs a collective: only at log steps.
-            if (not rt.ddp or step % cfg.log_every == 0) and rt.any_rank(bool(interrupted)):
-                save(last_path, val_loss)
-                bar.close()
-                if rt.master:
-                    print(f"interrupted at step {step}: saved {last_path}; continue with --resume true",
-                          file=sys.stderr)
-                raise KeyboardInterrupt
-            if window_steps == 0:  # evaluation and saving are left out of tokens/s
-                window_start = time.perf_counter()
-    finally:
-        prefetch.close()
-        bar.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-    return {"step": step, "val_loss": val_loss, "best_val_loss": best_val, "last_path": last_path}
+            run.stop_if_ctrl_c()
+    return {"step": run.step, "val_loss": run.val_loss, "best_val_loss": run.best_val, "last_path": run.last_path}
 
 
 def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: str = ""):
@@ -466,7 +519,7 @@ def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: s
         load_state_dict_checked(model, start["model"], last)
         return model, start
     if os.path.exists(last):
-        raise ValueError(f"{last} exists: pass --resume true to continue it, or choose another --out_dir")
+        raise UserError(f"{last} exists: pass --resume true to continue it, or choose another --out_dir")
     if init_from:
         return load_model(init_from)[0], None
     torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
@@ -490,10 +543,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def run_main(entry, cfg):
-    """run_guarded for the training scripts: a NaN loss and running out of GPU memory are also
-    one line, and DDP's process group is closed however the run ends."""
+    """run_guarded for the training scripts. It first prints the resolved settings (defaults, --preset, flags;
+    every checkpoint keeps them too); a NaN loss and running out of GPU memory are also one line; DDP's
+    process group is closed however the run ends."""
+    if int(os.environ.get("RANK", 0)) == 0:  # one block, not one per DDP process
+        print(textwrap.fill(" ".join(f"{k}={v}" for k, v in asdict(cfg).items()), width=110, break_long_words=False,
+                            break_on_hyphens=False, initial_indent="settings: ", subsequent_indent="  "), flush=True)
     try:
-        return run_guarded(entry, cfg, errors=(ValueError, FloatingPointError))
+        return run_guarded(entry, cfg, errors=(ModelError, FloatingPointError))
     except torch.OutOfMemoryError:
         die(f"out of GPU memory with --batch_size {cfg.batch_size}: lower it (raise --grad_accum to keep the "
             f"same tokens per step), lower --seq_len, or add --grad_checkpointing true")

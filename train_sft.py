@@ -9,24 +9,32 @@ assistant turns (and their closing <|im_end|>) are trained, see dataset_sft.py.
 """
 from dataclasses import dataclass
 
-from cli import parse_config
+from cli import UserError, parse_config
 from dataset_sft import SFTData
 from train import Runtime, TrainConfig, resume_or_init, run_main, train
 
 
 @dataclass
 class SFTConfig(TrainConfig):
+    """Fine-tuning's own values for every field a user tunes (none is inherited from pretraining's);
+    the device, precision, seed, --resume and the like come from train.py's TrainConfig."""
     init_from: str = "out/pretrain/best.pt"
     train_data: str = "data/sft.jsonl"
     val_data: str = "data/sft_val.jsonl"
     tokenizer: str = "data/tokenizer.model"
     seq_len: int = 0               # longest row in tokens; 0 = the model's max_seq_len
     out_dir: str = "out/sft"
+    batch_size: int = 8            # conversations per micro-batch per process
+    grad_accum: int = 1
     max_steps: int = 200
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
     eval_every: int = 50
+    eval_batches: int = 10
+    log_every: int = 10
 
 
 PRESETS = {
@@ -43,14 +51,14 @@ def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None, rt: Ru
     model, start = resume_or_init(cfg, init_from=cfg.init_from)
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
-        raise ValueError(f"--seq_len {seq_len} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
+        raise UserError(f"--seq_len {seq_len} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
     data = dict(tokenizer_path=cfg.tokenizer, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                 rank=rt.rank, world_size=rt.world_size, think_weight=think_weight)
     train_data = SFTData(cfg.train_data, **data)
     val_data = SFTData(cfg.val_data, **data) if cfg.val_data else None
     if train_data.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{cfg.tokenizer} has {train_data.vocab_size} pieces but the model's vocab_size is "
-                         f"{model.cfg.vocab_size}: use the tokenizer the model was trained with")
+        raise UserError(f"{cfg.tokenizer} has {train_data.vocab_size} pieces but the model's vocab_size is "
+                        f"{model.cfg.vocab_size}: use the tokenizer the model was trained with")
     if rt.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; "
               f"{len(train_data)} training conversations")

@@ -14,7 +14,6 @@ chat/reasoning markers are single pieces that are never split: <|im_start|> <|im
 <think> </think>, plus <unk>=0 <s>=1 </s>=2 <pad>=3. Other scripts look ids up by piece.
 Large corpora are sampled line by line (reservoir sampling), never loaded whole.
 """
-import json
 import math
 import os
 import random
@@ -25,9 +24,10 @@ from dataclasses import dataclass, field
 
 import sentencepiece as spm
 
-from cli import parse_config, run_guarded
+from cli import UserError, parse_config, run_guarded
+from records import BadRecord, Skipped, chat_messages, iter_json_records
+from tokenizer import MAX_UINT16_VOCAB, SPECIAL_PIECES
 
-SPECIAL_PIECES = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 # Chinese prose is 75-85% CJK characters (punctuation and digits are the rest); English with a
 # few Chinese phrases stays under 5%. Above 20% the characters alone need thousands of pieces.
@@ -64,53 +64,32 @@ PRESETS = {
 }
 
 
-def record_texts(record, where: str):
-    """The strings to learn from in one record: `text`, the turns of `conversations` /
-    `messages` (role/content or ShareGPT from/value), or alpaca's instruction/input/output."""
+def record_texts(record) -> list:
+    """The strings to learn from in one record: a plain string, `text`, or the turns of a chat
+    record in any of the formats records.py reads (ours, OpenAI messages, ShareGPT, alpaca)."""
     if isinstance(record, str):
         return [record]
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "text" in record:
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
         return [record["text"]]
-    turns = record.get("conversations") or record.get("messages")
-    if isinstance(turns, list):
-        return [t.get("content", t.get("value", "")) for t in turns if isinstance(t, dict)]
-    alpaca = [record[k] for k in ("instruction", "input", "output") if isinstance(record.get(k), str)]
-    if alpaca:
-        return alpaca
-    raise ValueError(f"{where}: no \"text\", \"conversations\", \"messages\" or alpaca fields (keys: {', '.join(record)})")
+    fmt, messages, _ = chat_messages(record)
+    if fmt is None:
+        raise BadRecord(f"no \"text\", \"conversations\", \"messages\" or alpaca fields (keys: {', '.join(record)})")
+    return [m["content"] for m in messages]
 
 
-def iter_documents(path: str, stats: dict):
-    """Yield document strings from one file; malformed jsonl lines are reported and skipped."""
+def iter_documents(path: str, skipped: Skipped):
+    """Yield document strings from one file; damaged records are warned about and skipped."""
     if not os.path.exists(path):
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
             yield from f
         return
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        for i, r in enumerate(records if isinstance(records, list) else [records]):
-            yield from record_texts(r, f"{path} record {i}")
-        return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield from record_texts(json.loads(line), f"{path} line {lineno}")
-            except (json.JSONDecodeError, ValueError) as e:
-                stats["bad"] += 1
-                if stats["bad"] <= 5:
-                    msg = e if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) \
-                        else f"{path} line {lineno}: not valid JSON"
-                    print(f"warning: {msg}; skipped", file=sys.stderr)
+    for where, record, _ in iter_json_records(path):
+        try:
+            yield from record_texts(record)
+        except (BadRecord, UserError) as e:
+            skipped.warn(where, e)
 
 
 def sample_lines(paths, cfg: TokenizerConfig):
@@ -118,9 +97,9 @@ def sample_lines(paths, cfg: TokenizerConfig):
     heldout_every-th line aside to measure compression on text the trainer never saw."""
     rng = random.Random(cfg.seed)
     train, heldout, seen = [], [], 0
-    stats = {"bad": 0}
+    skipped = Skipped()
     for path in paths:
-        for doc in iter_documents(path, stats):
+        for doc in iter_documents(path, skipped):
             for line in doc.splitlines():
                 if not line.strip():
                     continue
@@ -135,8 +114,8 @@ def sample_lines(paths, cfg: TokenizerConfig):
                     j = rng.randrange(seen)
                     if j < cfg.max_lines:
                         train[j] = line
-    if stats["bad"]:
-        print(f"warning: skipped {stats['bad']} malformed lines in total", file=sys.stderr)
+    if skipped.count:
+        print(f"warning: skipped {skipped.count} malformed lines in total", file=sys.stderr)
     return train, heldout
 
 
@@ -158,12 +137,12 @@ def choose_vocab_size(cfg: TokenizerConfig, lines) -> int:
 def train(cfg: TokenizerConfig) -> str:
     for name in ("vocab_size",) if cfg.vocab_size else ("vocab_en", "vocab_zh"):  # before reading any text
         n = getattr(cfg, name)
-        if not 0 < n <= 65535:
-            raise ValueError(f"{name} {n} does not fit the uint16 shards: use 1..65535")
+        if not 0 < n <= MAX_UINT16_VOCAB:
+            raise UserError(f"{name} {n} does not fit the uint16 shards: use 1..{MAX_UINT16_VOCAB}")
     paths = [p for p in cfg.inputs.split(",") if p]
     lines, heldout = sample_lines(paths, cfg)
     if not lines:
-        raise ValueError(f"no text found in {cfg.inputs}")
+        raise UserError(f"no text found in {cfg.inputs}")
     vocab_size = choose_vocab_size(cfg, lines)
     print(f"training a {vocab_size}-piece BPE tokenizer on {len(lines):,} lines "
           f"({sum(map(len, lines)) / 1e6:.1f}M chars) from {len(paths)} file(s)")
@@ -179,11 +158,11 @@ def train(cfg: TokenizerConfig) -> str:
             allow_whitespace_only_pieces=True, max_sentence_length=1 << 16,
             required_chars="\u2581",  # the space piece: without it, text with no spaces decodes " " as "▁"
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>",
-            eos_piece="</s>", pad_piece="<pad>", user_defined_symbols=SPECIAL_PIECES,
+            eos_piece="</s>", pad_piece="<pad>", user_defined_symbols=list(SPECIAL_PIECES.values()),
             num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on "
-                         f"{cfg.inputs}: {what_to_do(str(e), cfg)}") from None
+        raise UserError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on "
+                        f"{cfg.inputs}: {what_to_do(str(e), cfg)}") from None
     os.replace(prefix + ".model", cfg.out)
     os.replace(prefix + ".vocab", cfg.out.removesuffix(".model") + ".vocab")
     report(cfg.out, heldout, time.time() - t0)
@@ -194,7 +173,7 @@ def what_to_do(error: str, cfg: TokenizerConfig) -> str:
     """sentencepiece's message, with the fix spelled out for the two size errors users meet."""
     if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", error):
         need = int(m[1])  # one piece per character kept, plus <unk> <s> </s> <pad>, the markers and 256 bytes
-        room = min(65535, math.ceil(need * 1.25 / 1000) * 1000)  # a quarter more for merges
+        room = min(MAX_UINT16_VOCAB, math.ceil(need * 1.25 / 1000) * 1000)  # a quarter more for merges
         return (f"the characters alone need {need:,} pieces at --character_coverage {cfg.character_coverage}: "
                 f"use --vocab_size {room} or lower --character_coverage")
     if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", error):

@@ -10,6 +10,7 @@ import sentencepiece as spm
 import torch
 
 import dataset
+import tokenizer
 from conftest import ROOT, small_corpus
 from dataset import DatasetConfig, TokenShards, build_shards
 
@@ -160,8 +161,8 @@ def test_missing_files_and_oversized_vocab(tmp_path, tokenizer_path):
             return 65535
 
     with pytest.raises(ValueError, match="70000 pieces, more than the 65535"):
-        dataset.check_vocab(HugeVocab())
-    dataset.check_vocab(MaxVocab())
+        tokenizer.check_vocab(HugeVocab())
+    tokenizer.check_vocab(MaxVocab())
 
 
 def run_cli(*args):

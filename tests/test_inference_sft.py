@@ -12,7 +12,7 @@ import sentencepiece as spm
 
 import inference_sft
 from conftest import ROOT
-from dataset_sft import special_ids
+from tokenizer import special_ids
 from model import ModelConfig, Transformer, save_checkpoint
 
 

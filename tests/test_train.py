@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from cli import UserError
 from conftest import RandomTokens
 from model import ModelConfig, Transformer, save_checkpoint
 
@@ -120,5 +121,5 @@ def test_memory_cap_sets_the_allocator_fraction(monkeypatch):
     assert calls == [(12 / 80, torch.device("cuda:0"))]
     train.cap_memory(torch.device("cuda:0"), 0)
     assert len(calls) == 1
-    with pytest.raises(ValueError, match="--memory_cap_gib 96 is more than the 80.0 GiB of Big GPU"):
+    with pytest.raises(UserError, match="--memory_cap_gib 96 is more than the 80.0 GiB of Big GPU"):
         train.cap_memory(torch.device("cuda:0"), 96)
