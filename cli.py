@@ -21,9 +21,18 @@ def die(message: str, code: int = 1):
     sys.exit(code)
 
 
+def never_fail_on_encoding():
+    """A console or pipe that cannot show a character (Chinese on a Windows code page, say) gets a
+    replacement character instead of a UnicodeEncodeError in the middle of a run."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def run_guarded(entry, cfg, errors=()):
     """Call entry(cfg) as a script's main: a UserError (or one of `errors`, such as model.py's
     ModelError) becomes one line and exit 1, Ctrl-C a quiet exit 130."""
+    never_fail_on_encoding()
     try:
         return entry(cfg)
     except (UserError, *errors) as e:

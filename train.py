@@ -243,8 +243,40 @@ def make_optimizer(model: Transformer, cfg: TrainConfig, rt: Runtime):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=rt.device.type == "cuda")
+    fused = rt.device.type == "cuda"
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    except RuntimeError as e:  # a device or dtype the fused kernel does not support
+        if not fused:
+            raise
+        warn_fallback("fused AdamW", e)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def warn_fallback(fast_path: str, error: Exception):
+    """One line for an optional fast path that does not work on this machine; the run goes on without it."""
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    print(f"warning: {fast_path} does not work here ({type(error).__name__}: {detail}); "
+          f"continuing without it", file=sys.stderr)
+
+
+def compiled_or_eager(model: Transformer, batch: tuple, loss_fn, rt: Runtime):
+    """torch.compile(model) where it works. The graph is built here, on one forward and backward of
+    a real training batch (gradients and RNG restored afterwards, so the run is unchanged), so that a
+    missing backend (no Triton on Windows, no C++ compiler, an unsupported GPU) costs one warning
+    line and an eager run instead of a crash at step 1."""
+    compiled = torch.compile(model)
+    try:
+        with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []), rt.autocast:
+            loss_fn(compiled, batch).backward()
+        return compiled
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        warn_fallback("torch.compile", e)
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 class Prefetcher:
@@ -477,7 +509,7 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
         restore_rng(start["rng"])
     raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
+        model = compiled_or_eager(model, tuple(t.to(rt.device) for t in train_data.batch(0)), loss_fn, rt)
     if rt.ddp:
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     validate = (lambda: evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)) if val_data is not None else None
