@@ -219,11 +219,11 @@ USEFUL_EPOCHS = 4
 
 def report_epochs(cfg: TrainConfig, data, rt: Runtime):
     """Before the first step: the tokens this run will read against the tokens the data holds."""
-    rows = cfg.max_steps * cfg.grad_accum * cfg.batch_size * rt.world_size
-    reads = rows * data.tokens_per_row
+    rows_per_step = cfg.grad_accum * cfg.batch_size * rt.world_size
+    reads = cfg.max_steps * rows_per_step * data.tokens_per_row
     epochs = reads / data.num_tokens
     if rt.master:
-        print(f"this run reads {reads / 1e6:,.1f}M tokens ({cfg.max_steps:,} steps x {rows // cfg.max_steps:,} rows); "
+        print(f"this run reads {reads / 1e6:,.1f}M tokens ({cfg.max_steps:,} steps x {rows_per_step:,} rows); "
               f"the data holds {data.num_tokens / 1e6:,.1f}M: {epochs:,.2f} epochs")
         if epochs > USEFUL_EPOCHS:
             print(f"warning: {epochs:.0f} passes over the same data; past about {USEFUL_EPOCHS} more repetition "
@@ -437,42 +437,47 @@ class Run:
         """Loss, tokens/s and MFU of the steps since the last log line, to the bar and metrics.jsonl."""
         train_loss = self.window.mean_loss()  # the only per-log host sync
         if not math.isfinite(train_loss):
-            self.stop_if_diverged()
+            self.stop_if_diverged(train_loss)
         elapsed = time.perf_counter() - self.window.start
         tok_s, mfu = self.window.tokens / elapsed, self.window.flops / elapsed / self.peak_flops
         self.bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
         self.log({"step": self.step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu})
         self.window = LogWindow(self.rt, self.model.flops_per_token)
 
-    def stop_if_diverged(self):
-        """Every rank, before every save: the losses not yet checked at a log step, and the
-        weights themselves (a step can make them non-finite while its own loss was finite)."""
-        window_loss = self.window.mean_loss()
+    def stop_if_diverged(self, window_loss: float = None):
+        """Every rank, before every save: the losses not yet checked at a log step (window_loss, when
+        the caller has it already), and the weights themselves (a step can make them non-finite while
+        its own loss was finite)."""
+        window_loss = self.window.mean_loss() if window_loss is None else window_loss
         bad = nonfinite_tensor(self.model.state_dict())
         if not math.isfinite(window_loss) or bad:
             what = f"loss is {window_loss}" if not math.isfinite(window_loss) else f"{bad} is not finite"
             raise FloatingPointError(f"{what} at step {self.step}; stopping with the last good checkpoint intact "
                                      f"({self.last_path}). Try a lower --lr.")
 
-    def save(self, path: str):
-        """The data position is not saved: batch i is a pure function of the seed and i, so the step gives it."""
+    def save(self, *paths: str):
+        """This step's checkpoint, to each path, after one divergence check. The data position is not
+        saved: batch i is a pure function of the seed and i, so the step gives it."""
         self.stop_if_diverged()
         if self.rt.master:
-            save_checkpoint({"model": self.model.state_dict(), "config": asdict(self.model.cfg), "step": self.step,
-                             "optimizer": self.optimizer.state_dict(), "scaler": self.rt.scaler.state_dict(),
-                             "rng": capture_rng(), "train_config": asdict(self.cfg), "tokenizer": self.tokenizer,
-                             "val_loss": self.val_loss, "best_val_loss": self.best_val}, path)
+            ckpt = {"model": self.model.state_dict(), "config": asdict(self.model.cfg), "step": self.step,
+                    "optimizer": self.optimizer.state_dict(), "scaler": self.rt.scaler.state_dict(),
+                    "rng": capture_rng(), "train_config": asdict(self.cfg), "tokenizer": self.tokenizer,
+                    "val_loss": self.val_loss, "best_val_loss": self.best_val}
+            for path in paths:
+                save_checkpoint(ckpt, path)
 
     def evaluate_and_save(self):
         """The validation loss (with validation data), best.pt when it improved, then last.pt."""
+        paths = [self.last_path]
         if self.evaluate:
             self.val_loss = self.evaluate()
             self.say(f"step {self.step}: val loss {self.val_loss:.4f}")
             self.log({"step": self.step, "val_loss": self.val_loss})
             if self.val_loss < self.best_val:
                 self.best_val = self.val_loss
-                self.save(self.best_path)
-        self.save(self.last_path)
+                paths.insert(0, self.best_path)
+        self.save(*paths)
 
     def stop_at_step(self):
         self.save(self.last_path)
