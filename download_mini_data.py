@@ -149,29 +149,30 @@ def from_text(rec):
     return {"text": text_of(rec, "text")} if text_of(rec, "text") else None
 
 
-def from_chat(rec):
-    """A chat record in any format records.py reads (alpaca, OpenAI messages, ShareGPT)."""
+def hub_turns(rec):
+    """[(role, content)] of a chat record in any format records.py reads (alpaca, OpenAI messages,
+    ShareGPT), or None when it is damaged or of another schema (tool calls): not usable."""
     try:
         fmt, messages, _ = chat_messages(rec)
-    except (BadRecord, UserError):  # a damaged record, or another schema (tool calls): not usable
+    except (BadRecord, UserError):
         return None
-    return chat([(m["role"], m["content"]) for m in messages]) if fmt else None
+    return [(m["role"], m["content"]) for m in messages] if fmt else None
+
+
+def from_chat(rec):
+    turns = hub_turns(rec)
+    return chat(turns) if turns else None
 
 
 def from_stratos(rec):
     # Its system prompt only explains the <|begin_of_thought|> markers, which become <think> here: dropped.
-    record = from_chat({k: v for k, v in rec.items() if k != "system"})
-    if record is None:
-        return None
-    turns = []
-    for turn in record["conversations"]:
-        text = turn["content"]
-        if turn["role"] == "assistant":
+    turns = hub_turns({k: v for k, v in rec.items() if k != "system"}) or []
+    for i, (role, text) in enumerate(turns):
+        if role == "assistant":
             m = STRATOS_REPLY.search(text)
             if not m:
                 return None
-            text = think_reply(m.group(1), m.group(2))
-        turns.append((turn["role"], text))
+            turns[i] = (role, think_reply(m.group(1), m.group(2)))
     return chat(turns, with_answer=True)
 
 
