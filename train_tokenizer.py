@@ -55,9 +55,9 @@ class TokenizerConfig:
 # pieces on a 4.0M model): English 4096, where the built-in data levels off (3.60 characters per
 # token at 4096 and at 7427); Chinese 10000, which holds the characters of the novels (~5,500
 # pieces) and of Chinese Wikipedia (~7,300-8,300, estimated from character frequencies) with room
-# for merges. 12gb, dim 768: 12000 for both, past the steep part of both curves and within a 12 GB
-# card at its 16 x 1024 batch (log-probabilities take 12 bytes per piece per token: the training
-# memory estimate is 10.3 GiB at 12000 pieces, 11.1 GiB at 16000).
+# for merges. 12gb, dim 768: 12000 for both, past the steep part of both curves, where the gain is
+# down to about 1% per 1,000 pieces while each 1,000 pieces cost 12 bytes of log-probabilities per
+# token (the 12gb step's estimate: 5.85 GiB at 12000 pieces with its 8 x 1024 micro-batch).
 PRESETS = {
     "cpu": dict(vocab_en=4096, vocab_zh=10000),
     "12gb": dict(vocab_en=12000, vocab_zh=12000),
