@@ -17,7 +17,6 @@ once every shard is complete, so a .bin without one is an unfinished run and the
 """
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
-from records import Skipped, atomic_write, iter_json_records
+from records import Skipped, atomic_write, file_sha256, iter_json_records
 from tokenizer import load_tokenizer
 
 DTYPE = np.dtype("<u2")  # uint16, little-endian whatever the machine: ids up to 65535
@@ -182,6 +181,11 @@ def init_worker(tokenizer_path: str):
     _worker_sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
 
 
+def worker_tokenizer() -> spm.SentencePieceProcessor:
+    """The tokenizer of this worker process (of tokenize_in_order); encode with num_threads=1."""
+    return _worker_sp
+
+
 def tokenize_chunk(task):
     """(split, texts, bytes) -> (split, uint16 ids with eos after every document, documents, bytes)."""
     split, texts, nbytes = task
@@ -196,17 +200,18 @@ def tokenize_chunk(task):
     return split, flat, len(docs), nbytes
 
 
-def tokenize_in_order(tasks, tokenizer_path: str, num_workers: int):
-    """Tokenize tasks in parallel, yielding results in input order. At most 4 tasks per worker are in
-    flight: Pool.imap would read the whole corpus into its task queue as fast as the disk allows."""
+def tokenize_in_order(tasks, tokenizer_path: str, num_workers: int, work=tokenize_chunk):
+    """work(task) for each task in parallel, yielding results in input order; each worker process has
+    the tokenizer loaded (worker_tokenizer). At most 4 tasks per worker are in flight: Pool.imap would
+    read the whole corpus into its task queue as fast as the disk allows."""
     if num_workers <= 1:
         init_worker(tokenizer_path)
-        yield from map(tokenize_chunk, tasks)
+        yield from map(work, tasks)
         return
     with Pool(num_workers, initializer=init_worker, initargs=(tokenizer_path,)) as pool:
         pending = deque()
         for task in tasks:
-            pending.append(pool.apply_async(tokenize_chunk, (task,)))
+            pending.append(pool.apply_async(work, (task,)))
             if len(pending) >= 4 * num_workers:
                 yield pending.popleft().get()
         while pending:
@@ -277,14 +282,6 @@ def remove_stale_shards(out_dir: str, name: str):
 
 # -----------------------------------------------------------------------------
 # the whole job
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()  # hashlib.file_digest would need Python 3.11
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def build_shards(cfg: DatasetConfig) -> dict:
     """Tokenize cfg.inputs (and the held-out documents) into shards; return what was written."""
@@ -416,15 +413,15 @@ class TokenShards:
                             f"tokens: the file changed after it was written; rerun python dataset.py")
         return info
 
-    def batch(self, index: int) -> tuple:
-        """(tokens, targets): int64 CPU tensors (batch_size, seq_len); targets are tokens shifted by one."""
+    def batch(self, index: int) -> dict:
+        """{"tokens", "targets"}: int64 CPU tensors (batch_size, seq_len); targets are tokens shifted by one."""
         rng = np.random.default_rng([self.seed, index])
         starts = rng.integers(0, self.window_ends[-1], size=self.batch_size * self.world_size)
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         shard = np.searchsorted(self.window_ends, starts, side="right")
         offsets = starts - self.window_starts[shard]
         rows = np.stack([self.shards[s][o:o + self.seq_len + 1] for s, o in zip(shard, offsets)]).astype(np.int64)
-        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+        return {"tokens": torch.from_numpy(rows[:, :-1].copy()), "targets": torch.from_numpy(rows[:, 1:].copy())}
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 """
 Chat data for fine-tuning: conversations -> token ids, labels and loss weights.
-The one chat template every script shares is here, and SFTData, the reader train_sft.py and distill.py train on.
+The one chat template every script shares is here; chat shards, a chat file tokenized once; and SFTData,
+the reader train_sft.py and distill.py train on.
 
-  python dataset_sft.py --data data/sft.jsonl --show 2     # what was detected, and two rows with the trained part marked
+  python dataset_sft.py --data data/sft.jsonl --show 2     # build (or reuse) its shards; two rows, trained part marked
 
 Input: a .jsonl file (one JSON object per line) or a .json file holding one JSON array, each record one
 conversation in any of the four formats of records.py (ours, OpenAI messages, ShareGPT, alpaca), detected
@@ -22,13 +23,29 @@ Labels: the id itself for each assistant turn's content and its <|im_end|>; -100
 else: system and user turns, every role header, and the "\\n" after <|im_end|> (so the model learns to
 stop at <|im_end|>). Every assistant turn of a conversation is trained.
 
+Chat shards: the first run on a chat file tokenizes it into {file}.shards/ beside it (or under --shard_dir),
+streaming and in parallel (--num_workers processes, which also parse the JSON): ids.bin (uint16 ids of every
+conversation, back to back), trained.bin (uint8: 1 where the id is a trained label), rows.bin (int64 per
+conversation: start, length, first and last trained position) and info.json (the file's size, modification
+time and sha256, the tokenizer's sha256, SHARD_VERSION, the counts). The folder is built under a temporary
+name and renamed, so it is complete or absent. Later runs, resumes and every DDP rank memory-map it; a changed
+file or tokenizer rebuilds it, and says so.
+
 Rows (SFTData): trailing positions that train nothing are dropped (they would only be unused targets),
 then a row longer than seq_len + 1 ids is cut to its first seq_len + 1 ids (counted as truncated); a
-row left with no trained token is skipped (counted). tokens = ids[:-1], targets = labels[1:].
+row left with no trained token is skipped (counted). tokens = ids[:-1], targets = labels[1:]. With pack,
+several rows share one row of seq_len tokens (pack_rows); each keeps its own positions, from 0, and attends
+only to itself (model.py: positions, document_ids), so a packed row trains exactly what its conversations
+would alone, with almost no padding.
 """
+import bisect
+import contextlib
 import itertools
+import json
 import os
+import shutil
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,7 +54,8 @@ import torch
 from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
-from records import BadRecord, Skipped, chat_messages, iter_json_records
+from dataset import DTYPE, tokenize_in_order, worker_tokenizer
+from records import BadRecord, Skipped, atomic_write, chat_messages, file_sha256, iter_json_records, json_value
 from tokenizer import load_tokenizer, special_ids
 
 IGNORE_INDEX = -100  # targets the loss skips (model.py: cross_entropy ignore_index)
@@ -54,6 +72,8 @@ class InspectConfig:
     tokenizer: str = "data/tokenizer.model"
     seq_len: int = field(default=512, metadata={"help": "longest row in tokens"})
     show: int = field(default=1, metadata={"help": "rows to print, trained part marked"})
+    shard_dir: str = field(default="", metadata={"help": "folder for the chat shards; empty: beside the data"})
+    num_workers: int = field(default=0, metadata={"help": "tokenizer processes for the shards; 0: one per core"})
 
 
 # -----------------------------------------------------------------------------
@@ -68,9 +88,18 @@ def render_text(messages, add_generation_prompt: bool = False) -> str:
 def encode_conversation(sp, messages, add_generation_prompt: bool = False) -> tuple:
     """(ids, labels), two lists of ints of the same length: the rendered conversation, and the id
     where it is trained (assistant content and its <|im_end|>), IGNORE_INDEX elsewhere."""
-    s = special_ids(sp)
+    pieces = sp.encode(template_texts(messages, add_generation_prompt))  # one call for all turns
+    return assemble(special_ids(sp), messages, pieces, add_generation_prompt)
+
+
+def template_texts(messages, add_generation_prompt: bool = False) -> list:
+    """The texts the template encodes, piece by piece, between its marker ids."""
     texts = [t for m in messages for t in (m["role"] + "\n", m["content"], "\n")]
-    pieces = sp.encode(texts + (["assistant\n"] if add_generation_prompt else []))  # one call for all turns
+    return texts + (["assistant\n"] if add_generation_prompt else [])
+
+
+def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = False) -> tuple:
+    """encode_conversation's (ids, labels) from the encoded template_texts and the special ids."""
     ids, labels = [], []
     for i, m in enumerate(messages):
         header, content, newline = pieces[3 * i:3 * i + 3]
@@ -108,118 +137,330 @@ class Conversation:
     where: str      # "data/sft.jsonl line 17", for messages about it
 
 
+def conversation_of(where: str, record, first: bool) -> tuple:
+    """(format, messages, other keys) of one record of a chat file. BadRecord for a damaged record (warned
+    about and skipped); UserError for a different schema: an unknown role, or a file whose first record
+    is in no known format (then it is not a chat file at all: one error, not a warning per line)."""
+    try:
+        fmt, messages, extra = chat_messages(record)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    if fmt is None:
+        unknown = (f"unknown chat format (keys: {', '.join(record) or 'none'}); "
+                   f"expected conversations, messages or instruction/output")
+        if first:
+            raise UserError(f"{where}: {unknown}")
+        raise BadRecord(unknown)
+    return fmt, messages, extra
+
+
+def describe_file(path: str, formats: Counter, malformed: int) -> str:
+    """The line that says what a chat file held: its formats, conversations and skipped records."""
+    n = sum(formats.values())
+    skipped_note = f", {malformed:,} malformed records skipped" if malformed else ""
+    if not n:
+        raise UserError(f"{path}: no conversations{skipped_note}")
+    found = " and ".join(f"{f} ({c:,})" for f, c in formats.most_common()) if len(formats) > 1 else next(iter(formats))
+    return f"{path}: {found} format{'s' if len(formats) > 1 else ''}, {n:,} conversations{skipped_note}"
+
+
 def read_conversations(path: str, verbose: bool = True) -> tuple:
-    """All conversations of a chat file, and stats: {"formats": Counter, "malformed": int}. With verbose,
-    malformed records are warned about on stderr and one line says what was found."""
+    """All conversations of a chat file as Python objects (for prompts and reports: training reads
+    chat shards), and stats: {"formats": Counter, "malformed": int}. With verbose, malformed records
+    are warned about on stderr and one line says what was found."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     conversations, formats, skipped = [], Counter(), Skipped(verbose)
     for n, (where, record, _) in enumerate(iter_json_records(path)):
         try:
-            try:
-                fmt, messages, extra = chat_messages(record)
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
-            if fmt is None:
-                unknown = (f"unknown chat format (keys: {', '.join(record) or 'none'}); "
-                           f"expected conversations, messages or instruction/output")
-                if n == 0:  # the file is not a chat file at all: one error, not a warning per line
-                    raise UserError(f"{where}: {unknown}")
-                raise BadRecord(unknown)
+            fmt, messages, extra = conversation_of(where, record, n == 0)
         except BadRecord as e:
             skipped.warn(where, e)
             continue
         formats[fmt] += 1
         conversations.append(Conversation(messages, extra, where))
-    skipped_note = f", {skipped.count:,} malformed records skipped" if skipped.count else ""
-    if not conversations:
-        raise UserError(f"{path}: no conversations{skipped_note}")
+    line = describe_file(path, formats, skipped.count)
     if verbose:
-        found = " and ".join(f"{f} ({c:,})" for f, c in formats.most_common()) if len(formats) > 1 else \
-            next(iter(formats))
-        print(f"{path}: {found} format{'s' if len(formats) > 1 else ''}, {len(conversations):,} conversations"
-              f"{skipped_note}")
+        print(line)
     return conversations, {"formats": formats, "malformed": skipped.count}
+
+
+# -----------------------------------------------------------------------------
+# chat shards: a chat file tokenized once, in parallel, and memory-mapped by every run after
+
+SHARD_VERSION = 1      # the template and the layout below; a change rebuilds every chat shard
+CHUNK_BYTES = 1 << 20  # lines handed to a worker at a time
+ROW_FIELDS = 4         # rows.bin, per conversation: start, length, first and last trained position (-1: none)
+
+
+def shard_dir_for(path: str, shard_dir: str = "") -> str:
+    """Where a chat file's shards live: {file}.shards beside it, or in shard_dir."""
+    return os.path.join(shard_dir or os.path.dirname(path) or ".", os.path.basename(path) + ".shards")
+
+
+def chat_tasks(path: str):
+    """(number of the first record, [(where, raw line or record)], bytes) chunks of a chat file, unparsed:
+    the workers parse the JSON too, which is most of the work."""
+    first, records, size = 0, [], 0
+    for where, raw, nbytes in iter_json_records(path, parse=False):
+        records.append((where, raw))
+        size += nbytes
+        if size >= CHUNK_BYTES or len(records) >= 4096:
+            yield first, records, size
+            first, records, size = first + len(records), [], 0
+    if records or size:
+        yield first, records, size
+
+
+def trained_span(starts: np.ndarray, trained: np.ndarray) -> tuple:
+    """For each conversation (starting at starts, back to back in trained): the first and last position,
+    counted from its start, of a trained label after its first token (labels[0] is never a target); -1 if none."""
+    first, last = np.full(len(starts), -1, np.int64), np.full(len(starts), -1, np.int64)
+    where = np.flatnonzero(trained)
+    conv = np.searchsorted(starts, where, side="right") - 1
+    pos = where - starts[conv]
+    conv, pos = conv[pos > 0], pos[pos > 0]
+    if len(conv):
+        convs, first_at = np.unique(conv, return_index=True)  # conv is sorted: runs per conversation
+        last_at = np.append(first_at[1:], len(conv)) - 1
+        first[convs], last[convs] = pos[first_at], pos[last_at]
+    return first, last
+
+
+def tokenize_chats(task) -> tuple:
+    """In a worker: one chunk of chat_tasks -> (uint16 ids, uint8 trained, int64 rows (n, ROW_FIELDS) with
+    starts in the chunk, formats, [(where, why)] of skipped records, bytes). UserError for a different schema."""
+    first, records, nbytes = task
+    sp = worker_tokenizer()
+    formats, skipped, conversations = Counter(), [], []
+    for n, (where, raw) in enumerate(records, first):
+        try:
+            fmt, messages, _ = conversation_of(where, json_value(raw) if isinstance(raw, bytes) else raw, n == 0)
+        except BadRecord as e:
+            skipped.append((where, str(e)))
+            continue
+        formats[fmt] += 1
+        conversations.append(messages)
+    texts = [template_texts(m) for m in conversations]
+    pieces = sp.encode([t for ts in texts for t in ts], num_threads=1)  # one call for the chunk: much faster
+    s, ids, labels, lengths, at = special_ids(sp), [], [], [], 0
+    for messages, ts in zip(conversations, texts):
+        conv_ids, conv_labels = assemble(s, messages, pieces[at:at + len(ts)])
+        at += len(ts)
+        ids += conv_ids
+        labels += conv_labels
+        lengths.append(len(conv_ids))
+    ids, trained = np.array(ids, dtype=DTYPE), np.array(labels, dtype=np.int64) != IGNORE_INDEX
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    rows = np.stack([starts, np.array(lengths, np.int64), *trained_span(starts, trained)], axis=1) if lengths \
+        else np.zeros((0, ROW_FIELDS), np.int64)
+    return ids, trained.astype(np.uint8), rows, formats, skipped, nbytes
+
+
+def build_chat_shards(path: str, tokenizer_path: str, out: str, num_workers: int, verbose: bool) -> dict:
+    """Tokenize a chat file into out/: ids.bin, trained.bin, rows.bin, then info.json. Built in out.tmp and
+    renamed into place, so a directory named out is always complete. Returns the info."""
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise UserError(f"cannot write the chat shards of {path} to {tmp}: {e.strerror}; "
+                        f"choose a writable folder with --shard_dir") from None
+    skipped, formats, tokens, trained_tokens, conversations = Skipped(verbose), Counter(), 0, 0, 0
+    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+               desc="tokenizing", disable=not verbose)
+    try:
+        files = {name: open(os.path.join(tmp, name + ".bin"), "wb") for name in ("ids", "trained", "rows")}
+        with contextlib.ExitStack() as stack:
+            for f in files.values():
+                stack.enter_context(f)
+            results = stack.enter_context(contextlib.closing(
+                tokenize_in_order(chat_tasks(path), tokenizer_path, num_workers, work=tokenize_chats)))
+            for ids, trained, rows, chunk_formats, chunk_skipped, nbytes in results:
+                for where, why in chunk_skipped:
+                    skipped.warn(where, why)
+                formats.update(chunk_formats)
+                rows[:, 0] += tokens  # chunk starts -> file starts
+                files["ids"].write(ids.tobytes())
+                files["trained"].write(trained.tobytes())
+                files["rows"].write(rows.astype("<i8").tobytes())
+                tokens, trained_tokens, conversations = tokens + len(ids), trained_tokens + int(trained.sum()), \
+                    conversations + len(rows)
+                bar.update(nbytes)
+        bar.close()
+        line = describe_file(path, formats, skipped.count)
+        stat = os.stat(path)
+        info = {"version": SHARD_VERSION, "source": os.path.abspath(path), "source_size": stat.st_size,
+                "source_mtime_ns": stat.st_mtime_ns, "source_sha256": file_sha256(path),
+                "tokenizer": tokenizer_path, "tokenizer_sha256": file_sha256(tokenizer_path),
+                "conversations": conversations, "tokens": tokens, "trained_tokens": trained_tokens,
+                "formats": dict(formats), "malformed": skipped.count, "summary": line}
+        with atomic_write(os.path.join(tmp, "info.json")) as f:
+            json.dump(info, f, indent=2)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def stale_because(path: str, out: str, tokenizer_path: str):
+    """Why the shards in out cannot be used for this file and tokenizer, or None when they can. An unchanged
+    size and modification time is trusted; a changed time alone costs one hash of the file."""
+    try:
+        with open(os.path.join(out, "info.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        return "no shards yet"
+    except ValueError:
+        return "its shards' info.json is damaged"
+    stat = os.stat(path)
+    sizes = {"ids": info.get("tokens", -1) * DTYPE.itemsize, "trained": info.get("tokens", -1),
+             "rows": info.get("conversations", -1) * ROW_FIELDS * 8}
+    if info.get("version") != SHARD_VERSION:
+        return "they were made by another version of dataset_sft.py"
+    if any(not os.path.isfile(f := os.path.join(out, name + ".bin")) or os.path.getsize(f) != size
+           for name, size in sizes.items()):
+        return "its shards are incomplete"
+    if info["tokenizer_sha256"] != file_sha256(tokenizer_path):
+        return f"the tokenizer changed ({tokenizer_path})"
+    if stat.st_size != info["source_size"] or (stat.st_mtime_ns != info["source_mtime_ns"] and
+                                               file_sha256(path) != info["source_sha256"]):
+        return "the file changed"
+    return None
+
+
+class ChatShards:
+    """The tokenized form of one chat file, memory-mapped: ids (uint16), trained (uint8: 1 where the id is
+    a trained label), rows (n, ROW_FIELDS) int64 and info. Built first when missing or stale, and said so."""
+
+    def __init__(self, path: str, tokenizer_path: str, shard_dir: str = "", num_workers: int = 0,
+                 verbose: bool = True):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file")
+        load_tokenizer(tokenizer_path)  # a clear error before any worker starts
+        self.dir = out = shard_dir_for(path, shard_dir)
+        why = stale_because(path, out, tokenizer_path)
+        if why is None:
+            with open(os.path.join(out, "info.json"), encoding="utf-8") as f:
+                self.info = json.load(f)
+        else:
+            # a worker per core, but no more than the file has chunks for (starting one costs a moment)
+            workers = min(num_workers or os.cpu_count() or 1, 1 + os.path.getsize(path) // (2 * CHUNK_BYTES))
+            if verbose:
+                print(f"{path}: tokenizing into {out} with {workers} worker{'s' * (workers > 1)} ({why}); "
+                      f"later runs reuse it")
+            t0 = time.perf_counter()
+            self.info = build_chat_shards(path, tokenizer_path, out, workers, verbose)
+            if verbose:
+                print(f"{path}: {self.info['tokens']:,} tokens in {time.perf_counter() - t0:.1f}s")
+        if verbose:
+            print(self.info["summary"])
+        self.ids = np.memmap(os.path.join(out, "ids.bin"), dtype=DTYPE, mode="r")
+        self.trained = np.memmap(os.path.join(out, "trained.bin"), dtype=np.uint8, mode="r")
+        self.rows = np.fromfile(os.path.join(out, "rows.bin"), dtype="<i8").reshape(-1, ROW_FIELDS)
 
 
 # -----------------------------------------------------------------------------
 # the training-time reader
 
-def fit_row(ids: np.ndarray, labels: np.ndarray, seq_len: int) -> tuple:
-    """(ids, labels, truncated) of the row to train on, or None when no target would be trained."""
-    trained = np.flatnonzero(labels[1:] != IGNORE_INDEX)  # targets are labels[1:]: labels[0] never counts
-    if not len(trained):
-        return None
-    end = trained[-1] + 2  # up to the last trained id, included
-    truncated = end > seq_len + 1
-    end = min(end, seq_len + 1)
-    if not (labels[1:end] != IGNORE_INDEX).any():
-        return None
-    return ids[:end], labels[:end], truncated
+def pack_rows(widths: np.ndarray, seq_len: int, seed: int, window: int = 1000) -> tuple:
+    """Rows of at most seq_len tokens, each a few whole conversations: (order, bounds), packed row p holding
+    conversations order[bounds[p]:bounds[p + 1]]. The conversations are shuffled (by the seed) and taken
+    `window` at a time; within a window each row starts with the longest conversation left and is filled
+    with the longest that still fit, which wastes far less than filling rows in order."""
+    order = np.random.default_rng(seed).permutation(len(widths))
+    rows = []
+    for at in range(0, len(order), window):
+        items = sorted(zip(widths[order[at:at + window]].tolist(), order[at:at + window].tolist()))
+        keys = [w for w, _ in items]  # ascending, for bisect
+        while items:
+            keys.pop()
+            width, i = items.pop()
+            row, room = [i], seq_len - width
+            while (k := bisect.bisect_right(keys, room) - 1) >= 0:  # the longest that still fits
+                row.append(items[k][1])
+                room -= keys[k]
+                del items[k], keys[k]
+            rows.append(row)
+    return np.array([i for row in rows for i in row]), np.cumsum([0] + [len(row) for row in rows])
 
 
 class SFTData:
-    """Conversations as training rows for train.py, every one tokenized at load.
+    """Conversations as training rows for train.py, read from the file's chat shards (built first
+    when missing or stale). A row is a conversation cut to its part that trains (see the top).
 
     batch(index) is a pure function of (seed, index), so resuming needs only the index. Batch `index`
     holds the global positions index*G .. index*G+G-1 (G = batch_size * world_size) of an endless
     stream in which epoch e is the rows in the order of a permutation seeded by (seed, e); rank r takes
     rows r*batch_size:(r+1)*batch_size. Rows are padded on the right with <pad> (targets IGNORE_INDEX)
     to the longest row of the global batch: every rank gets the same shape, and its rows are exactly
-    those of the one-process batch. With think_weight, batch() also returns loss_weights()."""
+    those of the one-process batch.
+
+    With pack, a row is instead seq_len tokens holding several conversations (pack_rows); the batch adds
+    their positions and document ids (the padding at a row's end is a document of its own). With
+    think_weight, batch() also returns loss_weights()."""
 
     def __init__(self, path, tokenizer_path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, think_weight=None):
+                 world_size: int = 1, think_weight=None, pack: bool = False, shard_dir: str = "",
+                 num_workers: int = 0):
         if seq_len < 1 or batch_size < 1:
             raise UserError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is not in 0..{world_size - 1}")
         self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
-        self.think_weight = think_weight
+        self.think_weight, self.pack = think_weight, pack
         self.sp = sp = load_tokenizer(tokenizer_path)
         s = special_ids(sp)
         self.vocab_size, self.pad_id, self.think_ids = sp.get_piece_size(), s["pad"], (s["think"], s["end_think"])
         verbose = rank == 0
-        conversations, read_stats = read_conversations(os.fspath(path), verbose)
+        shards = ChatShards(path, tokenizer_path, shard_dir, num_workers, verbose)
+        self.ids, self.trained = shards.ids, shards.trained
 
-        rows, counts = [], Counter()
-        for conv in tqdm(conversations, desc="tokenizing", unit=" conversations", disable=not verbose, leave=False):
-            ids, labels = (np.array(x, dtype=np.int32) for x in encode_conversation(sp, conv.messages))
-            row = fit_row(ids, labels, seq_len)
-            if row is None:
-                counts["skipped_no_reply" if (labels[1:] == IGNORE_INDEX).all() else "skipped_too_long"] += 1
-                continue
-            counts["truncated"] += int(row[2])
-            rows.append(row[:2])
-        self.stats = {**read_stats, "rows": len(rows), "truncated": 0, "skipped_no_reply": 0, "skipped_too_long": 0,
-                      **counts}
-        if not rows:
+        start, length, first, last = shards.rows.T
+        no_reply = first < 0
+        too_long = ~no_reply & (first > seq_len)  # its first trained target lies past seq_len
+        keep = ~no_reply & ~too_long
+        end = np.minimum(last + 1, seq_len + 1)  # up to the last trained id, at most seq_len + 1 ids
+        counts = {"truncated": int((keep & (last + 1 > seq_len + 1)).sum()),
+                  "skipped_no_reply": int(no_reply.sum()), "skipped_too_long": int(too_long.sum())}
+        self.starts, self.lengths = start[keep], end[keep]
+        self.stats = {"formats": Counter(shards.info["formats"]), "malformed": shards.info["malformed"],
+                      "rows": len(self.starts), **counts}
+        if not len(self.starts):
             raise UserError(f"{path}: no conversation has an assistant reply within seq_len {seq_len} tokens "
                             f"({counts['skipped_no_reply']} without one, {counts['skipped_too_long']} starting later)")
-        lengths = np.array([len(ids) for ids, _ in rows])
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.ids = np.concatenate([ids for ids, _ in rows])
-        self.trained = np.concatenate([labels != IGNORE_INDEX for _, labels in rows])
-        self.num_tokens = int(lengths.sum() - len(rows))  # inputs, over all rows
+        self.conversations = len(self.starts)
+        self.num_tokens = int(self.lengths.sum() - len(self.starts))  # inputs, over all rows
+        if pack:
+            self.order, self.bounds = pack_rows(self.lengths - 1, seq_len, seed)
         self._permutation = (None, None)  # (epoch, order) of the last epoch used
         if verbose:
             skipped = [f"{counts[k]:,} {why}" for k, why in (("skipped_no_reply", "with no assistant reply"),
                        ("skipped_too_long", "whose first reply starts past seq_len")) if counts[k]]
-            print(f"{path}: {len(rows):,} rows, {self.num_tokens:,} tokens ({self.trained.sum() / self.num_tokens:.0%} trained), "
-                  f"longest {lengths.max() - 1}; {counts['truncated']:,} truncated to seq_len {seq_len}"
-                  + (f"; skipped {', '.join(skipped)}" if skipped else ""))
+            packed = f"; packed into {len(self):,} rows of {seq_len} ({self.num_tokens / len(self) / seq_len:.0%} " \
+                     f"filled)" if pack else ""
+            print(f"{path}: {len(self.starts):,} rows, {self.num_tokens:,} tokens "
+                  f"({shards.info['trained_tokens'] / max(1, shards.info['tokens']):.0%} of the file trained), "
+                  f"longest {self.lengths.max() - 1}; {counts['truncated']:,} truncated to seq_len {seq_len}"
+                  + (f"; skipped {', '.join(skipped)}" if skipped else "") + packed)
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        """Rows: conversations, or packed rows with pack."""
+        return len(self.bounds) - 1 if self.pack else len(self.starts)
 
     @property
     def tokens_per_row(self) -> float:
         return self.num_tokens / len(self)
 
     def row(self, i: int) -> tuple:
-        """(ids, labels) of row i as int64 arrays."""
-        ids = self.ids[self.offsets[i]:self.offsets[i + 1]].astype(np.int64)
-        return ids, np.where(self.trained[self.offsets[i]:self.offsets[i + 1]], ids, IGNORE_INDEX)
+        """(ids, labels) of conversation i as int64 arrays."""
+        span = slice(self.starts[i], self.starts[i] + self.lengths[i])
+        ids = self.ids[span].astype(np.int64)
+        return ids, np.where(self.trained[span].astype(bool), ids, IGNORE_INDEX)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._permutation[0] != epoch:
@@ -233,21 +474,36 @@ class SFTData:
         epochs, offsets = np.divmod(positions, len(self))
         return np.concatenate([self.epoch_order(e)[offsets[epochs == e]] for e in np.unique(epochs)])
 
-    def batch(self, index: int) -> tuple:
-        """(tokens, targets[, loss_weight]): int64 CPU tensors (batch_size, T), T the longest row of the
-        global batch (at most seq_len); loss_weight float32, only when think_weight is set."""
+    def batch(self, index: int) -> dict:
+        """{"tokens", "targets"[, "positions", "document_ids"][, "loss_weight"]}: CPU tensors (batch_size, T),
+        int64 but loss_weight (float32, only with think_weight). T is seq_len with pack, else the longest
+        row of the global batch (at most seq_len)."""
         rows = self.rows_of(index)
-        width = int(np.diff(self.offsets)[rows].max()) - 1
+        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        width = self.seq_len if self.pack else int(self.lengths[rows].max()) - 1
         tokens = np.full((self.batch_size, width), self.pad_id, dtype=np.int64)
         targets = np.full((self.batch_size, width), IGNORE_INDEX, dtype=np.int64)
-        for r, i in enumerate(rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]):
-            ids, labels = self.row(i)
-            tokens[r, :len(ids) - 1] = ids[:-1]
-            targets[r, :len(ids) - 1] = labels[1:]
-        batch = (torch.from_numpy(tokens), torch.from_numpy(targets))
-        if self.think_weight is None:
-            return batch
-        return batch + (torch.from_numpy(loss_weights(targets, self.think_ids, self.think_weight)),)
+        if self.pack:
+            positions = np.zeros((self.batch_size, width), dtype=np.int64)
+            documents = np.zeros((self.batch_size, width), dtype=np.int64)
+        for r, p in enumerate(mine):
+            conversations = self.order[self.bounds[p]:self.bounds[p + 1]] if self.pack else [p]
+            at = 0
+            for d, i in enumerate(conversations):
+                ids, labels = self.row(i)
+                n = len(ids) - 1
+                tokens[r, at:at + n], targets[r, at:at + n] = ids[:-1], labels[1:]
+                if self.pack:
+                    positions[r, at:at + n], documents[r, at:at + n] = np.arange(n), d
+                at += n
+            if self.pack:  # the padding at the end: a document of its own
+                positions[r, at:], documents[r, at:] = np.arange(width - at), len(conversations)
+        batch = {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets)}
+        if self.pack:
+            batch.update(positions=torch.from_numpy(positions), document_ids=torch.from_numpy(documents))
+        if self.think_weight is not None:
+            batch["loss_weight"] = torch.from_numpy(loss_weights(targets, self.think_ids, self.think_weight))
+        return batch
 
 
 def show_row(sp, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
@@ -258,7 +514,8 @@ def show_row(sp, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
 
 
 def inspect(cfg: InspectConfig):
-    data = SFTData(cfg.data, cfg.tokenizer, cfg.seq_len, batch_size=1)
+    data = SFTData(cfg.data, cfg.tokenizer, cfg.seq_len, batch_size=1, shard_dir=cfg.shard_dir,
+                   num_workers=cfg.num_workers)
     for i in range(min(cfg.show, len(data))):
         ids, labels = data.row(i)
         print(f"--- row {i}: {len(ids) - 1} tokens, {int((labels[1:] != IGNORE_INDEX).sum())} trained")

@@ -32,7 +32,7 @@ class DistillConfig(SFTConfig):
     train_data: str = "data/r1.jsonl"
     val_data: str = "data/r1_val.jsonl"
     out_dir: str = "out/distill"
-    batch_size: int = 8            # conversations per micro-batch per process
+    batch_size: int = 8            # rows per micro-batch per process: conversations, or packed rows with --pack
     grad_accum: int = 1
     max_steps: int = 200
     lr: float = 3e-4
@@ -54,7 +54,7 @@ class DistillConfig(SFTConfig):
 PRESETS = {
     "cpu": dict(batch_size=8, max_steps=200),
     "12gb": dict(batch_size=8, grad_accum=8, max_steps=2000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
-                 eval_every=250, eval_batches=50, log_every=20, compile=True),
+                 eval_every=250, eval_batches=50, log_every=20, compile=True, pack=True),
 }
 
 WELL_FORMED = re.compile(r"^\s*<think>(.+?)</think>(.*\S.*)$", re.S)
@@ -67,11 +67,10 @@ def teacher_loss(teacher, cfg: DistillConfig):
     t = cfg.kd_temperature
 
     def loss_fn(model, batch):
-        tokens, targets, weight = batch
-        logits, ce = model(tokens, targets, weight)
-        with torch.no_grad():
-            teacher_logits = teacher(tokens)[0]
-        trained = targets != -100
+        logits, ce = model(**batch)
+        with torch.no_grad():  # the same rows, without targets (packed rows keep their positions and documents)
+            teacher_logits = teacher(**{k: v for k, v in batch.items() if k not in ("targets", "loss_weight")})[0]
+        trained = batch["targets"] != -100
         student = F.log_softmax(logits[trained].float() / t, dim=-1)
         target = F.log_softmax(teacher_logits[trained].float() / t, dim=-1)
         kl = F.kl_div(student, target, log_target=True, reduction="batchmean") * t * t

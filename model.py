@@ -1,6 +1,8 @@
 """
 A LLaMA-style decoder in one file: RMSNorm, rotary embeddings (with optional Llama-3
-frequency scaling), grouped-query attention, SwiGLU, a KV cache and a sampler.
+frequency scaling), grouped-query attention, SwiGLU, a KV cache and a sampler. Rows that
+pack several documents take per-token positions and document ids: each document attends
+only to itself, with its positions starting at 0.
 
 Imports torch and the standard library only, so it can be copied into another project
 alone. Weight layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE), so
@@ -100,6 +102,15 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def document_mask(document_ids):
+    """(B, 1, T, T) bool attention mask for packed rows: query i sees key j when j <= i and both
+    belong to the same document (document_ids: (B, T), equal ids on a contiguous run)."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]  # every query sees at least itself: no row is all -inf
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -133,13 +144,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0):
-        B, T, _ = x.shape  # x: (B, T, dim); cos, sin: (T, head_dim)
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0, mask=None):
+        B, T, _ = x.shape  # x: (B, T, dim); cos, sin: (T, head_dim), or (B, 1, T, head_dim) for packed rows
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, True
+        packed, gqa = mask is not None, self.n_kv_heads != self.n_heads
+        causal = not packed  # a packed row's document mask (B, 1, T, T) is causal already
         if cache is not None:
             start = cache.pos
             cache.k[layer][:, :, start:start + T] = k
@@ -152,11 +164,14 @@ class Attention(nn.Module):
                 if T > 1:
                     mask = torch.arange(start + T, device=x.device)[None, :] <= \
                         torch.arange(start, start + T, device=x.device)[:, None]
+        if packed and gqa:  # the fused kernels that take a mask do not do GQA (SDPA would fall back to
+            # one that stores every T x T score): give them a key and value per query head
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))  # (B, n_heads, T, hd)
+            gqa = False
         # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, n_heads, T, head_dim)
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)  # (B, n_heads, T, head_dim)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # heads side by side again: (B, T, dim)
 
 
@@ -185,8 +200,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, self.layer))
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, self.layer, mask))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -219,25 +234,35 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, targets=None, loss_weight=None, cache: Optional[KVCache] = None,
-                last_only: bool = False):
+                last_only: bool = False, positions=None, document_ids=None):
         """Return (logits, loss). Targets equal to -100 are ignored. With loss_weight (same
         shape as targets), each token's loss is multiplied by its weight and the sum is
         divided by the number of trained (non -100) tokens, not by the sum of weights, so
-        a weight of 10 makes that token count ten times as much as an ordinary one."""
+        a weight of 10 makes that token count ten times as much as an ordinary one.
+        A packed row gives positions (B, T), each document's counting from 0, and
+        document_ids (B, T): then each token attends only to its own document."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
+        if (positions is None) != (document_ids is None) or (document_ids is not None and cache is not None):
+            raise ModelError("packed rows need both positions and document_ids, and no KV cache")
         if start + T > self.cfg.max_seq_len:
             raise ModelError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         if cache is not None and start + T > cache.max_len:
             raise ModelError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
         h = self.dropout(self.tok_embeddings(tokens))
-        cos = self.rope_cos[start:start + T].to(h.dtype)
-        sin = self.rope_sin[start:start + T].to(h.dtype)
+        mask = None
+        if positions is None:
+            cos = self.rope_cos[start:start + T].to(h.dtype)  # (T, head_dim)
+            sin = self.rope_sin[start:start + T].to(h.dtype)
+        else:
+            cos = self.rope_cos[positions].to(h.dtype)[:, None]  # (B, 1, T, head_dim): one per row and position
+            sin = self.rope_sin[positions].to(h.dtype)[:, None]
+            mask = document_mask(document_ids)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, None, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cache)
+                h = layer(h, cos, sin, cache, mask)
         if cache is not None:
             cache.pos += T
         h = self.norm(h)

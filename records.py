@@ -2,6 +2,7 @@
 The project's data files, read and written in one place.
 
   iter_json_records(path)  every record of a .jsonl file, or of a .json file holding one array
+  file_sha256(path)        a file's content hash, for sidecars that must notice a changed input
   Skipped                  the one rule for damaged records: warn about the first five, count the rest
   chat_messages(record)    a chat record in any of the four formats -> (format, messages, other keys)
   atomic_write(path)       write to a temporary file and rename it into place (atomic_path: the same,
@@ -15,6 +16,7 @@ Chat formats, told apart record by record:
 A top-level "system" string (alpaca, LLaMA-Factory's sharegpt) becomes the first turn.
 """
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -44,10 +46,20 @@ class Skipped:
             tqdm.write(f"warning: {where}: {reason}; skipped", file=sys.stderr)  # above a progress bar
 
 
-def iter_json_records(path: str):
+def json_value(raw: bytes):
+    """The JSON value of one line, or None when it is not valid JSON or UTF-8."""
+    try:
+        return json.loads(raw)
+    except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+        return None
+
+
+def iter_json_records(path: str, parse: bool = True):
     """Yield (where, value, bytes) for each record: `where` is "path line N" (or "path record N" in
     a JSON array), `value` the parsed JSON or None when the line is not valid JSON or UTF-8, `bytes`
-    what the record took in the file (blank lines count with the next record; 0 inside an array)."""
+    what the record took in the file (blank lines count with the next record; 0 inside an array).
+    With parse=False a .jsonl line comes as its raw bytes, for a worker process to parse with
+    json_value (the records of a JSON array are parsed either way: the file is one value)."""
     with open(path, "rb") as f:
         if f.read(1024).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
             f.seek(0)
@@ -63,12 +75,16 @@ def iter_json_records(path: str):
             pending += len(raw)
             if not raw.strip():
                 continue
-            try:
-                value = json.loads(raw)
-            except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
-                value = None
-            yield f"{path} line {lineno}", value, pending
+            yield f"{path} line {lineno}", json_value(raw) if parse else raw, pending
             pending = 0
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest would need Python 3.11
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def detect_format(record: dict):

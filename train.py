@@ -143,6 +143,10 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
     def all_mean(self, value: torch.Tensor) -> torch.Tensor:
         if self.ddp:  # SUM then divide: gloo (CPU) has no ReduceOp.AVG
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
@@ -295,7 +299,7 @@ class Prefetcher:
             try:
                 batch = data.batch(index)
                 if self.device.type == "cuda":
-                    batch = tuple(t.pin_memory() for t in batch)
+                    batch = {k: t.pin_memory() for k, t in batch.items()}
             except Exception as e:  # handed to the training thread, which re-raises it
                 batch = e
             self.queue.put(batch)
@@ -305,7 +309,7 @@ class Prefetcher:
         batch = self.queue.get()
         if isinstance(batch, Exception):
             raise batch
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        return to_device(batch, self.device)
 
     def close(self):
         self.stopped = True
@@ -315,8 +319,12 @@ class Prefetcher:
             self.thread.join(timeout=0.05)
 
 
-def default_loss(model, batch):
-    return model(*batch)[1]
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: t.to(device, non_blocking=True) for k, t in batch.items()}
+
+
+def default_loss(model, batch: dict):
+    return model(**batch)[1]
 
 
 @torch.no_grad()
@@ -325,7 +333,7 @@ def evaluate(model, data, n_batches: int, rt: Runtime, loss_fn=default_loss) -> 
     total = torch.zeros((), device=rt.device)
     for i in range(n_batches):
         with rt.autocast:
-            total += loss_fn(model, tuple(t.to(rt.device) for t in data.batch(i))).float()
+            total += loss_fn(model, to_device(data.batch(i), rt.device)).float()
     model.train()
     return rt.all_mean(total / n_batches).item()
 
@@ -385,7 +393,7 @@ def optimizer_step(model, optimizer, prefetch: Prefetcher, loss_fn, cfg: TrainCo
         with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast:
             loss = loss_fn(model, batch) / cfg.grad_accum
         rt.scaler.scale(loss).backward()
-        window.add(loss, batch[0])
+        window.add(loss, batch["tokens"])
     if cfg.grad_clip:
         rt.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -496,8 +504,8 @@ class Run:
 
 def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: Runtime = None,
           loss_fn=default_loss, tokenizer: str = "", start: dict = None) -> dict:
-    """The training loop. `train_data.batch(i)` returns the tuple passed to loss_fn(model, batch),
-    by default model(tokens, targets[, loss_weight]); train_data also has batch_size, seq_len
+    """The training loop. `train_data.batch(i)` returns the dict of tensors passed to loss_fn(model, batch),
+    by default model(**batch): tokens, targets and what else the data gives; train_data also has batch_size, seq_len
     (the longest row, for the memory estimate and MFU), num_tokens (all it holds) and tokens_per_row
     (on average, for the epochs report). `start` is a checkpoint to resume from.
     Returns {"step", "val_loss", "best_val_loss", "last_path"}."""
@@ -514,7 +522,7 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
         restore_rng(start["rng"])
     raw_model = model
     if cfg.compile:
-        model = compiled_or_eager(model, tuple(t.to(rt.device) for t in train_data.batch(0)), loss_fn, rt)
+        model = compiled_or_eager(model, to_device(train_data.batch(0), rt.device), loss_fn, rt)
     if rt.ddp:
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     validate = (lambda: evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)) if val_data is not None else None

@@ -23,8 +23,11 @@ class SFTConfig(TrainConfig):
     val_data: str = "data/sft_val.jsonl"
     tokenizer: str = "data/tokenizer.model"
     seq_len: int = 0               # longest row in tokens; 0 = the model's max_seq_len
+    pack: bool = False             # several conversations per row of seq_len, each attending only to itself
+    shard_dir: str = ""            # where chat files are tokenized to (once); empty: beside each file
+    num_workers: int = 0           # processes that tokenize a chat file into shards; 0 = one per core
     out_dir: str = "out/sft"
-    batch_size: int = 8            # conversations per micro-batch per process
+    batch_size: int = 8            # rows per micro-batch per process: conversations, or packed rows with --pack
     grad_accum: int = 1
     max_steps: int = 200
     lr: float = 3e-4
@@ -40,7 +43,7 @@ class SFTConfig(TrainConfig):
 PRESETS = {
     "cpu": dict(batch_size=8, max_steps=200),
     "12gb": dict(batch_size=8, grad_accum=8, max_steps=3000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
-                 eval_every=250, eval_batches=50, log_every=20, compile=True),
+                 eval_every=250, eval_batches=50, log_every=20, compile=True, pack=True),
 }
 
 
@@ -53,15 +56,21 @@ def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None, rt: Ru
     if seq_len > model.cfg.max_seq_len:
         raise UserError(f"--seq_len {seq_len} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
     data = dict(tokenizer_path=cfg.tokenizer, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                rank=rt.rank, world_size=rt.world_size, think_weight=think_weight)
+                rank=rt.rank, world_size=rt.world_size, think_weight=think_weight, pack=cfg.pack,
+                shard_dir=cfg.shard_dir, num_workers=cfg.num_workers)
+    if not rt.master:
+        rt.barrier()  # rank 0 tokenizes chat files without shards first; the other ranks then map its shards
     train_data = SFTData(cfg.train_data, **data)
     val_data = SFTData(cfg.val_data, **data) if cfg.val_data else None
+    if rt.master:
+        rt.barrier()
     if train_data.vocab_size > model.cfg.vocab_size:
         raise UserError(f"{cfg.tokenizer} has {train_data.vocab_size} pieces but the model's vocab_size is "
                         f"{model.cfg.vocab_size}: use the tokenizer the model was trained with")
     if rt.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init_from}; "
-              f"{len(train_data)} training conversations")
+              f"{train_data.conversations:,} training conversations" +
+              (f" in {len(train_data):,} packed rows" if cfg.pack else ""))
     kwargs = {"loss_fn": loss_fn} if loss_fn else {}
     result = train(cfg, model, train_data, val_data, rt, tokenizer=cfg.tokenizer, start=start, **kwargs)
     if after and rt.master:

@@ -26,7 +26,7 @@ class RandomTokens:
     def batch(self, i):
         x = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1),
                           generator=torch.Generator().manual_seed(i))
-        return x[:, :-1], x[:, 1:]
+        return {"tokens": x[:, :-1], "targets": x[:, 1:]}
 
 
 def small_corpus(n_lines: int = 3000, seed: int = 0):

@@ -217,7 +217,7 @@ def test_windows_are_contiguous_shifted_and_drawn_from_every_shard(tmp_path):
     assert (data.num_tokens, data.vocab_size, data.eos_id) == (sum(lengths), 65000, 2)
     counts = np.zeros(len(lengths), dtype=int)
     for index in range(300):
-        tokens, targets = data.batch(index)
+        tokens, targets = data.batch(index).values()
         assert tokens.dtype == targets.dtype == torch.int64 and tokens.device.type == "cpu"
         assert tokens.shape == targets.shape == (8, 64)
         assert torch.equal(tokens[:, 1:], targets[:, :-1])
@@ -234,13 +234,13 @@ def test_batches_are_a_function_of_seed_and_index_and_ranks_split_the_global_bat
     paths = synthetic_shards(tmp_path, [500, 700])
     a = TokenShards(str(tmp_path / "s_train_*.bin"), seq_len=32, batch_size=6, seed=1)
     b = TokenShards(paths, seq_len=32, batch_size=6, seed=1)  # a fresh reader, as after a resume
-    assert all(torch.equal(x, y) for x, y in zip(a.batch(5), b.batch(5)))
-    assert not torch.equal(a.batch(5)[0], a.batch(6)[0])
-    assert not torch.equal(a.batch(5)[0], TokenShards(paths, 32, 6, seed=2).batch(5)[0])
+    assert all(torch.equal(a.batch(5)[k], b.batch(5)[k]) for k in ("tokens", "targets"))
+    assert not torch.equal(a.batch(5)["tokens"], a.batch(6)["tokens"])
+    assert not torch.equal(a.batch(5)["tokens"], TokenShards(paths, 32, 6, seed=2).batch(5)["tokens"])
     ranks = [TokenShards(paths, 32, 2, seed=1, rank=r, world_size=3) for r in range(3)]
     for index in (0, 7):
-        for i in range(2):
-            assert torch.equal(torch.cat([r.batch(index)[i] for r in ranks]), a.batch(index)[i])
+        for k in ("tokens", "targets"):
+            assert torch.equal(torch.cat([r.batch(index)[k] for r in ranks]), a.batch(index)[k])
 
 
 def test_reader_errors(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ def test_batch_is_shifted_padded_and_weighted(tmp_path, sp, tokenizer_path):
     path = write_jsonl(tmp_path / "w.jsonl", [{"conversations": [{"role": r, "content": c} for r, c in x]}
                                               for x in (turns, short)])
     data = SFTData(path, tokenizer_path, seq_len=256, batch_size=2, think_weight=5.0)
-    tokens, targets, weights = data.batch(0)
+    tokens, targets, weights = (data.batch(0)[k] for k in ("tokens", "targets", "loss_weight"))
     assert tokens.dtype == targets.dtype == torch.int64 and weights.dtype == torch.float32
     ids, labels = expected(sp, *turns)
     ids, labels = ids[:-len(sp.encode("\n"))], labels[:-len(sp.encode("\n"))]  # trailing untrained "\n" dropped
@@ -198,8 +199,8 @@ def test_batch_is_shifted_padded_and_weighted(tmp_path, sp, tokenizer_path):
     # the <think> the user typed (the first one) is masked as a target: no weight there
     k = ids.index(t["<think>"]) - 1  # the position whose target it is
     assert tokens[r, k + 1] == t["<think>"] and tgt[k] == M and w[k] == 0
-    assert SFTData(path, tokenizer_path, seq_len=256, batch_size=2).batch(0)[1].shape == targets.shape
-    assert len(SFTData(path, tokenizer_path, seq_len=256, batch_size=2).batch(0)) == 2
+    assert SFTData(path, tokenizer_path, seq_len=256, batch_size=2).batch(0)["targets"].shape == targets.shape
+    assert set(SFTData(path, tokenizer_path, seq_len=256, batch_size=2).batch(0)) == {"tokens", "targets"}
 
 
 def test_loss_weights_ignore_masked_think():
@@ -226,7 +227,7 @@ def test_truncation_and_skip_counts(tmp_path, sp, tokenizer_path, capsys):
     # the truncated row keeps the first seq_len + 1 ids: its prompt and the start of the reply
     ids, labels = expected(sp, ("user", "Hi"), ("assistant", "Tom found a red ball. " * 20))
     assert data.row(0)[0].tolist() == ids[:33] and data.row(0)[1].tolist() == labels[:33]
-    assert max(data.batch(i)[0].shape[1] for i in range(8)) == 32
+    assert max(data.batch(i)["tokens"].shape[1] for i in range(8)) == 32
 
 
 def test_batches_are_deterministic_cover_epochs_and_split_across_ranks(tmp_path, tokenizer_path):
@@ -235,10 +236,10 @@ def test_batches_are_deterministic_cover_epochs_and_split_across_ranks(tmp_path,
     again = SFTData(path, tokenizer_path, seq_len=64, batch_size=4, seed=3)
     ranks = [SFTData(path, tokenizer_path, seq_len=64, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
     for index in (0, 5, 6, 11, 7):  # 6 batches per epoch: both epochs, in any order (a resume)
-        tokens, targets = one.batch(index)
-        assert all(torch.equal(a, b) for a, b in zip(tokens, again.batch(index)[0]))
+        tokens, targets = one.batch(index).values()
+        assert torch.equal(tokens, again.batch(index)["tokens"])
         for r, data in enumerate(ranks):
-            rt, rg = data.batch(index)
+            rt, rg = data.batch(index).values()
             assert torch.equal(rt, tokens[2 * r:2 * r + 2]) and torch.equal(rg, targets[2 * r:2 * r + 2])
     seen = [one.rows_of(i) for i in range(6)]
     assert sorted(np.concatenate(seen).tolist()) == list(range(24))  # an epoch sees every row once
@@ -252,7 +253,7 @@ def test_batch_larger_than_the_data_wraps_into_the_next_epoch(tmp_path, tokenize
     path = write_jsonl(tmp_path / "d.jsonl", chats(3))
     data = SFTData(path, tokenizer_path, seq_len=64, batch_size=5)
     rows = data.rows_of(0)
-    assert sorted(rows[:3].tolist()) == [0, 1, 2] and data.batch(1)[0].shape[0] == 5
+    assert sorted(rows[:3].tolist()) == [0, 1, 2] and data.batch(1)["tokens"].shape[0] == 5
 
 
 # -----------------------------------------------------------------------------
@@ -266,18 +267,23 @@ def test_json_array_file_and_bom(tmp_path, sp):
     assert stats["formats"] == {"alpaca": 1, "sharegpt": 1} and conversations[1].where == f"{path} record 1"
 
 
-def test_malformed_lines_are_warned_skipped_and_counted(tmp_path, capsys):
+@pytest.mark.parametrize("reader", ["objects", "shards"])
+def test_malformed_lines_are_warned_skipped_and_counted(tmp_path, capsys, reader, tokenizer_path):
     path = tmp_path / "m.jsonl"
     good = json.dumps(FORMATS["messages"])
     path.write_text("\n".join([good, "{not json", good, '{"messages": [{"role": "user"}]}', "[1, 2]",
                                '{"foo": 1}', "", good]) + "\n", encoding="utf-8")
-    conversations, stats = read_conversations(str(path))
-    assert len(conversations) == 3 and stats["malformed"] == 4
+    if reader == "objects":
+        conversations, stats = read_conversations(str(path))
+        assert len(conversations) == 3 and stats["malformed"] == 4
+    else:
+        data = SFTData(path, tokenizer_path, seq_len=64, batch_size=1, num_workers=2)
+        assert len(data) == 3 and data.stats["malformed"] == 4
     captured = capsys.readouterr()
     assert f"{path} line 2: not valid JSON; skipped" in captured.err
     assert f'{path} line 4: "messages"[0]["content"] is missing; skipped' in captured.err
     assert f"{path} line 5:" in captured.err and f"{path} line 6: unknown chat format" in captured.err
-    assert captured.out.strip() == f"{path}: messages format, 3 conversations, 4 malformed records skipped"
+    assert f"{path}: messages format, 3 conversations, 4 malformed records skipped" in captured.out.splitlines()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -291,12 +297,17 @@ def test_malformed_lines_are_warned_skipped_and_counted(tmp_path, capsys):
     ("{broken\n\n[3]\n", "no conversations, 2 malformed records skipped"),
     ("[{]", "not valid JSON"),
 ])
-def test_bad_input_is_one_clear_error(tmp_path, content, message):
+@pytest.mark.parametrize("reader", ["objects", "shards"])
+def test_bad_input_is_one_clear_error(tmp_path, content, message, reader, tokenizer_path):
     path = tmp_path / "x.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError) as e:
-        read_conversations(str(path), verbose=False)
+        if reader == "objects":
+            read_conversations(str(path), verbose=False)
+        else:  # the same error from a tokenizer worker process, and no shards left behind
+            SFTData(path, tokenizer_path, seq_len=64, batch_size=1, num_workers=2)
     assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]
 
 
 def test_missing_files_and_nothing_to_train(tmp_path, tokenizer_path):
@@ -321,8 +332,157 @@ def test_cli_shows_trained_part(tmp_path, tokenizer_path, capsys):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sft_alpaca_zh_1k.json").exists(), reason="../shared/data absent")
-def test_real_alpaca_file(tokenizer_path):
-    data = SFTData(SHARED_DATA / "sft_alpaca_zh_1k.json", tokenizer_path, seq_len=128, batch_size=4)
+def test_real_alpaca_file(tokenizer_path, tmp_path):
+    data = SFTData(SHARED_DATA / "sft_alpaca_zh_1k.json", tokenizer_path, seq_len=128, batch_size=4, shard_dir=tmp_path)
     assert len(data) > 900 and data.stats["formats"] == {"alpaca": 1000}
-    tokens, targets = data.batch(0)
+    tokens, targets = data.batch(0).values()
     assert tokens.shape[1] <= 128 and (targets != M).any()
+
+
+# -----------------------------------------------------------------------------
+# chat shards
+
+def trained_part(ids, labels):
+    """A row as the reader keeps it: up to its last trained label."""
+    last = max(k for k, x in enumerate(labels) if x != M)
+    return ids[:last + 1], labels[:last + 1]
+
+
+def test_shards_give_exactly_the_ids_and_labels_of_every_format(tmp_path, sp, tokenizer_path, monkeypatch):
+    """Many small chunks over two worker processes, in file order, for every format and a JSON array."""
+    monkeypatch.setattr(dataset_sft, "CHUNK_BYTES", 300)
+    multi = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, <think>Sam."},
+                               {"role": "user", "content": "你好 Count to 3."}, {"role": "assistant", "content": "1 2 3"}]}
+    records = [dict(FORMATS[f]) for f in FORMATS] * 5 + [multi] + chats(40, seed=1)
+    (tmp_path / "arr").mkdir()
+    for path in (write_jsonl(tmp_path / "all.jsonl", records), tmp_path / "arr" / "all.json"):
+        if str(path).endswith(".json"):
+            path.write_text(json.dumps(records), encoding="utf-8")
+        data = SFTData(path, tokenizer_path, seq_len=512, batch_size=1, num_workers=2)
+        conversations, _ = read_conversations(str(path), verbose=False)
+        assert len(data) == len(conversations) == len(records)
+        for i, conv in enumerate(conversations):
+            want = trained_part(*encode_conversation(sp, conv.messages))
+            assert [x.tolist() for x in data.row(i)] == list(want)
+
+
+def test_a_second_launch_reuses_the_shards_and_a_changed_file_or_tokenizer_rebuilds_them(
+        tmp_path, tokenizer_path, capsys, monkeypatch):
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, chats(6))
+    SFTData(path, tokenizer_path, seq_len=64, batch_size=1)
+    assert "tokenizing into" in capsys.readouterr().out and (tmp_path / "c.jsonl.shards" / "info.json").exists()
+    builds = []
+    real_build = dataset_sft.build_chat_shards
+    monkeypatch.setattr(dataset_sft, "build_chat_shards", lambda *a: builds.append(a) or real_build(*a))
+
+    SFTData(path, tokenizer_path, seq_len=32, batch_size=3, seed=5)  # other settings: the same shards
+    os.utime(path)  # touched, not changed: one hash says so
+    SFTData(path, tokenizer_path, seq_len=64, batch_size=1)
+    assert builds == [] and "tokenizing" not in capsys.readouterr().out
+
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("0: ", "9: ", 1), encoding="utf-8")  # same size, new content
+    data = SFTData(path, tokenizer_path, seq_len=64, batch_size=1)
+    assert len(builds) == 1 and "(the file changed)" in capsys.readouterr().out
+    assert data.sp.decode(data.row(0)[0].tolist()).startswith("<|im_start|>user\n9: ")
+
+    write_jsonl(path, chats(7))
+    assert len(SFTData(path, tokenizer_path, seq_len=64, batch_size=1)) == 7 and len(builds) == 2
+
+    import train_tokenizer
+    other = train_tokenizer.train(train_tokenizer.TokenizerConfig(
+        inputs=str(path), out=str(tmp_path / "other.model"), vocab_size=300, character_coverage=1.0))
+    SFTData(path, other, seq_len=64, batch_size=1)
+    assert len(builds) == 3 and "(the tokenizer changed" in capsys.readouterr().out
+
+    (tmp_path / "c.jsonl.shards" / "rows.bin").write_bytes(b"")  # damaged: rebuilt, not trusted
+    SFTData(path, other, seq_len=64, batch_size=1)
+    assert len(builds) == 4 and "(its shards are incomplete)" in capsys.readouterr().out
+
+
+def test_shard_dir_keeps_the_data_folder_untouched(tmp_path, tokenizer_path):
+    (tmp_path / "data").mkdir()
+    path = write_jsonl(tmp_path / "data" / "c.jsonl", chats(3))
+    SFTData(path, tokenizer_path, seq_len=64, batch_size=1, shard_dir=tmp_path / "cache")
+    assert os.listdir(tmp_path / "data") == ["c.jsonl"] and os.listdir(tmp_path / "cache") == ["c.jsonl.shards"]
+
+
+# -----------------------------------------------------------------------------
+# packing
+
+def varied_chats(n, seed=0):
+    """Conversations from a few to about 60 tokens."""
+    rng = np.random.default_rng(seed)
+    words = ["Tom", "found", "a", "red", "ball", "in", "the", "park", "and", "Lily", "painted", "boat", "三个", "苹果"]
+    return [{"conversations": [{"role": "user", "content": " ".join(rng.choice(words, rng.integers(1, 20)))},
+                               {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 30)))}]}
+            for _ in range(n)]
+
+
+def test_packing_fills_rows_with_whole_conversations_each_once_per_epoch(tmp_path, tokenizer_path):
+    path = write_jsonl(tmp_path / "v.jsonl", varied_chats(60))
+    plain = SFTData(path, tokenizer_path, seq_len=256, batch_size=3, seed=2)
+    packed = SFTData(path, tokenizer_path, seq_len=256, batch_size=3, seed=2, pack=True)
+    assert packed.num_tokens == plain.num_tokens and packed.num_tokens / (len(packed) * 256) > 0.85
+    epoch = [packed.rows_of(i) for i in range(-(-len(packed) // 3))]
+    rows = np.concatenate(epoch)[:len(packed)]
+    assert sorted(rows.tolist()) == list(range(len(packed)))
+    convs = np.concatenate([packed.order[packed.bounds[p]:packed.bounds[p + 1]] for p in rows])
+    assert sorted(convs.tolist()) == list(range(len(plain)))  # every conversation once
+    for index in range(len(epoch)):
+        b = packed.batch(index)
+        assert {k: tuple(v.shape) for k, v in b.items()} == dict.fromkeys(
+            ("tokens", "targets", "positions", "document_ids"), (3, 256))
+        for r, p in enumerate(packed.rows_of(index)):
+            at = 0
+            for d, i in enumerate(packed.order[packed.bounds[p]:packed.bounds[p + 1]]):
+                ids, labels = plain.row(i)
+                n = len(ids) - 1
+                assert b["tokens"][r, at:at + n].tolist() == ids[:-1].tolist()
+                assert b["targets"][r, at:at + n].tolist() == labels[1:].tolist()
+                assert b["positions"][r, at:at + n].tolist() == list(range(n))
+                assert set(b["document_ids"][r, at:at + n].tolist()) == {d}
+                at += n
+            assert (b["targets"][r, at:] == M).all() and (b["tokens"][r, at:] == packed.pad_id).all()
+            assert len(set(b["document_ids"][r, at:].tolist())) <= 1
+    assert np.array_equal(SFTData(path, tokenizer_path, 256, 3, seed=2, pack=True).order, packed.order)
+
+
+def per_token_loss(model, **batch):
+    logits = model(**{k: v for k, v in batch.items() if k != "targets"})[0]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="none",
+                                             ignore_index=M).view(batch["targets"].shape)
+
+
+def test_a_packed_row_trains_exactly_what_its_conversations_train_alone(tmp_path, tokenizer_path):
+    from model import ModelConfig, Transformer
+    path = write_jsonl(tmp_path / "v.jsonl", varied_chats(30, seed=3))
+    packed = SFTData(path, tokenizer_path, seq_len=128, batch_size=4, pack=True, think_weight=3.0)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=packed.vocab_size,
+                                    max_seq_len=128)).eval()
+    b = packed.batch(0)
+    with torch.no_grad():
+        together = per_token_loss(model, **{k: v for k, v in b.items() if k != "loss_weight"})
+        for r, p in enumerate(packed.rows_of(0)):
+            at = 0
+            for i in packed.order[packed.bounds[p]:packed.bounds[p + 1]]:
+                ids, labels = (torch.from_numpy(x)[None] for x in packed.row(i))
+                n = ids.shape[1] - 1
+                alone = per_token_loss(model, tokens=ids[:, :-1], targets=labels[:, 1:])[0]
+                torch.testing.assert_close(together[r, at:at + n], alone, atol=1e-5, rtol=0)
+                at += n
+        # no attention across conversations: change one, the others' logits do not move
+        logits = model(b["tokens"], positions=b["positions"], document_ids=b["document_ids"])[0]
+        changed = b["tokens"].clone()
+        first = b["document_ids"][0] == 0
+        changed[0, first] = (changed[0, first] + 7) % packed.vocab_size
+        moved = model(changed, positions=b["positions"], document_ids=b["document_ids"])[0]
+        assert not torch.allclose(moved[0, first], logits[0, first])
+        torch.testing.assert_close(moved[0, ~first], logits[0, ~first], atol=1e-6, rtol=0)
+        torch.testing.assert_close(moved[1:], logits[1:], atol=0, rtol=0)
+    # the training loss (think-weighted) of the packed batch is the same weighted mean over the same tokens
+    loss = model(**b)[1]
+    weights = b["loss_weight"]
+    torch.testing.assert_close(loss, (together * weights).sum() / (b["targets"] != M).sum(), atol=1e-5, rtol=0)

@@ -51,7 +51,7 @@ def test_teacher_loss_mixes_cross_entropy_and_kl_on_trained_positions():
     weight = torch.ones(2, 6)
     weight[1, 2] = 10.0
     cfg = DistillConfig(kd_weight=0.3, kd_temperature=2.0)
-    got = teacher_loss(teacher, cfg)(student, (tokens, targets, weight)).item()
+    got = teacher_loss(teacher, cfg)(student, {"tokens": tokens, "targets": targets, "loss_weight": weight}).item()
 
     t = cfg.kd_temperature
     s_logits, t_logits = student(tokens)[0].detach(), teacher(tokens)[0].detach()

@@ -23,7 +23,7 @@ class CountingTokens:
     def batch(self, i):
         start = torch.randint(0, 64, (self.batch_size, 1), generator=torch.Generator().manual_seed(i))
         x = (start + torch.arange(self.seq_len + 1)) % 64
-        return x[:, :-1], x[:, 1:]
+        return {"tokens": x[:, :-1], "targets": x[:, 1:]}
 
 
 def config(tmp_path, **overrides):
