@@ -17,11 +17,26 @@ MFU and peak memory (torch.cuda.max_memory_allocated on CUDA; on CPU the live te
 memory: the same step of ours in bf16, run on fake tensors (shapes, no data, no arithmetic): the
 peak a GPU would need, found on any machine in seconds, next to the training scripts' estimate.
   python bench.py --preset 12gb --memory_only true    # does the 12gb preset fit, without a GPU
+chat data (--sft_mb N, these rows only): --sft_mb MB of the offline generator's chats tokenized into
+chat shards (dataset_sft.py) with --sft_workers processes, time and peak memory, then a second launch
+that must reuse them; then SFT steps on --sft_spread_mb MB of chats with a realistic spread of lengths,
+padded to the longest row against packed (--pack), in useful (conversation) tokens per second.
+  python bench.py --preset cpu --sft_mb 200 --seq_len 1024 --max_seq_len 1024   # needs data/tokenizer.model
 """
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,6 +46,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from cli import UserError, parse_config, run_guarded
 from inference import pick_device
 from model import ModelConfig, ModelError, Transformer
+from offline_data import english_chat
+from records import atomic_write
 
 
 @dataclass
@@ -57,6 +74,11 @@ class BenchConfig:
     peak_tflops: float = field(default=0.0, metadata={"help": "for MFU; 0: the GPU table / measured CPU matmuls"})
     memory_cap_gib: float = field(default=0.0, metadata={
         "help": "CUDA: use at most this much GPU memory, e.g. 12 to act as a 12 GB card; 0: all"})
+    sft_mb: float = field(default=0.0, metadata={"help": "chat data rows only: MB of chats to build shards of; 0: skip"})
+    sft_spread_mb: float = field(default=20.0, metadata={"help": "chat data rows: MB of chats for padded vs packed"})
+    sft_steps: int = field(default=10, metadata={"help": "chat data rows: timed SFT steps, padded and packed"})
+    sft_workers: int = field(default=0, metadata={"help": "chat data rows: tokenizer processes; 0: one per core"})
+    tokenizer: str = field(default="data/tokenizer.model", metadata={"help": "chat data rows: the tokenizer"})
 
 
 PRESETS = {
@@ -226,6 +248,128 @@ def memory_row(model_cfg: ModelConfig, cfg: BenchConfig) -> tuple:
             f"{estimate / 2**30:.2f} GiB ({estimate / simulated:.2f}x)")
 
 
+# -----------------------------------------------------------------------------
+# chat data at scale (--sft_mb): shards built once, and padded against packed SFT steps
+
+def write_chats(path: str, n_bytes: int, spread: bool, seed: int = 0) -> int:
+    """The offline generator's chats until about n_bytes. With spread, several chats are joined into one
+    conversation of a length drawn from a log-normal (a few dozen to a few thousand tokens, as real chat
+    data has) instead of the generator's short ones. Returns the number of conversations."""
+    rng, size, n = random.Random(seed), 0, 0
+    with atomic_write(path) as f:
+        while size < n_bytes:
+            turns = english_chat(rng)["conversations"]
+            if spread:
+                target = min(8000, 80 * math.exp(rng.gauss(2.4, 1.0)))  # characters: ~4 per token
+                while sum(len(t["content"]) for t in turns) < target:
+                    turns += [t for t in english_chat(rng)["conversations"] if t["role"] != "system"]
+            line = json.dumps({"conversations": turns}, ensure_ascii=False) + "\n"
+            f.write(line)
+            size, n = size + len(line.encode("utf-8")), n + 1
+    return n
+
+
+def process_tree_bytes(pid: int) -> int:
+    """Memory of a process and its descendants (Linux): the sum of their proportional set sizes, so that
+    pages the forked workers share with their parent are counted once. 0 where /proc cannot say."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parents[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        tree.update(children)
+        frontier = children
+    total = 0
+    for p in tree:
+        with contextlib.suppress(OSError):
+            total += next(int(line.split()[1]) * 1024 for line in open(f"/proc/{p}/smaps_rollup")
+                          if line.startswith("Pss:"))
+    return total
+
+
+def timed_with_peak_memory(command: list) -> tuple:
+    """(seconds, peak bytes of the process tree sampled every 0.1 s, stdout) of a command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, process_tree_bytes(proc.pid) if os.path.isdir("/proc") else 0)
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t0
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise UserError(f"{' '.join(command)} failed: {out.strip().splitlines()[-1:]}")
+    return seconds, peak, out
+
+
+def sft_step_rate(data, model_cfg: ModelConfig, cfg: BenchConfig, device, autocast) -> tuple:
+    """(useful tokens/s, share of computed positions that are useful) of SFT steps on `data`: AdamW steps
+    of one micro-batch, after one warm-up step. Useful positions hold a conversation's token, not padding."""
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    useful = computed = 0
+    for i in range(cfg.sft_steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        batch = {k: v.to(device) for k, v in data.batch(i).items()}
+        with autocast:
+            loss = model(**batch)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:
+            useful += int((batch["tokens"] != data.pad_id).sum())
+            computed += batch["tokens"].numel()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return useful / (time.perf_counter() - t0), useful / computed
+
+
+def sft_rows(cfg: BenchConfig, dtype) -> list:
+    from dataset_sft import SFTData, shard_dir_for
+    from tokenizer import load_tokenizer
+    vocab_size = load_tokenizer(cfg.tokenizer).get_piece_size()
+    workers = cfg.sft_workers or os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
+        chats = os.path.join(tmp, "chats.jsonl")
+        n = write_chats(chats, int(cfg.sft_mb * 1e6), spread=False, seed=cfg.seed)
+        build = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dataset_sft.py"),
+                 "--data", chats, "--tokenizer", cfg.tokenizer, "--num_workers", str(workers), "--show", "0"]
+        seconds, peak, _ = timed_with_peak_memory(build)
+        with open(os.path.join(shard_dir_for(chats), "info.json"), encoding="utf-8") as f:
+            tokens = json.load(f)["tokens"]
+        note = f"{cfg.sft_mb:g} MB, {n:,} conversations, {tokens / 1e6:.1f}M tokens, {workers} workers; " + \
+            (f"peak memory {peak / 2**20:,.0f} MiB (all processes)" if peak else "peak memory: no /proc here")
+        rows.append(("chat shards, build", seconds, "s", note))
+        seconds, _, out = timed_with_peak_memory(build)
+        reused = "tokenizing" not in out
+        rows.append(("chat shards, second launch", seconds, "s",
+                     "reused, nothing tokenized" if reused else "REBUILT: the shards were not reused"))
+
+        spread = os.path.join(tmp, "spread.jsonl")
+        write_chats(spread, int(cfg.sft_spread_mb * 1e6), spread=True, seed=cfg.seed)
+        model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                                vocab_size=vocab_size, max_seq_len=cfg.seq_len)
+        autocast = torch.autocast("cuda", dtype=dtype) if cfg.device.startswith("cuda") else contextlib.nullcontext()
+        rates = {}
+        for pack in (False, True):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                data = SFTData(spread, cfg.tokenizer, cfg.seq_len, cfg.batch_size, seed=cfg.seed, pack=pack)
+            rates[pack], share = sft_step_rate(data, model_cfg, cfg, cfg.device, autocast)
+            lengths = data.lengths - 1
+            note = f"{share:.0%} of computed positions are conversation tokens" + ("" if pack else (
+                f"; conversations {lengths.min()}-{lengths.max()} tokens, median {int(np.median(lengths))}"))
+            if pack:
+                note += f"; {rates[True] / rates[False]:.2f}x padded"
+            rows.append((f"SFT step, {'packed' if pack else 'padded'}", rates[pack], "tokens/s", note))
+    return rows
+
+
 def print_table(rows):
     """rows: (name, value, unit, note) -> aligned text."""
     width = max(len(r[0]) for r in rows)
@@ -246,6 +390,9 @@ def run(cfg: BenchConfig):
                             vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)
     if cfg.memory_only:
         print_table([memory_row(model_cfg, cfg)])
+        return
+    if cfg.sft_mb:
+        print_table(sft_rows(cfg, dtype))
         return
     model = Transformer(model_cfg).to(device=cfg.device, dtype=dtype).eval()
     prompt = torch.randint(0, cfg.vocab_size, (cfg.prompt_tokens,)).tolist()

@@ -31,3 +31,14 @@ def test_bench_memory_only_sizes_the_12gb_preset_in_seconds():
     lines = bench("--preset", "12gb", "--memory_only", "true")
     assert len(lines) == 1
     assert 1 < float(row(lines, "memory, bf16 step").split()[0]) < 7
+
+
+def test_bench_chat_data_rows_build_reuse_and_compare_padded_with_packed(tokenizer_path):
+    lines = bench("--preset", "tiny", "--sft_mb", "0.3", "--sft_spread_mb", "0.3", "--sft_steps", "2",
+                  "--tokenizer", tokenizer_path, "--seq_len", "128", "--max_seq_len", "128", "--sft_workers", "2")
+    assert len(lines) == 4
+    assert "2 workers" in row(lines, "chat shards, build") and "MiB" in row(lines, "chat shards, build")
+    assert "reused, nothing tokenized" in row(lines, "chat shards, second launch")
+    padded, packed = row(lines, "SFT step, padded"), row(lines, "SFT step, packed")
+    assert float(padded.split()[0]) > 0 and float(packed.split()[0]) > 0 and "x padded" in packed
+    assert int(packed.split("% of computed")[0].split()[-1]) >= 90  # packed rows are (almost) all conversation

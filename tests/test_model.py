@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, Transformer, load_state_dict_checked, read_checkpoint, sample
+from model import KVCache, ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, sample
 
 TINY = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=80, max_seq_len=64)
 
@@ -133,3 +133,28 @@ def test_read_checkpoint_rejects_bad_files(tmp_path):
                         (foreign, "not a checkpoint of this project"), (tmp_path / "none.pt", "no such checkpoint")]:
         with pytest.raises(ValueError, match=words):
             read_checkpoint(str(path))
+
+
+def test_packed_rows_need_positions_and_document_ids_and_checkpoint_the_same():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16))
+    tokens = torch.randint(0, 50, (2, 12))
+    documents = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    positions = torch.stack([torch.cat([torch.arange(5), torch.arange(7)]), torch.arange(12)])
+    with pytest.raises(ModelError, match="both positions and document_ids"):
+        model(tokens, positions=positions)
+    with pytest.raises(ModelError, match="no KV cache"):
+        model(tokens, positions=positions, document_ids=documents, cache=model.new_cache(2))
+    # a row holding one document from position 0 is the plain causal forward
+    plain = model(tokens)[0]
+    packed = model(tokens, positions=positions, document_ids=documents)[0]
+    torch.testing.assert_close(packed[1], plain[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[0, 5:], model(tokens[:1, 5:])[0][0], atol=1e-5, rtol=0)
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.grad_checkpointing = flag
+        model(tokens, tokens, positions=positions, document_ids=documents)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

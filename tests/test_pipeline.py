@@ -186,6 +186,27 @@ def test_sft_chat_and_distillation(pretrained):
     assert after > before, r.stdout
 
 
+def test_packed_sft_resumes_bit_for_bit_and_runs_under_ddp(pretrained):
+    w = pretrained
+    common = ["--pack", "true", "--max_steps", "8", "--eval_every", "4", "--eval_batches", "2", "--log_every", "2",
+              "--lr", "2e-3", "--device", "cpu", "--seq_len", "128"]
+    r = run("train_sft.py", *common, "--batch_size", "4", "--out_dir", "out/pack_full", cwd=w)
+    assert " packed rows" in r.stdout and "% filled)" in r.stdout
+    run("train_sft.py", *common, "--batch_size", "4", "--out_dir", "out/pack_split", "--stop_at_step", "3", cwd=w)
+    run("train_sft.py", *common, "--batch_size", "4", "--out_dir", "out/pack_split", "--resume", "true", cwd=w)
+    full, split = (torch.load(w / f"out/{d}/last.pt", weights_only=True)["model"] for d in ("pack_full", "pack_split"))
+    assert all(torch.equal(full[k], split[k]) for k in full)
+
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        str(ROOT / "train_sft.py"), *common, "--batch_size", "2", "--out_dir", "out/pack_two",
+                        "--shard_dir", "ddp_shards"], capture_output=True, text=True, cwd=w, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("tokenizing into") == 2  # the training and the validation file, by rank 0 only
+    assert sorted(os.listdir(w / "ddp_shards")) == ["sft.jsonl.shards", "sft_val.jsonl.shards"]
+    assert (w / "out/pack_two/last.pt").exists()
+
+
 # The factor within which the training scripts' memory estimate must match the measured peak.
 ESTIMATE_FACTOR = (0.9, 1.15)
 
