@@ -50,6 +50,9 @@ class TrainConfig:
     eval_batches: int = 10
     log_every: int = 10
     # shared by every stage
+    optimizer: str = "adamw"       # adamw | muon: Muon for the 2-D weights inside the blocks, AdamW for the rest
+    muon_lr: float = 0.0           # Muon's peak lr (same schedule); 0 = --lr: its updates are sized like AdamW's
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     device: str = "auto"           # auto | cpu | cuda | cuda:N
@@ -175,13 +178,14 @@ def peak_flops(rt: Runtime, override_tflops: float = 0.0) -> float:
 
 
 def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype,
-                    grad_checkpointing: bool = False) -> dict:
+                    grad_checkpointing: bool = False, optimizer: str = "adamw") -> dict:
     """Bytes the training step needs at its peak (the start of backward), by part. Activations
     are what autograd keeps per token: per layer the fp32 residual stream and normalised inputs,
     and in the compute dtype the matmul inputs and outputs (attention is a fused kernel: no
     T x T matrix is kept); then the fp32 log-probabilities and their gradients over the vocabulary.
     Within 0.99x of the measured peak of the cpu preset's loop, and 1.0-1.04x of bf16 steps of the
-    12gb preset simulated on fake tensors (bench.py --memory_only; tests/test_pipeline.py)."""
+    12gb preset simulated on fake tensors (bench.py --memory_only; tests/test_pipeline.py). AdamW keeps
+    two fp32 moments per weight; Muon one momentum buffer for the matrices it trains."""
     with torch.device("meta"):
         n_params = Transformer(model_cfg).num_params()
     c, e = model_cfg, dtype.itemsize
@@ -194,13 +198,15 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
         else c.n_layers * per_layer + head
     # fp32 master weights, plus the low-precision copies autocast makes of them for the matmuls
     weights = 4 * n_params + (e * n_params if e < 4 else 0)
-    return {"weights": weights, "gradients": 4 * n_params, "optimizer": 8 * n_params,
+    block_matrices = c.n_layers * (2 * c.dim * c.dim + 2 * c.dim * kv_dim + 3 * c.dim * c.hidden_dim)
+    optimizer_bytes = 8 * n_params - (4 * block_matrices if optimizer == "muon" else 0)
+    return {"weights": weights, "gradients": 4 * n_params, "optimizer": optimizer_bytes,
             "activations": batch_size * seq_len * per_token}
 
 
 def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int, rt: Runtime):
     """Print the estimate; on CUDA stop before the first step if it cannot fit."""
-    parts = estimate_memory(model_cfg, cfg.batch_size, seq_len, rt.dtype, cfg.grad_checkpointing)
+    parts = estimate_memory(model_cfg, cfg.batch_size, seq_len, rt.dtype, cfg.grad_checkpointing, cfg.optimizer)
     total = sum(parts.values())
     if rt.master:
         print("memory estimate: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items()) +
@@ -243,18 +249,38 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: Transformer, cfg: TrainConfig, rt: Runtime):
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def muon_weights(model: Transformer) -> list:
+    """The weights Muon trains: the 2-D matrices inside the blocks (attention and MLP projections). The
+    embedding and the output head (tied or not) are lookups and a classifier, not hidden transforms."""
+    return [p for name, p in model.named_parameters() if p.requires_grad and name.startswith("layers.") and p.dim() == 2]
+
+
+def make_optimizers(model: Transformer, cfg: TrainConfig, rt: Runtime) -> list:
+    """[AdamW] for every weight, or with --optimizer muon [AdamW, Muon]: Muon for muon_weights(), AdamW for
+    the rest. Weight decay only on 2-D weights."""
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise UserError(f"--optimizer {cfg.optimizer!r}: use adamw or muon")
+    if cfg.optimizer == "muon" and rt.scaler.is_enabled():
+        raise UserError("--optimizer muon is not supported with fp16 loss scaling (an overflow could skip AdamW's "
+                        "step but not Muon's): use --dtype bfloat16 or float32, or --optimizer adamw")
+    to_muon = muon_weights(model) if cfg.optimizer == "muon" else []
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in to_muon)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = rt.device.type == "cuda"
     try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+        optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
     except RuntimeError as e:  # a device or dtype the fused kernel does not support
         if not fused:
             raise
         warn_fallback("fused AdamW", e)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))]
+    if to_muon:
+        # match_rms_adamw scales each matrix's orthogonalised update to the size of an AdamW update
+        # (Moonlight, Liu et al. 2025), so that AdamW's learning rate and weight decay carry over.
+        optimizers.append(torch.optim.Muon(to_muon, lr=cfg.muon_lr or cfg.lr, weight_decay=cfg.weight_decay,
+                                           momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
 def warn_fallback(fast_path: str, error: Exception):
@@ -362,6 +388,10 @@ def check_resumable(ckpt: dict, model_cfg: ModelConfig, cfg: TrainConfig, path: 
         if old != getattr(cfg, name):
             raise UserError(f"{path} was trained with {name}={old!r} but this run has "
                             f"{name}={getattr(cfg, name)!r}; the data order would change")
+    old = ckpt.get("train_config", {}).get("optimizer", "adamw")
+    if old != cfg.optimizer:
+        raise UserError(f"{path} was trained with optimizer={old!r} but this run has optimizer={cfg.optimizer!r}; "
+                        f"its optimizer state cannot carry over: use --optimizer {old} or a new --out_dir")
 
 
 class LogWindow:
@@ -384,7 +414,8 @@ class LogWindow:
         return self.rt.all_mean(self.loss_sum / max(1, self.steps)).item()
 
 
-def optimizer_step(model, optimizer, prefetch: Prefetcher, loss_fn, cfg: TrainConfig, rt: Runtime, window: LogWindow):
+def optimizer_step(model, optimizers: list, prefetch: Prefetcher, loss_fn, cfg: TrainConfig, rt: Runtime,
+                   window: LogWindow):
     """One optimizer step: cfg.grad_accum micro-batches forward and backward, then clip and update."""
     for micro in range(cfg.grad_accum):
         batch = prefetch.next()
@@ -395,11 +426,14 @@ def optimizer_step(model, optimizer, prefetch: Prefetcher, loss_fn, cfg: TrainCo
         rt.scaler.scale(loss).backward()
         window.add(loss, batch["tokens"])
     if cfg.grad_clip:
-        rt.scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            rt.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    rt.scaler.step(optimizer)
+    for optimizer in optimizers:  # with fp16, each skips the step if its gradients overflowed
+        rt.scaler.step(optimizer)
     rt.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
 
 
 class Run:
@@ -407,9 +441,9 @@ class Run:
     check, evaluation and checkpoints, stopping. Only rank 0 prints and writes. As a context manager it
     turns Ctrl-C into a flag, so that the loop stops between steps and saves."""
 
-    def __init__(self, cfg: TrainConfig, model: Transformer, optimizer, rt: Runtime, tokenizer: str, start: dict,
-                 evaluate=None):
-        self.cfg, self.model, self.optimizer, self.rt, self.tokenizer = cfg, model, optimizer, rt, tokenizer
+    def __init__(self, cfg: TrainConfig, model: Transformer, optimizers: list, rt: Runtime, tokenizer: str,
+                 start: dict, evaluate=None):
+        self.cfg, self.model, self.optimizers, self.rt, self.tokenizer = cfg, model, optimizers, rt, tokenizer
         self.evaluate = evaluate  # the validation loss, or None without validation data
         self.step, self.val_loss, self.best_val = 0, None, float("inf")
         if start:
@@ -469,7 +503,7 @@ class Run:
         self.stop_if_diverged()
         if self.rt.master:
             ckpt = {"model": self.model.state_dict(), "config": asdict(self.model.cfg), "step": self.step,
-                    "optimizer": self.optimizer.state_dict(), "scaler": self.rt.scaler.state_dict(),
+                    "optimizer": [o.state_dict() for o in self.optimizers], "scaler": self.rt.scaler.state_dict(),
                     "rng": capture_rng(), "train_config": asdict(self.cfg), "tokenizer": self.tokenizer,
                     "val_loss": self.val_loss, "best_val_loss": self.best_val}
             for path in paths:
@@ -515,9 +549,11 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     torch.manual_seed(cfg.seed + rt.rank)
     model.to(rt.device)
     model.grad_checkpointing = cfg.grad_checkpointing
-    optimizer = make_optimizer(model, cfg, rt)
+    optimizers = make_optimizers(model, cfg, rt)
     if start:
-        optimizer.load_state_dict(start["optimizer"])
+        states = start["optimizer"] if isinstance(start["optimizer"], list) else [start["optimizer"]]  # older runs
+        for optimizer, state in zip(optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
         rt.scaler.load_state_dict(start["scaler"])
         restore_rng(start["rng"])
     raw_model = model
@@ -526,7 +562,7 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     if rt.ddp:
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     validate = (lambda: evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)) if val_data is not None else None
-    run = Run(cfg, raw_model, optimizer, rt, tokenizer, start, validate)
+    run = Run(cfg, raw_model, optimizers, rt, tokenizer, start, validate)
     with run, contextlib.closing(Prefetcher(train_data, run.step * cfg.grad_accum, rt.device)) as prefetch:
         if run.step == 0 and validate:  # the starting point, to judge what training achieved
             run.log({"step": 0, "val_loss": validate()})
@@ -534,9 +570,11 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
             if run.window.steps == 0:  # timed from here: the evaluation and saving before it are left out
                 run.window.start = time.perf_counter()
             lr = lr_at(run.step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer_step(model, optimizer, prefetch, loss_fn, cfg, rt, run.window)
+            for optimizer in optimizers:  # Muon follows the same schedule from its own peak
+                scale = (cfg.muon_lr or cfg.lr) / cfg.lr if isinstance(optimizer, torch.optim.Muon) else 1.0
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * scale
+            optimizer_step(model, optimizers, prefetch, loss_fn, cfg, rt, run.window)
             run.step += 1
             run.window.steps += 1
             run.bar.update(1)

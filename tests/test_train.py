@@ -1,5 +1,6 @@
 """The training loop in process: no save ever writes diverged weights, whatever the eval, log and
 stop intervals; atomic checkpoint writes; the weighted loss by hand."""
+import json
 import math
 import os
 import signal
@@ -123,3 +124,51 @@ def test_memory_cap_sets_the_allocator_fraction(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(UserError, match="--memory_cap_gib 96 is more than the 80.0 GiB of Big GPU"):
         train.cap_memory(torch.device("cuda:0"), 96)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_muon_gets_exactly_the_2d_block_weights_and_adamw_the_rest(tmp_path, tie):
+    model = Transformer(ModelConfig(**{**TINY.__dict__, "tie_embeddings": tie}))
+    cfg = train.TrainConfig(out_dir=str(tmp_path), device="cpu", optimizer="muon")
+    adamw, muon = train.make_optimizers(model, cfg, train.Runtime(cfg))
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    name = {id(p): n for n, p in model.named_parameters()}
+    to_muon = {name[id(p)] for g in muon.param_groups for p in g["params"]}
+    to_adamw = {name[id(p)] for g in adamw.param_groups for p in g["params"]}
+    projections = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    assert to_muon == {f"layers.{i}.{p}.weight" for i in range(TINY.n_layers) for p in projections}
+    assert to_adamw == set(name.values()) - to_muon
+    assert ("output.weight" in to_adamw) == (not tie) and "tok_embeddings.weight" in to_adamw
+    adamw_bytes = sum(8 * p.numel() for g in adamw.param_groups for p in g["params"])
+    muon_bytes = sum(4 * p.numel() for g in muon.param_groups for p in g["params"])
+    assert train.estimate_memory(model.cfg, 1, 8, torch.float32, optimizer="muon")["optimizer"] == \
+        adamw_bytes + muon_bytes
+    only_adamw = train.make_optimizers(model, train.TrainConfig(device="cpu"), train.Runtime(cfg))
+    assert len(only_adamw) == 1 and sum(len(g["params"]) for g in only_adamw[0].param_groups) == len(name)
+    with pytest.raises(UserError, match="fp16"):
+        fp16 = train.TrainConfig(device="cpu", dtype="float16", optimizer="muon")
+        train.make_optimizers(model, fp16, train.Runtime(fp16))
+
+
+def test_muon_learns_and_resumes_bit_for_bit(tmp_path):
+    def run(out_dir, **overrides):
+        cfg = train.TrainConfig(out_dir=str(out_dir), batch_size=4, max_steps=30, warmup_steps=3, lr=3e-3,
+                                device="cpu", eval_every=10, log_every=5, optimizer="muon", **overrides)
+        model, start = train.resume_or_init(cfg, TINY)
+        data = RandomTokens(TINY.vocab_size, 4, TINY.max_seq_len)
+        return train.train(cfg, model, data, data, start=start)
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "split", stop_at_step=13)
+    with pytest.raises(UserError, match="optimizer='muon'"):
+        cfg = train.TrainConfig(out_dir=str(tmp_path / "split"), resume=True, batch_size=4, device="cpu")
+        train.resume_or_init(cfg, TINY)
+    resumed = run(tmp_path / "split", resume=True)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert len(a["optimizer"]) == 2 and a["optimizer"][1]["state"]  # AdamW's and Muon's states
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed["val_loss"] == straight["val_loss"]
+    first = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl") if "val_loss" in line]
+    assert first[-1]["val_loss"] < first[0]["val_loss"] - 0.1  # it learns (random tokens: the batches repeat)
