@@ -7,8 +7,10 @@ Convert between our checkpoints and Hugging Face transformers' Llama format.
 
 The export is a plain LlamaForCausalLM (config.json + model.safetensors) with a SentencePiece
 tokenizer (tokenizer.model, plus an exact tokenizer.json and dataset_sft.py's ChatML template), so
-transformers' AutoModelForCausalLM / AutoTokenizer load it, and so do the tools built on the
-format: llama.cpp's convert_hf_to_gguf.py, vLLM, ollama (via GGUF).
+transformers' AutoModelForCausalLM / AutoTokenizer load it. tokenizer_config.json also tells GGUF
+converters which pieces are special (llama.cpp's convert_hf_to_gguf.py makes the chat markers
+control tokens and <think> </think> user-defined ones) and that no space prefix is added; a
+Modelfile beside it runs the converted model.gguf in ollama with the same template.
 
 Our weights already use HF's rotate-half RoPE layout, so converting is a renaming of tensors:
 nothing is permuted. Needs the `safetensors` package (pip install safetensors); transformers
@@ -205,6 +207,8 @@ def save_hf(model: Transformer, out_dir: str, tokenizer_model: str = None):
         write_json(os.path.join(out_dir, "generation_config.json"), {
             "bos_token_id": token_ids["bos"], "eos_token_id": [token_ids["im_end"], token_ids["eos"]],
             "pad_token_id": token_ids["pad"]})
+        with atomic_write(os.path.join(out_dir, "Modelfile")) as f:
+            f.write(OLLAMA_MODELFILE)
     write_json(os.path.join(out_dir, "config.json"), hf_config(model.cfg, dtype, token_ids))
 
 
@@ -315,6 +319,16 @@ def tokenizer_json(spm_info: dict) -> dict:
     }
 
 
+# For ollama, beside the export: `ollama create NAME -f Modelfile` once model.gguf is made (see the README).
+OLLAMA_MODELFILE = """FROM ./model.gguf
+TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+\"\"\"
+PARAMETER stop <|im_end|>
+"""
+
+
 def save_tokenizer(tokenizer_model: str, out_dir: str, cfg: ModelConfig) -> dict:
     """Write tokenizer.model, tokenizer.json, tokenizer_config.json (with the ChatML template)
     and special_tokens_map.json for a model with config `cfg`; return the ids of bos, eos, pad
@@ -333,13 +347,19 @@ def save_tokenizer(tokenizer_model: str, out_dir: str, cfg: ModelConfig) -> dict
         raise UserError(f"{tokenizer_model}: no {missing[0]} piece")
     with atomic_path(os.path.join(out_dir, "tokenizer.model")) as tmp:
         shutil.copyfile(tokenizer_model, tmp)
-    write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json(info))
+    fast = tokenizer_json(info)
+    write_json(os.path.join(out_dir, "tokenizer.json"), fast)
     special = {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<pad>"}
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    # The same added tokens as tokenizer.json: llama.cpp's converter reads them here, and makes a special one
+    # a control token (the chat markers, <s>, </s>...) and the others user-defined (<think>, </think>: always
+    # one token, and shown in the output). add_prefix_space false: our pieces carry no dummy "▁" prefix.
+    added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in fast["added_tokens"]}
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as written, no rebuilding
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg.max_seq_len, "chat_template": CHAT_TEMPLATE_JINJA, **special})
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len,
+        "chat_template": CHAT_TEMPLATE_JINJA, "added_tokens_decoder": added, **special})
     return {"bos": ids["<s>"], "eos": ids["</s>"], "pad": ids["<pad>"], "im_end": ids["<|im_end|>"]}
 
 

@@ -185,6 +185,24 @@ def test_exported_folder_loads_and_stops_at_chat_end(exported):
     assert_same_model(model, hf, 512)
 
 
+def test_export_tells_gguf_converters_the_special_pieces_and_no_space_prefix(exported):
+    """What llama.cpp's convert_hf_to_gguf.py reads (tests/test_gguf.py runs it when llama.cpp is installed):
+    added_tokens_decoder marks a token special (a control token in the GGUF) or not (user-defined), and
+    add_prefix_space false becomes the GGUF's add_space_prefix false."""
+    _, out, sp = exported
+    config = json.load(open(f"{out}/tokenizer_config.json"))
+    assert config["add_prefix_space"] is False and config["add_bos_token"] is False
+    decoder = {t["content"]: (int(i), t["special"]) for i, t in config["added_tokens_decoder"].items()}
+    for piece, special in [("<|im_start|>", True), ("<|im_end|>", True), ("<think>", False), ("</think>", False),
+                           ("<s>", True), ("</s>", True), ("<pad>", True), ("<unk>", True)]:
+        assert decoder[piece] == (sp.piece_to_id(piece), special), piece
+    assert {t["content"]: t["special"] for t in json.load(open(f"{out}/tokenizer.json"))["added_tokens"]} == \
+        {piece: special for piece, (_, special) in decoder.items()}  # the same as transformers reads
+    modelfile = open(f"{out}/Modelfile").read()
+    assert modelfile.startswith("FROM ./model.gguf\n") and "PARAMETER stop <|im_end|>" in modelfile
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n" in modelfile
+
+
 def test_tokenizer_larger_than_vocabulary_is_refused(tokenizer_path, tmp_path):
     model = Transformer(ModelConfig(**ODD))  # 97 ids, the tokenizer has 512
     with pytest.raises(ValueError, match="512 pieces"):

@@ -1,0 +1,126 @@
+"""llama.cpp reads our export as we do. The GGUF that llama.cpp's own converter makes from a
+`convert_hf.py --to_hf` folder marks the chat markers as control tokens and the think tags as
+user-defined ones, adds no space prefix and ends generation at <|im_end|>; llama.cpp then tokenizes
+chat prompts to exactly our ids and decodes greedily as our generate() does.
+
+Needs llama.cpp: LLAMA_CPP_DIR, a llama.cpp source tree (its convert_hf_to_gguf.py and gguf-py), and
+the llama_cpp package (llama-cpp-python) built from the same release; skipped without them. The
+llama-cpp-python source distribution carries both:
+  pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+  pip install ./llama_cpp_python-*.tar.gz
+  LLAMA_CPP_DIR=$PWD/llama_cpp_python-*/vendor/llama.cpp python -m pytest tests/test_gguf.py
+GGUF_CHECK_CKPT=out/distill/best.pt runs the greedy comparison on that checkpoint (and its tokenizer)
+instead of a small random model.
+"""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import convert_hf
+from dataset_sft import render_prompt
+from model import ModelConfig, Transformer, load_model
+from offline_data import GENERATORS
+from tokenizer import SPECIAL_PIECES, load_tokenizer
+
+LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent"))
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+if not (LLAMA_CPP_DIR / "convert_hf_to_gguf.py").is_file():
+    pytest.skip("LLAMA_CPP_DIR does not point at a llama.cpp source tree", allow_module_level=True)
+pytest.importorskip("safetensors")
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf-py: TokenType)
+
+
+def to_gguf(hf_dir: Path) -> Path:
+    out = hf_dir / "model.gguf"
+    r = subprocess.run([sys.executable, str(LLAMA_CPP_DIR / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile",
+                        str(out), "--outtype", "f32"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tokenizer_path, tmp_path_factory):
+    """(our model, its tokenizer, the GGUF llama.cpp's converter made of our export)."""
+    out = tmp_path_factory.mktemp("gguf")
+    if os.environ.get("GGUF_CHECK_CKPT"):
+        model, ckpt = load_model(os.environ["GGUF_CHECK_CKPT"])
+        tokenizer_path = ckpt["tokenizer"]
+    else:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=128))
+        with torch.no_grad():  # larger weights than at initialisation: greedy output varies, with clear margins
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.2)
+    convert_hf.save_hf(model.eval(), str(out), tokenizer_path)
+    return model, load_tokenizer(tokenizer_path), to_gguf(out)
+
+
+def gguf_fields(path: Path) -> dict:
+    sys.path.insert(0, str(LLAMA_CPP_DIR / "gguf-py"))  # the gguf-py of the converter that wrote the file
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    reader = GGUFReader(str(path))
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def test_the_gguf_marks_special_pieces_has_no_space_prefix_and_ends_at_im_end(exported):
+    _, sp, path = exported
+    fields = gguf_fields(path)
+    types = fields["tokenizer.ggml.token_type"]
+    for name in ("im_start", "im_end"):
+        assert types[sp.piece_to_id(SPECIAL_PIECES[name])] == CONTROL
+    for name in ("think", "end_think"):
+        assert types[sp.piece_to_id(SPECIAL_PIECES[name])] == USER_DEFINED
+    assert [types[i] for i in (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id())] == [CONTROL] * 4  # as transformers
+    assert fields["tokenizer.ggml.add_space_prefix"] is False
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    assert fields["tokenizer.ggml.eos_token_id"] == sp.piece_to_id("<|im_end|>")
+    assert "<|im_start|>" in fields["tokenizer.chat_template"]
+
+
+def conversations(n: int) -> list:
+    """n built-in chats and reasoning problems, English and Chinese, each with a generation prompt."""
+    rng = random.Random(0)
+    makers = [make for lang in ("en", "zh") for make in GENERATORS[lang][1:]]
+    return [makers[k % len(makers)](rng)["conversations"] for k in range(n)]
+
+
+def test_llama_cpp_tokenizes_chat_prompts_to_our_ids(exported):
+    _, sp, path = exported
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llm.token_eos() == sp.piece_to_id("<|im_end|>")
+    for messages in conversations(300):
+        for prompt in (messages, messages[:1]):  # the whole chat, and its first turn with the generation prompt
+            ours = render_prompt(sp, prompt, add_generation_prompt=prompt is not messages)
+            text = sp.decode(ours)
+            assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ours, text[:200]
+
+
+def test_llama_cpp_greedy_decoding_equals_ours(exported):
+    model, sp, path = exported
+    # f32 keys and values: llama.cpp's default f16 cache alone moves the logits by about 1e-3 of their size
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.cfg.max_seq_len, n_threads=2, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    for messages in conversations(4):
+        prompt = render_prompt(sp, messages[:1])
+        n = min(32, model.cfg.max_seq_len - len(prompt))
+        ours = model.generate(prompt, max_new_tokens=n, temperature=0)
+        llm.reset()
+        llm.eval(prompt)
+        theirs = []
+        for _ in range(len(ours)):
+            theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([theirs[-1]])
+        assert theirs == ours
+        np.testing.assert_allclose(llm.scores[:llm.n_tokens - 1], model(torch.tensor([prompt + ours[:-1]]))[0][0]
+                                   .detach().numpy(), atol=1e-4, rtol=0)  # the logits, position by position
