@@ -25,6 +25,7 @@ padded to the longest row against packed (--pack), in useful (conversation) toke
 """
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -306,27 +307,31 @@ def timed_with_peak_memory(command: list) -> tuple:
 
 
 def sft_step_rate(data, model_cfg: ModelConfig, cfg: BenchConfig, device, autocast) -> tuple:
-    """(useful tokens/s, share of computed positions that are useful) of SFT steps on `data`: AdamW steps
-    of one micro-batch, after one warm-up step. Useful positions hold a conversation's token, not padding."""
+    """(useful tokens/s, share of computed positions that are useful) of --sft_steps optimizer steps on
+    `data` (optimizer_step: --grad_accum micro-batches, AdamW), after one warm-up step. Useful positions hold
+    a conversation's token, not padding."""
+    from train import to_device
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    useful = computed = 0
-    for i in range(cfg.sft_steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        batch = {k: v.to(device) for k, v in data.batch(i).items()}
-        with autocast:
-            loss = model(**batch)[1]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i:
-            useful += int((batch["tokens"] != data.pad_id).sum())
-            computed += batch["tokens"].numel()
+    batches = (to_device(data.batch(i), device) for i in itertools.count())
+    counted = []  # (useful, computed) positions of each micro-batch
+
+    def loss_of():
+        batch = next(batches)
+        counted.append(((batch["tokens"] != data.pad_id).sum(), batch["tokens"].numel()))
+        return model(**batch)[1]
+
+    step = optimizer_step(model, loss_of, cfg, device, autocast)
+    step()  # warm-up
+    counted.clear()
+    t0 = time.perf_counter()
+    for _ in range(cfg.sft_steps):
+        step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return useful / (time.perf_counter() - t0), useful / computed
+    seconds = time.perf_counter() - t0
+    useful, computed = sum(int(u) for u, _ in counted), sum(n for _, n in counted)
+    return useful / seconds, useful / computed
 
 
 def sft_rows(cfg: BenchConfig, dtype) -> list:

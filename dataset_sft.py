@@ -271,10 +271,9 @@ def build_chat_shards(path: str, tokenizer_path: str, out: str, num_workers: int
     bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024, leave=False,
                desc="tokenizing", disable=not verbose)
     try:
-        files = {name: open(os.path.join(tmp, name + ".bin"), "wb") for name in ("ids", "trained", "rows")}
         with contextlib.ExitStack() as stack:
-            for f in files.values():
-                stack.enter_context(f)
+            files = {name: stack.enter_context(open(os.path.join(tmp, name + ".bin"), "wb"))
+                     for name in ("ids", "trained", "rows")}
             results = stack.enter_context(contextlib.closing(
                 tokenize_in_order(chat_tasks(path), tokenizer_path, num_workers, work=tokenize_chats)))
             for ids, trained, rows, chunk_formats, chunk_skipped, nbytes in results:
@@ -288,7 +287,6 @@ def build_chat_shards(path: str, tokenizer_path: str, out: str, num_workers: int
                 tokens, trained_tokens, conversations = tokens + len(ids), trained_tokens + int(trained.sum()), \
                     conversations + len(rows)
                 bar.update(nbytes)
-        bar.close()
         line = describe_file(path, formats, skipped.count)
         stat = os.stat(path)
         info = {"version": SHARD_VERSION, "source": os.path.abspath(path), "source_size": stat.st_size,

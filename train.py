@@ -264,7 +264,8 @@ def make_optimizers(model: Transformer, cfg: TrainConfig, rt: Runtime) -> list:
         raise UserError("--optimizer muon is not supported with fp16 loss scaling (an overflow could skip AdamW's "
                         "step but not Muon's): use --dtype bfloat16 or float32, or --optimizer adamw")
     to_muon = muon_weights(model) if cfg.optimizer == "muon" else []
-    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in to_muon)]
+    muon_ids = {id(p) for p in to_muon}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in muon_ids]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = rt.device.type == "cuda"
