@@ -337,7 +337,7 @@ def sft_step_rate(data, model_cfg: ModelConfig, cfg: BenchConfig, device, autoca
 def sft_rows(cfg: BenchConfig, dtype) -> list:
     from dataset_sft import SFTData, shard_dir_for
     from tokenizer import load_tokenizer
-    vocab_size = load_tokenizer(cfg.tokenizer).get_piece_size()
+    vocab_size = load_tokenizer(cfg.tokenizer).vocab_size
     workers = cfg.sft_workers or os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:

@@ -1,5 +1,5 @@
 """
-Text -> packed uint16 token shards for pretraining, and the reader train.py samples them with.
+Text -> packed token shards for pretraining, and the reader train.py samples them with.
 
   python dataset.py                                         # data/pretrain.jsonl -> data/pretrain_train_*.bin
   python dataset.py --inputs book.txt --val_inputs "" --val_fraction 0.01 --name books
@@ -9,11 +9,12 @@ Inputs (comma-separated, any mix):
            with a warning naming the line
   .txt     one document per block of lines separated by one or more blank lines
   .parquet .csv .json .arrow   read through `datasets` from the local file (never the network), column --text_field
-Every document is tokenized, followed by the end-of-document id (</s>, looked up in the tokenizer), and
+Every document is tokenized, followed by the end-of-document id (eos, looked up in the tokenizer), and
 appended to {out_dir}/{name}_train_000.bin, _001.bin, ... (shard_tokens each) or, for held-out documents, to
-{out_dir}/{name}_val.bin. A .bin is raw little-endian uint16 ids. Its sidecar <file>.bin.json records the
-tokenizer (path, sha256, vocab size, eos id) and the token and document counts. Sidecars are written last,
-once every shard is complete, so a .bin without one is an unfinished run and the reader refuses it.
+{out_dir}/{name}_val.bin. A .bin is raw little-endian ids: uint16, or uint32 when the vocabulary has more
+than 65,536 ids (tokenizer.token_dtype). Its sidecar <file>.bin.json records the tokenizer (path, sha256,
+vocab size, eos id), the dtype and the token and document counts. Sidecars are written last, once every
+shard is complete, so a .bin without one is an unfinished run and the reader refuses it.
 """
 import contextlib
 import glob
@@ -27,15 +28,13 @@ from dataclasses import dataclass, field
 from multiprocessing import Pool
 
 import numpy as np
-import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
 from records import Skipped, atomic_write, file_sha256, iter_json_records
-from tokenizer import load_tokenizer
+from tokenizer import Tokenizer, load_tokenizer, recorded_dtype, token_dtype
 
-DTYPE = np.dtype("<u2")  # uint16, little-endian whatever the machine: ids up to 65535
 DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}
 
 
@@ -47,11 +46,13 @@ class DatasetConfig:
                             metadata={"help": "held-out documents for {name}_val.bin; empty: hold out val_fraction of inputs"})
     val_fraction: float = field(default=0.01, metadata={
         "help": "with empty val_inputs: this fraction of the documents, evenly spread, goes to validation (0: none)"})
-    tokenizer: str = field(default="data/tokenizer.model", metadata={"help": "SentencePiece model (train_tokenizer.py)"})
+    tokenizer: str = field(default="data/tokenizer.model", metadata={
+        "help": "tokenizer.model (train_tokenizer.py) or an imported model's tokenizer.json"})
     out_dir: str = "data"
     name: str = field(default="pretrain", metadata={"help": "files are {out_dir}/{name}_train_000.bin ... and {name}_val.bin"})
     text_field: str = field(default="text", metadata={"help": "the key / column holding the document text"})
-    shard_tokens: int = field(default=100_000_000, metadata={"help": "tokens per training shard (2 bytes each)"})
+    shard_tokens: int = field(default=100_000_000, metadata={
+        "help": "tokens per training shard (2 bytes each; 4 with a vocabulary over 65,536)"})
     num_workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={"help": "tokenizer processes"})
     chunk_docs: int = field(default=256, metadata={"help": "documents per task handed to a worker"})
 
@@ -173,29 +174,31 @@ def make_tasks(sources, cfg: DatasetConfig, skipped: Skipped):
 # -----------------------------------------------------------------------------
 # tokenizing in worker processes
 
-_worker_sp = None  # each worker process loads its own tokenizer once
+_worker_tokenizer = None  # each worker process loads its own tokenizer once
 
 
-def init_worker(tokenizer_path: str):
-    global _worker_sp
-    _worker_sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+def init_worker(tokenizer_path: str, in_pool: bool):
+    global _worker_tokenizer
+    if in_pool:  # the pool is the parallelism: the tokenizers library's own threads would only compete with it
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
-def worker_tokenizer() -> spm.SentencePieceProcessor:
-    """The tokenizer of this worker process (of tokenize_in_order); encode with num_threads=1."""
-    return _worker_sp
+def worker_tokenizer() -> Tokenizer:
+    """The tokenizer of this worker process (of tokenize_in_order)."""
+    return _worker_tokenizer
 
 
 def tokenize_chunk(task):
-    """(split, texts, bytes) -> (split, uint16 ids with eos after every document, documents, bytes)."""
+    """(split, texts, bytes) -> (split, ids with eos after every document, documents, bytes)."""
     split, texts, nbytes = task
-    eos = _worker_sp.eos_id()
-    docs = _worker_sp.encode(texts, num_threads=1)  # the parallelism is the pool's, not sentencepiece's
-    flat = np.empty(sum(map(len, docs)) + len(docs), dtype=DTYPE)
+    tok = _worker_tokenizer
+    docs = tok.encode_batch(texts)
+    flat = np.empty(sum(map(len, docs)) + len(docs), dtype=token_dtype(tok.vocab_size))
     pos = 0
     for ids in docs:
         flat[pos:pos + len(ids)] = ids
-        flat[pos + len(ids)] = eos
+        flat[pos + len(ids)] = tok.eos_id
         pos += len(ids) + 1
     return split, flat, len(docs), nbytes
 
@@ -205,10 +208,10 @@ def tokenize_in_order(tasks, tokenizer_path: str, num_workers: int, work=tokeniz
     the tokenizer loaded (worker_tokenizer). At most 4 tasks per worker are in flight: Pool.imap would
     read the whole corpus into its task queue as fast as the disk allows."""
     if num_workers <= 1:
-        init_worker(tokenizer_path)
+        init_worker(tokenizer_path, in_pool=False)
         yield from map(work, tasks)
         return
-    with Pool(num_workers, initializer=init_worker, initargs=(tokenizer_path,)) as pool:
+    with Pool(num_workers, initializer=init_worker, initargs=(tokenizer_path, True)) as pool:
         pending = deque()
         for task in tasks:
             pending.append(pool.apply_async(work, (task,)))
@@ -289,7 +292,7 @@ def build_shards(cfg: DatasetConfig) -> dict:
         raise UserError("shard_tokens, num_workers and chunk_docs must be at least 1")
     if not 0 <= cfg.val_fraction < 1:
         raise UserError(f"val_fraction {cfg.val_fraction} must be in [0, 1)")
-    sp = load_tokenizer(cfg.tokenizer)
+    tok = load_tokenizer(cfg.tokenizer)
     train_paths = [p for p in cfg.inputs.split(",") if p]
     val_paths = [p for p in cfg.val_inputs.split(",") if p]
     if not train_paths:
@@ -307,8 +310,8 @@ def build_shards(cfg: DatasetConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     remove_stale_shards(cfg.out_dir, cfg.name)
     prefix = os.path.join(cfg.out_dir, cfg.name)
-    writers = {"train": ShardWriter(lambda i: f"{prefix}_train_{i:03d}.bin", cfg.shard_tokens, sp.eos_id()),
-               "val": ShardWriter(lambda i: f"{prefix}_val.bin", 0, sp.eos_id())}
+    writers = {"train": ShardWriter(lambda i: f"{prefix}_train_{i:03d}.bin", cfg.shard_tokens, tok.eos_id),
+               "val": ShardWriter(lambda i: f"{prefix}_val.bin", 0, tok.eos_id)}
     skipped = Skipped()
     sources = [("train", p) for p in train_paths] + [("val", p) for p in val_paths]
     total_bytes = sum(os.path.getsize(p) for _, p in sources if p.endswith((".jsonl", ".txt")))
@@ -332,7 +335,7 @@ def build_shards(cfg: DatasetConfig) -> dict:
                             f"val_fraction {cfg.val_fraction} of the documents holds out none: "
                             f"raise --val_fraction, give --val_inputs, or pass --val_fraction 0")
         info = {"tokenizer": cfg.tokenizer, "tokenizer_sha256": file_sha256(cfg.tokenizer),
-                "vocab_size": sp.get_piece_size(), "eos_id": sp.eos_id(), "dtype": "uint16"}
+                "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": token_dtype(tok.vocab_size).name}
         for path, tokens, documents in written["train"] + written["val"]:
             write_sidecar(path, {**info, "num_tokens": tokens, "num_documents": documents})
     except BaseException:  # errors and Ctrl-C alike: leave no shard behind that could pass for complete
@@ -376,7 +379,7 @@ class TokenShards:
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is not in 0..{world_size - 1}")
         self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
-        infos = [self._read_sidecar(p) for p in self.paths]
+        infos, dtypes = zip(*map(self._read_sidecar, self.paths))
         for key in ("vocab_size", "eos_id", "tokenizer_sha256"):
             for path, info in zip(self.paths, infos):
                 if info[key] != infos[0][key]:
@@ -387,7 +390,8 @@ class TokenShards:
         self.num_tokens = int(lengths.sum())
         self.tokens_per_row = seq_len  # every row is a full window
         # opened once; the OS pages in only the windows read (a 0-token file cannot be mapped)
-        self.shards = [np.memmap(p, dtype=DTYPE, mode="r") if n else None for p, n in zip(self.paths, lengths)]
+        self.shards = [np.memmap(p, dtype=dtype, mode="r") if n else None
+                       for p, dtype, n in zip(self.paths, dtypes, lengths)]
         windows = np.maximum(lengths - seq_len, 0)  # start positions with seq_len + 1 tokens after them
         if windows.sum() == 0:
             raise UserError(f"{pattern_or_paths}: no shard has the seq_len + 1 = {seq_len + 1} tokens one window "
@@ -397,7 +401,8 @@ class TokenShards:
         self.window_starts = self.window_ends - windows
 
     @staticmethod
-    def _read_sidecar(path: str) -> dict:
+    def _read_sidecar(path: str) -> tuple:
+        """(the sidecar's info, the dtype of the shard's ids)"""
         try:
             with open(path + ".json", encoding="utf-8") as f:
                 info = json.load(f)
@@ -406,12 +411,11 @@ class TokenShards:
                             f"dataset.py run?): rerun python dataset.py") from None
         except json.JSONDecodeError:
             raise UserError(f"{path}.json is not valid JSON: rerun python dataset.py") from None
-        if info.get("dtype") != "uint16":
-            raise UserError(f"{path}.json: dtype {info.get('dtype')!r}, expected \"uint16\"")
-        if os.path.getsize(path) != info["num_tokens"] * DTYPE.itemsize:
+        dtype = recorded_dtype(info, f"{path}.json")
+        if os.path.getsize(path) != info["num_tokens"] * dtype.itemsize:
             raise UserError(f"{path} is {os.path.getsize(path)} bytes but its sidecar says {info['num_tokens']} "
                             f"tokens: the file changed after it was written; rerun python dataset.py")
-        return info
+        return info, dtype
 
     def batch(self, index: int) -> dict:
         """{"tokens", "targets"}: int64 CPU tensors (batch_size, seq_len); targets are tokens shifted by one."""

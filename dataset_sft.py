@@ -15,8 +15,8 @@ not a damaged line.
 Template (ChatML), the same as CHAT_TEMPLATE_JINJA:
   <|im_start|>{role}\\n{content}<|im_end|>\\n  per turn, then <|im_start|>assistant\\n to ask for a reply,
   which ends at <|im_end|>.
-Ids, turn by turn: the <|im_start|> id, sp.encode(role + "\\n"), sp.encode(content), the <|im_end|> id,
-sp.encode("\\n"). Text is encoded piece by piece, so it never merges with a marker or with the next piece.
+Ids, turn by turn: the <|im_start|> id, encode(role + "\\n"), encode(content), the <|im_end|> id,
+encode("\\n"). Text is encoded piece by piece, so it never merges with a marker or with the next piece.
 Markers typed inside content (<think>, even <|im_end|>) become their single ids, as in Hugging Face's tokenizers.
 
 Labels: the id itself for each assistant turn's content and its <|im_end|>; -100 (no loss) for everything
@@ -24,12 +24,12 @@ else: system and user turns, every role header, and the "\\n" after <|im_end|> (
 stop at <|im_end|>). Every assistant turn of a conversation is trained.
 
 Chat shards: the first run on a chat file tokenizes it into {file}.shards/ beside it (or under --shard_dir),
-streaming and in parallel (--num_workers processes, which also parse the JSON): ids.bin (uint16 ids of every
-conversation, back to back), trained.bin (uint8: 1 where the id is a trained label), rows.bin (int64 per
-conversation: start, length, first and last trained position) and info.json (the file's size, modification
-time and sha256, the tokenizer's sha256, SHARD_VERSION, the counts). The folder is built under a temporary
-name and renamed, so it is complete or absent. Later runs, resumes and every DDP rank memory-map it; a changed
-file or tokenizer rebuilds it, and says so.
+streaming and in parallel (--num_workers processes, which also parse the JSON): ids.bin (the ids of every
+conversation, back to back: uint16, uint32 for a vocabulary over 65,536), trained.bin (uint8: 1 where the id
+is a trained label), rows.bin (int64 per conversation: start, length, first and last trained position) and
+info.json (the file's size, modification time and sha256, the tokenizer's sha256, SHARD_VERSION, the dtype
+of ids.bin, the counts). The folder is built under a temporary name and renamed, so it is complete or absent.
+Later runs, resumes and every DDP rank memory-map it; a changed file or tokenizer rebuilds it, and says so.
 
 Rows (SFTData): trailing positions that train nothing are dropped (they would only be unused targets),
 then a row longer than seq_len + 1 ids is cut to its first seq_len + 1 ids (counted as truncated); a
@@ -54,9 +54,9 @@ import torch
 from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
-from dataset import DTYPE, tokenize_in_order, worker_tokenizer
+from dataset import tokenize_in_order, worker_tokenizer
 from records import BadRecord, Skipped, atomic_write, chat_messages, file_sha256, iter_json_records, json_value
-from tokenizer import load_tokenizer, special_ids
+from tokenizer import Tokenizer, load_tokenizer, recorded_dtype, special_ids, token_dtype
 
 IGNORE_INDEX = -100  # targets the loss skips (model.py: cross_entropy ignore_index)
 # The template in Jinja, for tokenizer_config.json (convert_hf.py) and transformers' apply_chat_template.
@@ -69,7 +69,8 @@ CHAT_TEMPLATE_JINJA = ("{% for message in messages %}"
 @dataclass
 class InspectConfig:
     data: str = field(default="data/sft.jsonl", metadata={"help": "chat file (.jsonl or .json array)"})
-    tokenizer: str = "data/tokenizer.model"
+    tokenizer: str = field(default="data/tokenizer.model", metadata={
+        "help": "tokenizer.model (train_tokenizer.py) or an imported model's tokenizer.json"})
     seq_len: int = field(default=512, metadata={"help": "longest row in tokens"})
     show: int = field(default=1, metadata={"help": "rows to print, trained part marked"})
     shard_dir: str = field(default="", metadata={"help": "folder for the chat shards; empty: beside the data"})
@@ -85,11 +86,11 @@ def render_text(messages, add_generation_prompt: bool = False) -> str:
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def encode_conversation(sp, messages, add_generation_prompt: bool = False) -> tuple:
+def encode_conversation(tok: Tokenizer, messages, add_generation_prompt: bool = False) -> tuple:
     """(ids, labels), two lists of ints of the same length: the rendered conversation, and the id
     where it is trained (assistant content and its <|im_end|>), IGNORE_INDEX elsewhere."""
-    pieces = sp.encode(template_texts(messages, add_generation_prompt))  # one call for all turns
-    return assemble(special_ids(sp), messages, pieces, add_generation_prompt)
+    pieces = tok.encode_batch(template_texts(messages, add_generation_prompt))  # one call for all turns
+    return assemble(special_ids(tok), messages, pieces, add_generation_prompt)
 
 
 def template_texts(messages, add_generation_prompt: bool = False) -> list:
@@ -114,9 +115,9 @@ def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = Fals
     return ids, labels
 
 
-def render_prompt(sp, messages, add_generation_prompt: bool = True) -> list:
+def render_prompt(tok: Tokenizer, messages, add_generation_prompt: bool = True) -> list:
     """The ids to feed the model for a chat: the conversation so far, then the assistant header."""
-    return encode_conversation(sp, messages, add_generation_prompt)[0]
+    return encode_conversation(tok, messages, add_generation_prompt)[0]
 
 
 def loss_weights(targets: np.ndarray, think_ids, think_weight: float = 10.0) -> np.ndarray:
@@ -228,10 +229,10 @@ def trained_span(starts: np.ndarray, trained: np.ndarray) -> tuple:
 
 
 def tokenize_chats(task) -> tuple:
-    """In a worker: one chunk of chat_tasks -> (uint16 ids, uint8 trained, int64 rows (n, ROW_FIELDS) with
+    """In a worker: one chunk of chat_tasks -> (ids, uint8 trained, int64 rows (n, ROW_FIELDS) with
     starts in the chunk, formats, [(where, why)] of skipped records, bytes). UserError for a different schema."""
     first, records, nbytes = task
-    sp = worker_tokenizer()
+    tok = worker_tokenizer()
     formats, skipped, conversations = Counter(), [], []
     for n, (where, raw) in enumerate(records, first):
         try:
@@ -242,22 +243,23 @@ def tokenize_chats(task) -> tuple:
         formats[fmt] += 1
         conversations.append(messages)
     texts = [template_texts(m) for m in conversations]
-    pieces = sp.encode([t for ts in texts for t in ts], num_threads=1)  # one call for the chunk: much faster
-    s, ids, labels, lengths, at = special_ids(sp), [], [], [], 0
+    pieces = tok.encode_batch([t for ts in texts for t in ts])  # one call for the chunk: much faster
+    s, ids, labels, lengths, at = special_ids(tok), [], [], [], 0
     for messages, ts in zip(conversations, texts):
         conv_ids, conv_labels = assemble(s, messages, pieces[at:at + len(ts)])
         at += len(ts)
         ids += conv_ids
         labels += conv_labels
         lengths.append(len(conv_ids))
-    ids, trained = np.array(ids, dtype=DTYPE), np.array(labels, dtype=np.int64) != IGNORE_INDEX
+    ids = np.array(ids, dtype=token_dtype(tok.vocab_size))
+    trained = np.array(labels, dtype=np.int64) != IGNORE_INDEX
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     rows = np.stack([starts, np.array(lengths, np.int64), *trained_span(starts, trained)], axis=1) if lengths \
         else np.zeros((0, ROW_FIELDS), np.int64)
     return ids, trained.astype(np.uint8), rows, formats, skipped, nbytes
 
 
-def build_chat_shards(path: str, tokenizer_path: str, out: str, num_workers: int, verbose: bool) -> dict:
+def build_chat_shards(path: str, tok: Tokenizer, out: str, num_workers: int, verbose: bool) -> dict:
     """Tokenize a chat file into out/: ids.bin, trained.bin, rows.bin, then info.json. Built in out.tmp and
     renamed into place, so a directory named out is always complete. Returns the info."""
     tmp = out + ".tmp"
@@ -275,7 +277,7 @@ def build_chat_shards(path: str, tokenizer_path: str, out: str, num_workers: int
             files = {name: stack.enter_context(open(os.path.join(tmp, name + ".bin"), "wb"))
                      for name in ("ids", "trained", "rows")}
             results = stack.enter_context(contextlib.closing(
-                tokenize_in_order(chat_tasks(path), tokenizer_path, num_workers, work=tokenize_chats)))
+                tokenize_in_order(chat_tasks(path), tok.path, num_workers, work=tokenize_chats)))
             for ids, trained, rows, chunk_formats, chunk_skipped, nbytes in results:
                 for where, why in chunk_skipped:
                     skipped.warn(where, why)
@@ -291,9 +293,9 @@ def build_chat_shards(path: str, tokenizer_path: str, out: str, num_workers: int
         stat = os.stat(path)
         info = {"version": SHARD_VERSION, "source": os.path.abspath(path), "source_size": stat.st_size,
                 "source_mtime_ns": stat.st_mtime_ns, "source_sha256": file_sha256(path),
-                "tokenizer": tokenizer_path, "tokenizer_sha256": file_sha256(tokenizer_path),
-                "conversations": conversations, "tokens": tokens, "trained_tokens": trained_tokens,
-                "formats": dict(formats), "malformed": skipped.count, "summary": line}
+                "tokenizer": tok.path, "tokenizer_sha256": file_sha256(tok.path),
+                "dtype": token_dtype(tok.vocab_size).name, "conversations": conversations, "tokens": tokens,
+                "trained_tokens": trained_tokens, "formats": dict(formats), "malformed": skipped.count, "summary": line}
         with atomic_write(os.path.join(tmp, "info.json")) as f:
             json.dump(info, f, indent=2)
         shutil.rmtree(out, ignore_errors=True)
@@ -315,7 +317,8 @@ def stale_because(path: str, out: str, tokenizer_path: str):
     except ValueError:
         return "its shards' info.json is damaged"
     stat = os.stat(path)
-    sizes = {"ids": info.get("tokens", -1) * DTYPE.itemsize, "trained": info.get("tokens", -1),
+    ids_bytes = recorded_dtype(info, os.path.join(out, "info.json")).itemsize
+    sizes = {"ids": info.get("tokens", -1) * ids_bytes, "trained": info.get("tokens", -1),
              "rows": info.get("conversations", -1) * ROW_FIELDS * 8}
     if info.get("version") != SHARD_VERSION:
         return "they were made by another version of dataset_sft.py"
@@ -331,7 +334,7 @@ def stale_because(path: str, out: str, tokenizer_path: str):
 
 
 class ChatShards:
-    """The tokenized form of one chat file, memory-mapped: ids (uint16), trained (uint8: 1 where the id is
+    """The tokenized form of one chat file, memory-mapped: ids, trained (uint8: 1 where the id is
     a trained label), rows (n, ROW_FIELDS) int64 and info. Built first when missing or stale, and said so."""
 
     def __init__(self, path: str, tokenizer_path: str, shard_dir: str = "", num_workers: int = 0,
@@ -339,7 +342,7 @@ class ChatShards:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file")
-        load_tokenizer(tokenizer_path)  # a clear error before any worker starts
+        tok = load_tokenizer(tokenizer_path)  # a clear error before any worker starts
         self.dir = out = shard_dir_for(path, shard_dir)
         why = stale_because(path, out, tokenizer_path)
         if why is None:
@@ -352,12 +355,13 @@ class ChatShards:
                 print(f"{path}: tokenizing into {out} with {workers} worker{'s' * (workers > 1)} ({why}); "
                       f"later runs reuse it")
             t0 = time.perf_counter()
-            self.info = build_chat_shards(path, tokenizer_path, out, workers, verbose)
+            self.info = build_chat_shards(path, tok, out, workers, verbose)
             if verbose:
                 print(f"{path}: {self.info['tokens']:,} tokens in {time.perf_counter() - t0:.1f}s")
         if verbose:
             print(self.info["summary"])
-        self.ids = np.memmap(os.path.join(out, "ids.bin"), dtype=DTYPE, mode="r")
+        dtype = recorded_dtype(self.info, os.path.join(out, "info.json"))
+        self.ids = np.memmap(os.path.join(out, "ids.bin"), dtype=dtype, mode="r")
         self.trained = np.memmap(os.path.join(out, "trained.bin"), dtype=np.uint8, mode="r")
         self.rows = np.fromfile(os.path.join(out, "rows.bin"), dtype="<i8").reshape(-1, ROW_FIELDS)
 
@@ -411,9 +415,9 @@ class SFTData:
             raise UserError(f"rank {rank} is not in 0..{world_size - 1}")
         self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
         self.think_weight, self.pack = think_weight, pack
-        self.sp = sp = load_tokenizer(tokenizer_path)
-        s = special_ids(sp)
-        self.vocab_size, self.pad_id, self.think_ids = sp.get_piece_size(), s["pad"], (s["think"], s["end_think"])
+        self.tok = tok = load_tokenizer(tokenizer_path)
+        s = special_ids(tok)
+        self.vocab_size, self.pad_id, self.think_ids = tok.vocab_size, s["pad"], (s["think"], s["end_think"])
         verbose = rank == 0
         shards = ChatShards(path, tokenizer_path, shard_dir, num_workers, verbose)
         self.ids, self.trained = shards.ids, shards.trained
@@ -504,11 +508,11 @@ class SFTData:
         return batch
 
 
-def show_row(sp, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
+def show_row(tok: Tokenizer, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
     """The row as text, its trained spans in green (or between [[ and ]] when not on a terminal)."""
     start, end = ("\033[32m", "\033[0m") if color else ("[[", "]]")
     spans = itertools.groupby(zip(ids.tolist(), trained.tolist()), key=lambda x: x[1])
-    return "".join(start + sp.decode([i for i, _ in g]) + end if t else sp.decode([i for i, _ in g]) for t, g in spans)
+    return "".join(start + tok.decode([i for i, _ in g]) + end if t else tok.decode([i for i, _ in g]) for t, g in spans)
 
 
 def inspect(cfg: InspectConfig):
@@ -517,7 +521,7 @@ def inspect(cfg: InspectConfig):
     for i in range(min(cfg.show, len(data))):
         ids, labels = data.row(i)
         print(f"--- row {i}: {len(ids) - 1} tokens, {int((labels[1:] != IGNORE_INDEX).sum())} trained")
-        print(show_row(data.sp, ids, labels != IGNORE_INDEX, sys.stdout.isatty()))
+        print(show_row(data.tok, ids, labels != IGNORE_INDEX, sys.stdout.isatty()))
 
 
 def main(argv=None):

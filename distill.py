@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from cli import parse_config
 from dataset_sft import read_conversations, render_prompt
 from model import load_model
-from tokenizer import load_tokenizer, special_ids
+from tokenizer import Tokenizer, load_tokenizer, special_ids
 from train import Runtime, default_loss, run_main
 from train_sft import SFTConfig, finetune
 
@@ -94,22 +94,22 @@ def states_answer(text: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def reasoning_report(model, sp, path: str, n: int, max_new_tokens: int) -> dict:
+def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
     """Greedy answers to the first n problems of a held-out file: the share with a
     well-formed think block, and the share whose text after </think> states the answer."""
     conversations, _ = read_conversations(path, verbose=False)
-    im_end = special_ids(sp)["im_end"]
+    im_end = special_ids(tok)["im_end"]
     formed = correct = checkable = 0
     prompts = []
     for conv in conversations:
         first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
-        ids = render_prompt(sp, conv.messages[:first_reply])
+        ids = render_prompt(tok, conv.messages[:first_reply])
         if len(ids) <= model.cfg.max_seq_len // 2:  # leave the model room to answer
             prompts.append((conv, ids))
     problems = prompts[:n]
     for conv, ids in problems:
         ids = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0, stop_ids=[im_end])
-        text = sp.decode([i for i in ids if i != im_end])
+        text = tok.decode([i for i in ids if i != im_end])
         match = WELL_FORMED.match(text)
         formed += bool(match)
         if "answer" in conv.extra:
@@ -132,7 +132,7 @@ def distill(cfg: DistillConfig) -> dict:
         teacher = load_model(cfg.teacher, rt.device)[0]
         teacher.eval().requires_grad_(False)
         loss_fn = teacher_loss(teacher, cfg)
-    sp = load_tokenizer(cfg.tokenizer)
+    tok = load_tokenizer(cfg.tokenizer)
     report_path = cfg.val_data or cfg.train_data
     before = {}
 
@@ -140,13 +140,13 @@ def distill(cfg: DistillConfig) -> dict:
         if not cfg.eval_problems:
             return
         model.eval()
-        after = reasoning_report(model, sp, report_path, cfg.eval_problems, cfg.eval_max_new_tokens)
+        after = reasoning_report(model, tok, report_path, cfg.eval_problems, cfg.eval_max_new_tokens)
         print(f"before distillation: {describe(before)}\nafter distillation:  {describe(after)}")
         result.update(before=before, after=after)
 
     if cfg.eval_problems and not cfg.resume:
         start_model = load_model(cfg.init_from)[0].eval()
-        before.update(reasoning_report(start_model, sp, report_path, cfg.eval_problems, cfg.eval_max_new_tokens))
+        before.update(reasoning_report(start_model, tok, report_path, cfg.eval_problems, cfg.eval_max_new_tokens))
     elif cfg.eval_problems:
         before.update(problems=0, well_formed=float("nan"), accuracy=None)
     return finetune(cfg, think_weight=cfg.think_weight, loss_fn=loss_fn, after=report, rt=rt)

@@ -18,18 +18,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import sentencepiece as spm
 import torch
 
 from cli import UserError, parse_config, run_guarded
 from model import ModelError, load_model
-from tokenizer import StreamDecoder, load_tokenizer
+from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 
 @dataclass
 class InferenceConfig:
     ckpt: str = "out/pretrain/best.pt"
-    tokenizer: str = field(default="", metadata={"help": "SentencePiece model (empty: the one the checkpoint names)"})
+    tokenizer: str = field(default="", metadata={
+        "help": "tokenizer.model or tokenizer.json (empty: the one the checkpoint names)"})
     prompt: Optional[str] = field(default=None, metadata={"help": "text to continue (not given: read stdin)"})
     max_new_tokens: int = 256
     temperature: float = field(default=0.8, metadata={"help": "0: greedy"})
@@ -44,9 +44,9 @@ class InferenceConfig:
         "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
 
 
-def prompt_ids(sp: spm.SentencePieceProcessor, text: str) -> list:
+def prompt_ids(tok: Tokenizer, text: str) -> list:
     """The document-start token (</s>, see the module docstring) followed by the text's tokens."""
-    return [sp.eos_id()] + sp.encode(text)
+    return [tok.eos_id] + tok.encode(text)
 
 
 def pick_device(device: str, dtype: str) -> "tuple[str, torch.dtype]":
@@ -62,17 +62,17 @@ def pick_device(device: str, dtype: str) -> "tuple[str, torch.dtype]":
     return device, getattr(torch, dtype)
 
 
-def stream_completion(model, sp, ids: list, cfg: InferenceConfig, generator, out=sys.stdout) -> int:
+def stream_completion(model, tok: Tokenizer, ids: list, cfg: InferenceConfig, generator, out=sys.stdout) -> int:
     """Write the continuation of `ids` to `out` as it is generated, characters that span several
     byte tokens (Chinese, emoji) whole; return the number of tokens generated."""
-    text, n = StreamDecoder(sp), 0
-    for tok in model.generate_stream(ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                     top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-                                     stop_ids=[sp.eos_id()], generator=generator):
+    text, n = StreamDecoder(tok), 0
+    for token in model.generate_stream(ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+                                       stop_ids=[tok.eos_id], generator=generator):
         n += 1
-        if tok == sp.eos_id():
+        if token == tok.eos_id:
             break
-        out.write(text.add(tok))
+        out.write(text.add(token))
         out.flush()
     out.write(text.rest() + "\n")
     out.flush()
@@ -86,22 +86,22 @@ def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str):
     model, ckpt = load_model(ckpt_path, device)
     model.to(dtype)
     tokenizer = tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
-    sp = load_tokenizer(tokenizer)
-    if sp.get_piece_size() > model.cfg.vocab_size:
-        raise UserError(f"{tokenizer} has {sp.get_piece_size()} pieces but {ckpt_path} was trained with "
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{tokenizer} has {tok.vocab_size} pieces but {ckpt_path} was trained with "
                         f"vocab_size {model.cfg.vocab_size}: pass the tokenizer it was trained with")
-    return model, sp, device
+    return model, tok, device
 
 
 def run(cfg: InferenceConfig):
-    model, sp, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
+    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
     dtype = model.tok_embeddings.weight.dtype
     text = cfg.prompt
     if text is None:
         if sys.stdin.isatty():
             print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
         text = sys.stdin.read().removesuffix("\n")
-    ids = prompt_ids(sp, text)
+    ids = prompt_ids(tok, text)
     if len(ids) >= model.cfg.max_seq_len:
         raise UserError(f"the prompt is {len(ids)} tokens but the model's context (max_seq_len) is "
                         f"{model.cfg.max_seq_len}: shorten it")
@@ -111,7 +111,7 @@ def run(cfg: InferenceConfig):
         if i:
             print("---")
         sys.stdout.write(text)
-        n_tokens += stream_completion(model, sp, ids, cfg, generator)
+        n_tokens += stream_completion(model, tok, ids, cfg, generator)
     seconds = time.perf_counter() - t0
     print(f"{n_tokens} tokens in {seconds:.2f}s: {n_tokens / seconds:.1f} tokens/s "
           f"({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)

@@ -20,7 +20,7 @@ from cli import UserError, parse_config, run_guarded
 from dataset_sft import render_prompt
 from inference import load_for_inference
 from model import ModelError
-from tokenizer import StreamDecoder, special_ids
+from tokenizer import StreamDecoder, Tokenizer, special_ids
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -28,7 +28,8 @@ DIM, RESET = "\033[2m", "\033[0m"
 @dataclass
 class ChatConfig:
     ckpt: str = "out/distill/best.pt"
-    tokenizer: str = field(default="", metadata={"help": "SentencePiece model (empty: the one the checkpoint names)"})
+    tokenizer: str = field(default="", metadata={
+        "help": "tokenizer.model or tokenizer.json (empty: the one the checkpoint names)"})
     prompt: str = ""               # non-empty: answer this one message and exit
     system: str = ""               # optional system prompt
     show_think: bool = True        # show the reasoning (dimmed on a terminal) or hide it
@@ -45,9 +46,9 @@ class Chat:
     """A conversation with a model: the history, the prompt that fits the context, and the
     streamed answers (reasoning shown or hidden, never kept in the history)."""
 
-    def __init__(self, cfg: ChatConfig, model, sp, device="cpu"):
-        self.cfg, self.model, self.sp = cfg, model, sp
-        ids = special_ids(sp)
+    def __init__(self, cfg: ChatConfig, model, tok: Tokenizer, device="cpu"):
+        self.cfg, self.model, self.tok = cfg, model, tok
+        ids = special_ids(tok)
         self.im_end, self.think, self.end_think = ids["im_end"], ids["think"], ids["end_think"]
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.history = []
@@ -65,7 +66,7 @@ class Chat:
         budget = max(ctx - self.cfg.max_new_tokens, ctx // 2)
         turns = self.history + [{"role": "user", "content": user_message}]
         while True:
-            ids = render_prompt(self.sp, system + turns, add_generation_prompt=True)
+            ids = render_prompt(self.tok, system + turns, add_generation_prompt=True)
             if len(ids) <= budget or len(turns) == 1:
                 break
             turns = turns[2:]  # one user message and its answer
@@ -79,25 +80,25 @@ class Chat:
         """Stream one answer to `out`; return the answer text without the reasoning."""
         c = self.cfg
         dim = out.isatty()
-        segments = {"think": StreamDecoder(self.sp), "answer": StreamDecoder(self.sp)}
+        segments = {"think": StreamDecoder(self.tok), "answer": StreamDecoder(self.tok)}
         part = "answer"
         t0, n = time.perf_counter(), 0
-        for tok in self.model.generate_stream(
+        for token in self.model.generate_stream(
                 self.prompt_ids(user_message), max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                 top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
                 stop_ids=[self.im_end], generator=self.generator):
             n += 1
-            if tok == self.im_end:
+            if token == self.im_end:
                 break
-            if tok in (self.think, self.end_think):
+            if token in (self.think, self.end_think):
                 if part == "think" and c.show_think:
                     out.write(segments["think"].rest())
-                part = "think" if tok == self.think else "answer"
+                part = "think" if token == self.think else "answer"
                 if c.show_think:
-                    out.write((DIM if dim and part == "think" else "") + self.sp.id_to_piece(tok) +
+                    out.write((DIM if dim and part == "think" else "") + self.tok.decode([token]) +
                               (RESET if dim and part == "answer" else ""))
                 continue
-            new_text = segments[part].add(tok)
+            new_text = segments[part].add(token)
             if part == "answer" or c.show_think:
                 out.write(new_text)
                 out.flush()
@@ -132,8 +133,8 @@ def interactive(chat: Chat):
 
 
 def run(cfg: ChatConfig):
-    model, sp, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, "auto")
-    chat = Chat(cfg, model, sp, device)
+    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, "auto")
+    chat = Chat(cfg, model, tok, device)
     if cfg.prompt:
         chat.reply(cfg.prompt)
         print(f"({chat.last_speed:.1f} tokens/s)", file=sys.stderr)

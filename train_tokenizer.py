@@ -26,12 +26,14 @@ import sentencepiece as spm
 
 from cli import UserError, parse_config, run_guarded
 from records import BadRecord, Skipped, chat_messages, iter_json_records
-from tokenizer import MAX_UINT16_VOCAB, SPECIAL_PIECES
+from tokenizer import SPECIAL_PIECES
 
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 # Chinese prose is 75-85% CJK characters (punctuation and digits are the rest); English with a
 # few Chinese phrases stays under 5%. Above 20% the characters alone need thousands of pieces.
 ZH_SHARE = 0.2
+# pieces at most: the ids then fit uint16 token shards (tokenizer.token_dtype), half the size of uint32 ones
+MAX_UINT16_VOCAB = 65535
 
 
 @dataclass

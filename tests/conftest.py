@@ -1,5 +1,6 @@
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,3 +59,30 @@ def tokenizer_path(tmp_path_factory):
     cfg = train_tokenizer.TokenizerConfig(inputs=str(corpus), out=str(d / "tokenizer.model"),
                                           vocab_size=512, character_coverage=1.0)
     return train_tokenizer.train(cfg)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_json(tmp_path_factory):
+    """A byte-level BPE tokenizer.json like SmolLM2's, trained once per test session: <|endoftext|> its
+    one special piece, named eos by the tokenizer_config.json beside it; no chat markers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("hf_tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(small_corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"}}))
+    return str(d / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def hf_chat_tokenizer_json(hf_tokenizer_json, tmp_path_factory):
+    """hf_tokenizer_json with the chat markers appended by tokenizer.add_chat_pieces, as an import gets them."""
+    from tokenizer import add_chat_pieces
+    d = tmp_path_factory.mktemp("hf_chat_tokenizer")
+    shutil.copy(Path(hf_tokenizer_json).with_name("tokenizer_config.json"), d)
+    add_chat_pieces(hf_tokenizer_json, str(d / "tokenizer.json"))
+    return str(d / "tokenizer.json")

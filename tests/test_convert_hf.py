@@ -8,6 +8,7 @@ import torch
 
 import convert_hf
 from dataset_sft import render_prompt
+from tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, load_model, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -164,8 +165,8 @@ def test_tokenizer_encodes_like_sentencepiece(exported):
         (sp.piece_to_id("<|im_end|>"), sp.bos_id(), sp.pad_id())
 
 
-def test_chat_template_matches_ours(exported):
-    _, out, sp = exported
+def test_chat_template_matches_ours(exported, tokenizer_path):
+    _, out, _ = exported
     tok = transformers.AutoTokenizer.from_pretrained(out)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3 + 4? 你好"},
                 {"role": "assistant", "content": "<think>3 + 4 = 7</think>7"}, {"role": "user", "content": "Thanks"}]
@@ -173,7 +174,7 @@ def test_chat_template_matches_ours(exported):
     rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == ours + "<|im_start|>assistant\n"
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert list(ids) == render_prompt(sp, messages, add_generation_prompt=True)
+    assert list(ids) == render_prompt(load_tokenizer(tokenizer_path), messages, add_generation_prompt=True)
 
 
 def test_exported_folder_loads_and_stops_at_chat_end(exported):

@@ -3,24 +3,24 @@ import os
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 
 import dataset_sft
 from conftest import SHARED_DATA
 from dataset_sft import (CHAT_TEMPLATE_JINJA, IGNORE_INDEX, SFTData, encode_conversation, loss_weights,
                          read_conversations, render_prompt, render_text)
+from tokenizer import load_tokenizer
 
 M = IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
-def sp(tokenizer_path):
-    return spm.SentencePieceProcessor(model_file=tokenizer_path)
+def tok(tokenizer_path):
+    return load_tokenizer(tokenizer_path)
 
 
-def ids_of(sp):
-    return {p: sp.piece_to_id(p) for p in ("<|im_start|>", "<|im_end|>", "<think>", "</think>")}
+def ids_of(tok):
+    return {p: tok.piece_id(p) for p in ("<|im_start|>", "<|im_end|>", "<think>", "</think>")}
 
 
 def write_jsonl(path, records):
@@ -32,27 +32,27 @@ def masked(ids):
     return [M] * len(ids)
 
 
-def turn(sp, role, content, trained):
+def turn(tok, role, content, trained):
     """Expected (ids, labels) of one turn, built by hand from the template's pieces."""
-    t = ids_of(sp)
-    header = [t["<|im_start|>"]] + sp.encode(role + "\n")
-    body = sp.encode(content) + [t["<|im_end|>"]]
-    newline = sp.encode("\n")
+    t = ids_of(tok)
+    header = [t["<|im_start|>"]] + tok.encode(role + "\n")
+    body = tok.encode(content) + [t["<|im_end|>"]]
+    newline = tok.encode("\n")
     return header + body + newline, masked(header) + (body if trained else masked(body)) + masked(newline)
 
 
-def expected(sp, *turns):
+def expected(tok, *turns):
     ids, labels = [], []
     for role, content in turns:
-        i, l = turn(sp, role, content, role == "assistant")
+        i, l = turn(tok, role, content, role == "assistant")
         ids += i
         labels += l
     return ids, labels
 
 
-def encoded(path, sp):
+def encoded(path, tok):
     conversations, _ = read_conversations(path, verbose=False)
-    return [encode_conversation(sp, c.messages) for c in conversations], conversations
+    return [encode_conversation(tok, c.messages) for c in conversations], conversations
 
 
 # -----------------------------------------------------------------------------
@@ -73,67 +73,67 @@ FORMATS = {
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_each_format_renders_exact_ids_and_labels(tmp_path, sp, fmt, capsys):
+def test_each_format_renders_exact_ids_and_labels(tmp_path, tok, fmt, capsys):
     path = write_jsonl(tmp_path / "chat.jsonl", [FORMATS[fmt]] * 3)
-    [(ids, labels), *_], _ = encoded(path, sp)
+    [(ids, labels), *_], _ = encoded(path, tok)
     read_conversations(path)
     assert capsys.readouterr().out.strip() == f"{path}: {fmt} format, 3 conversations"
 
-    t = ids_of(sp)
-    answer = sp.encode("Tom is in the park.")
-    want_ids = ([t["<|im_start|>"]] + sp.encode("system\n") + sp.encode("Be brief.") + [t["<|im_end|>"]] + sp.encode("\n")
-                + [t["<|im_start|>"]] + sp.encode("user\n") + sp.encode("Where is Tom?") + [t["<|im_end|>"]] + sp.encode("\n")
-                + [t["<|im_start|>"]] + sp.encode("assistant\n") + answer + [t["<|im_end|>"]] + sp.encode("\n"))
-    n_prompt = len(want_ids) - len(answer) - 1 - len(sp.encode("\n"))
-    want_labels = [M] * n_prompt + answer + [t["<|im_end|>"]] + [M] * len(sp.encode("\n"))
+    t = ids_of(tok)
+    answer = tok.encode("Tom is in the park.")
+    want_ids = ([t["<|im_start|>"]] + tok.encode("system\n") + tok.encode("Be brief.") + [t["<|im_end|>"]] + tok.encode("\n")
+                + [t["<|im_start|>"]] + tok.encode("user\n") + tok.encode("Where is Tom?") + [t["<|im_end|>"]] + tok.encode("\n")
+                + [t["<|im_start|>"]] + tok.encode("assistant\n") + answer + [t["<|im_end|>"]] + tok.encode("\n"))
+    n_prompt = len(want_ids) - len(answer) - 1 - len(tok.encode("\n"))
+    want_labels = [M] * n_prompt + answer + [t["<|im_end|>"]] + [M] * len(tok.encode("\n"))
     assert ids == want_ids
     assert labels == want_labels
-    assert sp.decode(ids) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhere is Tom?<|im_end|>\n" \
+    assert tok.decode(ids) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhere is Tom?<|im_end|>\n" \
                              "<|im_start|>assistant\nTom is in the park.<|im_end|>\n"
 
 
-def test_alpaca_input_history_and_extra_keys(tmp_path, sp):
+def test_alpaca_input_history_and_extra_keys(tmp_path, tok):
     record = {"instruction": "Add the numbers.", "input": "3 and 4", "output": "7",
               "history": [["Hi", "Hello!"]], "answer": "7", "id": 12}
     path = write_jsonl(tmp_path / "a.jsonl", [record, {"instruction": "Only a prompt."}])
-    [(ids, labels), (prompt_ids, prompt_labels)], conversations = encoded(path, sp)
+    [(ids, labels), (prompt_ids, prompt_labels)], conversations = encoded(path, tok)
     assert conversations[0].messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                                          {"role": "user", "content": "Add the numbers.\n\n3 and 4"},
                                          {"role": "assistant", "content": "7"}]
     assert conversations[0].extra == {"answer": "7", "id": 12}
-    assert (ids, labels) == expected(sp, ("user", "Hi"), ("assistant", "Hello!"),
+    assert (ids, labels) == expected(tok, ("user", "Hi"), ("assistant", "Hello!"),
                                      ("user", "Add the numbers.\n\n3 and 4"), ("assistant", "7"))
     assert conversations[1].messages == [{"role": "user", "content": "Only a prompt."}]  # for distill.py
     assert set(prompt_labels) == {M}
 
 
-def test_multi_turn_trains_every_assistant_turn_and_first_answer_token(tmp_path, sp):
+def test_multi_turn_trains_every_assistant_turn_and_first_answer_token(tmp_path, tok):
     turns = [("system", "You help."), ("user", "Hi"), ("assistant", "Hello, Sam."),
              ("user", "Count to 3."), ("assistant", "1 2 3")]
     path = write_jsonl(tmp_path / "m.jsonl", [{"conversations": [{"role": r, "content": c} for r, c in turns]}])
-    [(ids, labels)], _ = encoded(path, sp)
-    assert (ids, labels) == expected(sp, *turns)
-    trained_text = sp.decode([i for i in labels if i != M])
+    [(ids, labels)], _ = encoded(path, tok)
+    assert (ids, labels) == expected(tok, *turns)
+    trained_text = tok.decode([i for i in labels if i != M])
     assert trained_text == "Hello, Sam.<|im_end|>1 2 3<|im_end|>"
     # the first answer token of each reply, right after the assistant header, is trained
-    header = [ids_of(sp)["<|im_start|>"]] + sp.encode("assistant\n")
+    header = [ids_of(tok)["<|im_start|>"]] + tok.encode("assistant\n")
     starts = [k + len(header) for k in range(len(ids)) if ids[k:k + len(header)] == header]
-    assert [sp.decode(ids[k:k + 3]) for k in starts] == [sp.decode(sp.encode("Hello, Sam.")[:3]),
-                                                          sp.decode(sp.encode("1 2 3")[:3])]
+    assert [tok.decode(ids[k:k + 3]) for k in starts] == [tok.decode(tok.encode("Hello, Sam.")[:3]),
+                                                           tok.decode(tok.encode("1 2 3")[:3])]
     for k in starts:
         assert labels[k - 1] == M and labels[k] == ids[k]
 
 
-def test_render_prompt_and_generation_prompt(sp):
+def test_render_prompt_and_generation_prompt(tok):
     messages = [{"role": "user", "content": "Hi"}]
-    t = ids_of(sp)
-    assert render_prompt(sp, messages) == turn(sp, "user", "Hi", False)[0] + [t["<|im_start|>"]] + sp.encode("assistant\n")
-    assert render_prompt(sp, messages, add_generation_prompt=False) == turn(sp, "user", "Hi", False)[0]
+    t = ids_of(tok)
+    assert render_prompt(tok, messages) == turn(tok, "user", "Hi", False)[0] + [t["<|im_start|>"]] + tok.encode("assistant\n")
+    assert render_prompt(tok, messages, add_generation_prompt=False) == turn(tok, "user", "Hi", False)[0]
     assert render_text(messages, True) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert sp.decode(render_prompt(sp, messages)) == render_text(messages, True)
+    assert tok.decode(render_prompt(tok, messages)) == render_text(messages, True)
 
 
-def test_jinja_template_matches_renderer(sp):
+def test_jinja_template_matches_renderer(tok):
     jinja2 = pytest.importorskip("jinja2")
     template = jinja2.Environment().from_string(CHAT_TEMPLATE_JINJA)
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "2+2?\n你好"},
@@ -141,15 +141,15 @@ def test_jinja_template_matches_renderer(sp):
     for gen in (True, False):
         text = template.render(messages=messages, add_generation_prompt=gen)
         assert text == render_text(messages, gen)
-        assert sp.decode(render_prompt(sp, messages, gen)) == text
+        assert tok.decode(render_prompt(tok, messages, gen)) == text
 
 
-def test_think_tags_are_single_tokens_and_pad_is_not_im_end(sp):
-    t = ids_of(sp)
+def test_think_tags_are_single_tokens_and_pad_is_not_im_end(tok):
+    t = ids_of(tok)
     for piece in ("<think>", "</think>", "<|im_start|>", "<|im_end|>"):
-        assert sp.encode(piece) == [t[piece]]
-        assert t[piece] != sp.unk_id()
-    assert sp.pad_id() >= 0 and sp.pad_id() != t["<|im_end|>"]
+        assert tok.encode(piece) == [t[piece]]
+        assert t[piece] is not None
+    assert tok.pad_id is not None and tok.pad_id != t["<|im_end|>"]
 
 
 # -----------------------------------------------------------------------------
@@ -166,8 +166,8 @@ def chats(n, seed=0, max_words=20):
     return out
 
 
-def test_batch_is_shifted_padded_and_weighted(tmp_path, sp, tokenizer_path):
-    t = ids_of(sp)
+def test_batch_is_shifted_padded_and_weighted(tmp_path, tok, tokenizer_path):
+    t = ids_of(tok)
     turns = [("user", "Say <think> please"), ("assistant", "<think>\nTom has 3.\n</think>\nThree.")]
     short = [("user", "Hi"), ("assistant", "Hello.")]
     path = write_jsonl(tmp_path / "w.jsonl", [{"conversations": [{"role": r, "content": c} for r, c in x]}
@@ -175,10 +175,10 @@ def test_batch_is_shifted_padded_and_weighted(tmp_path, sp, tokenizer_path):
     data = SFTData(path, tokenizer_path, seq_len=256, batch_size=2, think_weight=5.0)
     tokens, targets, weights = (data.batch(0)[k] for k in ("tokens", "targets", "loss_weight"))
     assert tokens.dtype == targets.dtype == torch.int64 and weights.dtype == torch.float32
-    ids, labels = expected(sp, *turns)
-    ids, labels = ids[:-len(sp.encode("\n"))], labels[:-len(sp.encode("\n"))]  # trailing untrained "\n" dropped
-    short_ids, short_labels = expected(sp, *short)
-    short_ids, short_labels = short_ids[:-len(sp.encode("\n"))], short_labels[:-len(sp.encode("\n"))]
+    ids, labels = expected(tok, *turns)
+    ids, labels = ids[:-len(tok.encode("\n"))], labels[:-len(tok.encode("\n"))]  # trailing untrained "\n" dropped
+    short_ids, short_labels = expected(tok, *short)
+    short_ids, short_labels = short_ids[:-len(tok.encode("\n"))], short_labels[:-len(tok.encode("\n"))]
     assert tokens.shape == (2, len(ids) - 1)
     rows = {tuple(tokens[r, :len(ids) - 1].tolist()): r for r in range(2)}
     r = rows[tuple(ids[:-1])]
@@ -186,7 +186,7 @@ def test_batch_is_shifted_padded_and_weighted(tmp_path, sp, tokenizer_path):
     s = 1 - r
     n = len(short_ids) - 1
     assert tokens[s, :n].tolist() == short_ids[:-1] and targets[s, :n].tolist() == short_labels[1:]
-    assert set(tokens[s, n:].tolist()) == {sp.pad_id()} and set(targets[s, n:].tolist()) == {M}
+    assert set(tokens[s, n:].tolist()) == {tok.pad_id} and set(targets[s, n:].tolist()) == {M}
     assert (weights[s, n:] == 0).all()
 
     # weights: exactly 5 on the trained <think> and </think> targets, 1 on other trained targets, 0 elsewhere
@@ -210,7 +210,7 @@ def test_loss_weights_ignore_masked_think():
     assert w.tolist() == [[0, 10, 1, 0, 10, 1], [10, 0, 0, 0, 0, 0]]
 
 
-def test_truncation_and_skip_counts(tmp_path, sp, tokenizer_path, capsys):
+def test_truncation_and_skip_counts(tmp_path, tok, tokenizer_path, capsys):
     long_reply = {"conversations": [{"role": "user", "content": "Hi"},
                                     {"role": "assistant", "content": "Tom found a red ball. " * 20}]}
     long_prompt = {"conversations": [{"role": "user", "content": "Lily painted the boat. " * 20},
@@ -225,7 +225,7 @@ def test_truncation_and_skip_counts(tmp_path, sp, tokenizer_path, capsys):
     assert "4 rows" in out and "1 truncated" in out
     assert "skipped 1 with no assistant reply, 1 whose first reply starts past seq_len" in out
     # the truncated row keeps the first seq_len + 1 ids: its prompt and the start of the reply
-    ids, labels = expected(sp, ("user", "Hi"), ("assistant", "Tom found a red ball. " * 20))
+    ids, labels = expected(tok, ("user", "Hi"), ("assistant", "Tom found a red ball. " * 20))
     assert data.row(0)[0].tolist() == ids[:33] and data.row(0)[1].tolist() == labels[:33]
     assert max(data.batch(i)["tokens"].shape[1] for i in range(8)) == 32
 
@@ -259,7 +259,7 @@ def test_batch_larger_than_the_data_wraps_into_the_next_epoch(tmp_path, tokenize
 # -----------------------------------------------------------------------------
 # reading files and bad input
 
-def test_json_array_file_and_bom(tmp_path, sp):
+def test_json_array_file_and_bom(tmp_path, tok):
     path = tmp_path / "a.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([FORMATS["alpaca"], FORMATS["sharegpt"]]).encode())
     conversations, stats = read_conversations(str(path), verbose=False)
@@ -348,7 +348,7 @@ def trained_part(ids, labels):
     return ids[:last + 1], labels[:last + 1]
 
 
-def test_shards_give_exactly_the_ids_and_labels_of_every_format(tmp_path, sp, tokenizer_path, monkeypatch):
+def test_shards_give_exactly_the_ids_and_labels_of_every_format(tmp_path, tok, tokenizer_path, monkeypatch):
     """Many small chunks over two worker processes, in file order, for every format and a JSON array."""
     monkeypatch.setattr(dataset_sft, "CHUNK_BYTES", 300)
     multi = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, <think>Sam."},
@@ -362,7 +362,7 @@ def test_shards_give_exactly_the_ids_and_labels_of_every_format(tmp_path, sp, to
         conversations, _ = read_conversations(str(path), verbose=False)
         assert len(data) == len(conversations) == len(records)
         for i, conv in enumerate(conversations):
-            want = trained_part(*encode_conversation(sp, conv.messages))
+            want = trained_part(*encode_conversation(tok, conv.messages))
             assert [x.tolist() for x in data.row(i)] == list(want)
 
 
@@ -385,7 +385,7 @@ def test_a_second_launch_reuses_the_shards_and_a_changed_file_or_tokenizer_rebui
     path.write_text(text.replace("0: ", "9: ", 1), encoding="utf-8")  # same size, new content
     data = SFTData(path, tokenizer_path, seq_len=64, batch_size=1)
     assert len(builds) == 1 and "(the file changed)" in capsys.readouterr().out
-    assert data.sp.decode(data.row(0)[0].tolist()).startswith("<|im_start|>user\n9: ")
+    assert data.tok.decode(data.row(0)[0].tolist()).startswith("<|im_start|>user\n9: ")
 
     write_jsonl(path, chats(7))
     assert len(SFTData(path, tokenizer_path, seq_len=64, batch_size=1)) == 7 and len(builds) == 2

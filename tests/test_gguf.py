@@ -74,17 +74,17 @@ def gguf_fields(path: Path) -> dict:
 
 
 def test_the_gguf_marks_special_pieces_has_no_space_prefix_and_ends_at_im_end(exported):
-    _, sp, path = exported
+    _, tok, path = exported
     fields = gguf_fields(path)
     types = fields["tokenizer.ggml.token_type"]
     for name in ("im_start", "im_end"):
-        assert types[sp.piece_to_id(SPECIAL_PIECES[name])] == CONTROL
+        assert types[tok.piece_id(SPECIAL_PIECES[name])] == CONTROL
     for name in ("think", "end_think"):
-        assert types[sp.piece_to_id(SPECIAL_PIECES[name])] == USER_DEFINED
-    assert [types[i] for i in (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id())] == [CONTROL] * 4  # as transformers
+        assert types[tok.piece_id(SPECIAL_PIECES[name])] == USER_DEFINED
+    assert [types[i] for i in (tok.bos_id, tok.eos_id, tok.pad_id, tok.piece_id("<unk>"))] == [CONTROL] * 4  # as transformers
     assert fields["tokenizer.ggml.add_space_prefix"] is False
     assert fields["tokenizer.ggml.add_bos_token"] is False
-    assert fields["tokenizer.ggml.eos_token_id"] == sp.piece_to_id("<|im_end|>")
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.piece_id("<|im_end|>")
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
 
 
@@ -96,23 +96,23 @@ def conversations(n: int) -> list:
 
 
 def test_llama_cpp_tokenizes_chat_prompts_to_our_ids(exported):
-    _, sp, path = exported
+    _, tok, path = exported
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    assert llm.token_eos() == sp.piece_to_id("<|im_end|>")
+    assert llm.token_eos() == tok.piece_id("<|im_end|>")
     for messages in conversations(300):
         for prompt in (messages, messages[:1]):  # the whole chat, and its first turn with the generation prompt
-            ours = render_prompt(sp, prompt, add_generation_prompt=prompt is not messages)
-            text = sp.decode(ours)
+            ours = render_prompt(tok, prompt, add_generation_prompt=prompt is not messages)
+            text = tok.decode(ours)
             assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ours, text[:200]
 
 
 def test_llama_cpp_greedy_decoding_equals_ours(exported):
-    model, sp, path = exported
+    model, tok, path = exported
     # f32 keys and values: llama.cpp's default f16 cache alone moves the logits by about 1e-3 of their size
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.cfg.max_seq_len, n_threads=2, logits_all=True,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
     for messages in conversations(4):
-        prompt = render_prompt(sp, messages[:1])
+        prompt = render_prompt(tok, messages[:1])
         n = min(32, model.cfg.max_seq_len - len(prompt))
         ours = model.generate(prompt, max_new_tokens=n, temperature=0)
         llm.reset()

@@ -5,11 +5,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 import inference
 from model import ModelConfig, Transformer, load_model, save_checkpoint
+from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=64, max_seq_len=48)
@@ -42,12 +42,12 @@ def test_greedy_completion_from_stdin_matches_generate(ckpt, tokenizer_path):
     result = cli("--ckpt", ckpt, "--temperature", "0", "--max_new_tokens", "12", stdin="Tom found a\n")
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stderr
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     model, _ = load_model(ckpt)
-    prompt = inference.prompt_ids(sp, "Tom found a")
-    assert prompt[0] == sp.eos_id()  # the document-start convention
-    new = model.generate(prompt, max_new_tokens=12, temperature=0, stop_ids=[sp.eos_id()])
-    assert result.stdout == "Tom found a" + sp.decode([t for t in new if t != sp.eos_id()]) + "\n"
+    prompt = inference.prompt_ids(tok, "Tom found a")
+    assert prompt[0] == tok.eos_id  # the document-start convention
+    new = model.generate(prompt, max_new_tokens=12, temperature=0, stop_ids=[tok.eos_id])
+    assert result.stdout == "Tom found a" + tok.decode([t for t in new if t != tok.eos_id]) + "\n"
 
 
 def test_streaming_prints_whole_characters(ckpt, tokenizer_path):
@@ -62,18 +62,18 @@ def test_streaming_prints_whole_characters(ckpt, tokenizer_path):
         def flush(self):
             pass
 
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-    whale = sp.encode("🐋")  # not in the tiny vocabulary: four byte tokens
+    tok = load_tokenizer(tokenizer_path)
+    whale = tok.encode("🐋")  # not in the tiny vocabulary: four byte tokens
     assert len(whale) == 4
 
     class Scripted:  # a "model" that generates the bytes of 🐋, a word, then the end of the document
         def generate_stream(self, ids, **kwargs):
-            yield from whale + sp.encode(" ok") + [sp.eos_id()]
+            yield from whale + tok.encode(" ok") + [tok.eos_id]
 
     out = Recorder()
     cfg = inference.InferenceConfig()
-    n = inference.stream_completion(Scripted(), sp, [sp.eos_id()], cfg, None, out)
-    assert n == len(whale) + len(sp.encode(" ok")) + 1
+    n = inference.stream_completion(Scripted(), tok, [tok.eos_id], cfg, None, out)
+    assert n == len(whale) + len(tok.encode(" ok")) + 1
     assert "".join(out.writes) == "🐋 ok\n"
     assert all("\ufffd" not in w for w in out.writes)
 

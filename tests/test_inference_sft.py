@@ -8,11 +8,10 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
-import sentencepiece as spm
 
 import inference_sft
 from conftest import ROOT
-from tokenizer import special_ids
+from tokenizer import load_tokenizer, special_ids
 from model import ModelConfig, Transformer, save_checkpoint
 
 
@@ -29,24 +28,24 @@ class ScriptedModel:
 
 
 @pytest.fixture(scope="module")
-def sp(tokenizer_path):
-    return spm.SentencePieceProcessor(model_file=tokenizer_path)
+def tok(tokenizer_path):
+    return load_tokenizer(tokenizer_path)
 
 
-def reply_ids(sp, answer, think=None):
-    s = special_ids(sp)
-    ids = [s["think"], *sp.encode(think), s["end_think"]] if think is not None else []
-    return ids + sp.encode(answer) + [s["im_end"]]
+def reply_ids(tok, answer, think=None):
+    s = special_ids(tok)
+    ids = [s["think"], *tok.encode(think), s["end_think"]] if think is not None else []
+    return ids + tok.encode(answer) + [s["im_end"]]
 
 
-def chat_with(sp, replies, max_seq_len=512, **cfg):
+def chat_with(tok, replies, max_seq_len=512, **cfg):
     model = ScriptedModel(replies, max_seq_len)
-    return inference_sft.Chat(inference_sft.ChatConfig(**cfg), model, sp), model
+    return inference_sft.Chat(inference_sft.ChatConfig(**cfg), model, tok), model
 
 
-def test_reasoning_is_shown_or_hidden_and_never_kept_in_history(sp):
+def test_reasoning_is_shown_or_hidden_and_never_kept_in_history(tok):
     for show in (True, False):
-        chat, model = chat_with(sp, [reply_ids(sp, "It is 7.", think="I add 3 and 4."), reply_ids(sp, "Yes.")],
+        chat, model = chat_with(tok, [reply_ids(tok, "It is 7.", think="I add 3 and 4."), reply_ids(tok, "Yes.")],
                                 show_think=show)
         out = io.StringIO()
         assert chat.reply("What is 3 + 4?", out) == "It is 7."
@@ -54,19 +53,19 @@ def test_reasoning_is_shown_or_hidden_and_never_kept_in_history(sp):
         assert chat.history == [{"role": "user", "content": "What is 3 + 4?"},
                                 {"role": "assistant", "content": "It is 7."}]
         chat.reply("Sure?", io.StringIO())
-        second_prompt = sp.decode(model.prompts[1])
+        second_prompt = tok.decode(model.prompts[1])
         assert "It is 7." in second_prompt and "I add" not in second_prompt
 
 
-def test_history_is_trimmed_to_the_context_oldest_exchange_first(sp):
+def test_history_is_trimmed_to_the_context_oldest_exchange_first(tok):
     messages = [f"Message number {i} about the red ball in the park." for i in range(8)]
-    chat, model = chat_with(sp, [reply_ids(sp, f"Answer {i}.") for i in range(8)], max_seq_len=160,
+    chat, model = chat_with(tok, [reply_ids(tok, f"Answer {i}.") for i in range(8)], max_seq_len=160,
                             max_new_tokens=32)
     for m in messages:
         chat.reply(m, io.StringIO())
     budget = 160 - 32
     assert all(len(p) <= budget for p in model.prompts)
-    last = sp.decode(model.prompts[-1])
+    last = tok.decode(model.prompts[-1])
     assert messages[-1] in last and messages[0] not in last
     kept = [i for i, m in enumerate(messages) if m in last]
     assert kept == list(range(kept[0], 8)) and len(kept) >= 2  # a contiguous run of the newest
@@ -74,12 +73,12 @@ def test_history_is_trimmed_to_the_context_oldest_exchange_first(sp):
         chat.reply("word " * 200, io.StringIO())
 
 
-def test_reset_forgets_the_conversation(sp, monkeypatch, capsys):
-    chat, model = chat_with(sp, [reply_ids(sp, "Hi Tom."), reply_ids(sp, "Hello.")])
+def test_reset_forgets_the_conversation(tok, monkeypatch, capsys):
+    chat, model = chat_with(tok, [reply_ids(tok, "Hi Tom."), reply_ids(tok, "Hello.")])
     typed = iter(["My name is Tom.", "/reset", "Who am I?", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(typed))
     inference_sft.interactive(chat)
-    assert "Tom" in sp.decode(model.prompts[0]) and "Tom" not in sp.decode(model.prompts[1])
+    assert "Tom" in tok.decode(model.prompts[0]) and "Tom" not in tok.decode(model.prompts[1])
     assert "(conversation cleared)" in capsys.readouterr().err
 
 

@@ -1,0 +1,252 @@
+"""tokenizer.py: one interface over tokenizer.model and tokenizer.json, the chat pieces an imported tokenizer
+gets, and uint32 token files for vocabularies past 65,536 ids."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import small_corpus
+from dataset import DatasetConfig, TokenShards, build_shards
+from dataset_sft import IGNORE_INDEX, SFTData, encode_conversation, render_text
+from tokenizer import (SPECIAL_PIECES, StreamDecoder, add_chat_pieces, load_tokenizer, special_ids,
+                       token_dtype)
+
+TEXTS = ["Tom found a red ball in the park.", "他有三个苹果。今天天气很好。",
+         "Mia  counted 42 steps 🐋\n\nby the sea.\t你好"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好, where is Tom?"},
+        {"role": "assistant", "content": "<think>\nTom is out.\n</think>\nIn the park, 公园."}]
+
+
+@pytest.fixture(scope="module", params=["model", "json"])
+def tok(request, tokenizer_path, hf_chat_tokenizer_json):
+    return load_tokenizer(tokenizer_path if request.param == "model" else hf_chat_tokenizer_json)
+
+
+def test_both_backends_round_trip_and_keep_special_pieces_whole(tok):
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.eos_id not in ids and (tok.bos_id is None or tok.bos_id not in ids)  # never added
+    assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
+    for piece in SPECIAL_PIECES.values():
+        i = tok.piece_id(piece)
+        assert tok.encode(f"x{piece}y")[1:-1] == [i] and tok.decode([i]) == piece  # typed: one id; shown
+    assert tok.piece_id("<no such piece>") is None
+    assert max(max(ids) for ids in tok.encode_batch(TEXTS)) < tok.vocab_size
+
+
+def test_roles_of_a_tokenizer_json(hf_tokenizer_json, hf_chat_tokenizer_json, tmp_path):
+    tok = load_tokenizer(hf_tokenizer_json)  # its tokenizer_config.json names eos as {"content": ...}
+    eos = tok.piece_id("<|endoftext|>")
+    assert (tok.eos_id, tok.bos_id, tok.pad_id) == (eos, None, eos)  # no <pad>: eos fills
+    assert tok.vocab_size == len(json.load(open(hf_tokenizer_json))["model"]["vocab"])
+
+    shutil.copy(hf_chat_tokenizer_json, tmp_path / "tokenizer.json")
+    assert load_tokenizer(tmp_path / "tokenizer.json").eos_id == eos  # no config: the common names
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": {"content": "<|im_start|>", "special": True}, "pad_token": None}))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (tok.eos_id, tok.bos_id, tok.pad_id) == (tok.piece_id("<|im_end|>"), tok.piece_id("<|im_start|>"),
+                                                   tok.piece_id("<|im_end|>"))
+
+
+def one_line_error(path, *words):
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(path)
+    assert "\n" not in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_load_errors_are_one_line(tmp_path):
+    from tokenizers import Tokenizer, models
+    one_line_error(tmp_path / "none.json", f"{tmp_path / 'none.json'}: no such tokenizer", "convert_hf.py")
+    one_line_error(tmp_path / "none.model", f"{tmp_path / 'none.model'}: no such tokenizer", "train_tokenizer.py")
+    (tmp_path / "bad.json").write_text("{")
+    one_line_error(tmp_path / "bad.json", f"{tmp_path / 'bad.json'}: not a tokenizer.json")
+    (tmp_path / "bad.model").write_bytes(b"junk")
+    one_line_error(tmp_path / "bad.model", f"{tmp_path / 'bad.model'}: not a SentencePiece model")
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(path))
+    one_line_error(path, f"{path}: the tokenizer has no end-of-document piece (eos)")
+    (tmp_path / "tokenizer_config.json").write_text("[1]")
+    one_line_error(path, f"{tmp_path / 'tokenizer_config.json'}: not a JSON object")
+
+
+def test_add_chat_pieces_appends_only_the_missing_ones(hf_tokenizer_json, tmp_path):
+    n = load_tokenizer(hf_tokenizer_json).vocab_size
+    first, second = str(tmp_path / "first.json"), str(tmp_path / "second.json")
+    assert add_chat_pieces(hf_tokenizer_json, first) == [n, n + 1, n + 2, n + 3]
+    tok = load_tokenizer(first)
+    assert tok.vocab_size == n + 4 and [tok.piece_id(p) for p in SPECIAL_PIECES.values()] == [n, n + 1, n + 2, n + 3]
+    added = {t["content"]: t for t in json.load(open(first))["added_tokens"]}
+    assert {p: added[p]["special"] for p in SPECIAL_PIECES.values()} == {
+        "<|im_start|>": True, "<|im_end|>": True, "<think>": False, "</think>": False}
+    assert not any(added[p][k] for p in SPECIAL_PIECES.values() for k in ("normalized", "lstrip", "rstrip", "single_word"))
+    assert add_chat_pieces(first, second) == [] and load_tokenizer(second).vocab_size == n + 4
+    assert not (tmp_path / "second.json.tmp").exists()
+
+    # a tokenizer that has the chat markers already (SmolLM2's, Qwen's) gets only the think tags
+    from tokenizers import AddedToken, Tokenizer
+    hf = Tokenizer.from_file(hf_tokenizer_json)
+    hf.add_special_tokens([AddedToken("<|im_start|>", normalized=False), AddedToken("<|im_end|>", normalized=False)])
+    hf.save(str(tmp_path / "markers.json"))
+    assert add_chat_pieces(str(tmp_path / "markers.json"), str(tmp_path / "markers.json")) == [n + 2, n + 3]
+    tok = load_tokenizer(tmp_path / "markers.json")
+    text = "<|im_start|>user\nhi<think>x</think> y<|im_end|>\n"
+    ids = tok.encode(text)
+    assert [i for i in ids if i >= n] == [tok.piece_id(p) for p in ("<|im_start|>", "<think>", "</think>", "<|im_end|>")]
+    assert tok.decode(ids) == text
+
+
+def test_special_ids_name_the_missing_piece_and_how_to_get_it(hf_tokenizer_json, hf_chat_tokenizer_json):
+    with pytest.raises(ValueError) as e:
+        special_ids(load_tokenizer(hf_tokenizer_json))
+    assert str(e.value) == (f"{hf_tokenizer_json}: the tokenizer has no <|im_start|> piece; import the model with "
+                            f"python convert_hf.py, which adds it")
+    tok = load_tokenizer(hf_chat_tokenizer_json)
+    assert special_ids(tok) == {**{k: tok.piece_id(p) for k, p in SPECIAL_PIECES.items()}, "pad": tok.eos_id}
+
+
+def test_a_tokenizer_that_puts_a_space_before_every_text_is_refused_for_the_template(tmp_path):
+    """Llama 2's and TinyLlama's tokenizer.json: "user" and "\n" encoded apart decode to "user \n"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    hf = Tokenizer(models.BPE(byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.train_from_iterator(small_corpus(300), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)],
+        show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    add_chat_pieces(str(tmp_path / "tokenizer.json"), str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="puts a space before every text it encodes"):
+        special_ids(load_tokenizer(tmp_path / "tokenizer.json"))
+
+
+def test_a_conversation_through_a_tokenizer_json_decodes_to_the_template(hf_chat_tokenizer_json):
+    tok = load_tokenizer(hf_chat_tokenizer_json)
+    ids, labels = encode_conversation(tok, CHAT)
+    assert tok.decode(ids) == render_text(CHAT)
+    trained = [k for k, x in enumerate(labels) if x != IGNORE_INDEX]
+    assert trained == list(range(trained[0], trained[-1] + 1))  # one span: the reply and its <|im_end|>
+    assert [labels[k] for k in trained] == [ids[k] for k in trained] == tok.encode(CHAT[-1]["content"]) + [
+        tok.piece_id("<|im_end|>")]
+
+
+def chat_records(n):
+    rng = np.random.default_rng(0)
+    lines = small_corpus(2 * n)
+    return [{"conversations": [{"role": "user", "content": lines[2 * i]},
+                               {"role": "assistant", "content": ("<think>\n好\n</think>\n" if rng.random() < 0.5 else "")
+                                + lines[2 * i + 1]}]} for i in range(n)]
+
+
+def trained_part(tok, messages):
+    """The ids of a conversation as SFTData keeps them: up to its last trained label."""
+    ids, labels = encode_conversation(tok, messages)
+    return ids[:max(k for k, x in enumerate(labels) if x != IGNORE_INDEX) + 1]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_sft_batches_from_a_tokenizer_json_decode_to_the_template(hf_chat_tokenizer_json, tmp_path, monkeypatch):
+    import dataset_sft
+    monkeypatch.setattr(dataset_sft, "CHUNK_BYTES", 2000)  # several chunks: two worker processes
+    records = chat_records(40)
+    data = SFTData(write_jsonl(tmp_path / "c.jsonl", records), hf_chat_tokenizer_json, seq_len=256, batch_size=8,
+                   num_workers=2)
+    tok = data.tok
+    for index in range(5):
+        batch = data.batch(index)
+        for r, conv in enumerate(data.rows_of(index)):
+            n = int(np.flatnonzero(batch["targets"][r].numpy() != IGNORE_INDEX)[-1]) + 1  # up to the last trained
+            ids = batch["tokens"][r, :n].tolist() + [int(batch["targets"][r, n - 1])]
+            want = render_text(records[conv]["conversations"])
+            assert tok.decode(ids) == want.removesuffix("\n")  # the untrained "\n" after the last <|im_end|> is cut
+            assert (batch["tokens"][r, n:] == tok.pad_id).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# token files: uint32 past 65,536 ids
+
+@pytest.fixture(scope="module")
+def big_tokenizer_json(hf_tokenizer_json, tmp_path_factory):
+    """hf_tokenizer_json with 65,600 more pieces and the chat markers: ids up to about 66,150."""
+    from tokenizers import AddedToken, Tokenizer
+    d = tmp_path_factory.mktemp("big_tokenizer")
+    hf = Tokenizer.from_file(hf_tokenizer_json)
+    hf.add_tokens([AddedToken(f"<x{i}>", normalized=False) for i in range(65600)])
+    hf.save(str(d / "tokenizer.json"))
+    shutil.copy(Path(hf_tokenizer_json).with_name("tokenizer_config.json"), d)
+    add_chat_pieces(str(d / "tokenizer.json"), str(d / "tokenizer.json"))
+    return str(d / "tokenizer.json")
+
+
+def test_token_dtype_is_uint16_while_every_id_fits():
+    assert [token_dtype(v).name for v in (512, 65535, 65536, 65537, 200_000)] == ["uint16"] * 3 + ["uint32"] * 2
+    assert token_dtype(70000).str == "<u4"  # little-endian whatever the machine
+
+
+def test_pretraining_shards_past_65536_ids_are_uint32(big_tokenizer_json, tmp_path):
+    tok = load_tokenizer(big_tokenizer_json)
+    assert tok.vocab_size > 65536
+    docs = [f"{line} <x65599> 你好 <x7>" for line in small_corpus(60)]
+    write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
+    summary = build_shards(DatasetConfig(inputs=str(tmp_path / "c.jsonl"), val_inputs="", val_fraction=0.0,
+                                         tokenizer=big_tokenizer_json, out_dir=str(tmp_path / "out"),
+                                         shard_tokens=500, num_workers=2, chunk_docs=16))
+    paths = summary["train"]["paths"]
+    infos = [json.load(open(p + ".json")) for p in paths]
+    assert len(paths) > 1 and {i["dtype"] for i in infos} == {"uint32"} and infos[0]["vocab_size"] == tok.vocab_size
+    want = [i for d in docs for i in tok.encode(d) + [tok.eos_id]]
+    assert tok.piece_id("<x65599>") > 65535 and tok.piece_id("<x65599>") in want
+    assert np.concatenate([np.fromfile(p, "<u4") for p in paths]).tolist() == want
+    data = TokenShards(paths, seq_len=16, batch_size=4)
+    assert np.concatenate([np.asarray(s) for s in data.shards]).tolist() == want
+
+
+def test_old_uint16_shards_still_read(tmp_path):
+    for name, dtype in (("old", None), ("new", "uint16")):
+        path = str(tmp_path / f"{name}.bin")
+        np.arange(100, dtype="<u2").tofile(path)
+        info = {"tokenizer": "t.model", "tokenizer_sha256": "abc", "vocab_size": 512, "eos_id": 2,
+                "num_tokens": 100, "num_documents": 1}
+        json.dump({**info, "dtype": dtype} if dtype else info, open(path + ".json", "w"))
+        assert np.asarray(TokenShards([path], seq_len=8, batch_size=2).shards[0]).tolist() == list(range(100))
+
+
+def test_chat_shards_past_65536_ids_are_uint32_and_old_ones_read_as_uint16(
+        big_tokenizer_json, tokenizer_path, tmp_path, capsys):
+    records = chat_records(12)
+    records[0]["conversations"][1]["content"] += " <x65599>"
+    path = write_jsonl(tmp_path / "c.jsonl", records)
+    info_path = tmp_path / "c.jsonl.shards" / "info.json"
+    for tokenizer, dtype in ((big_tokenizer_json, "uint32"), (tokenizer_path, "uint16")):
+        data = SFTData(path, tokenizer, seq_len=512, batch_size=2)
+        assert json.load(open(info_path))["dtype"] == dtype and data.ids.dtype == np.dtype(dtype)
+        assert [data.row(i)[0].tolist() for i in range(len(records))] == [
+            trained_part(data.tok, r["conversations"]) for r in records]
+        assert (data.row(0)[0] > 65535).any() == (dtype == "uint32")  # <|im_start|>, <x65599>
+
+    info = json.load(open(info_path))
+    del info["dtype"]  # as chat shards made before uint32 existed
+    json.dump(info, open(info_path, "w"))
+    capsys.readouterr()
+    data = SFTData(path, tokenizer_path, seq_len=512, batch_size=2)
+    assert "tokenizing" not in capsys.readouterr().out  # reused, read as uint16
+    assert data.row(0)[0].tolist() == trained_part(data.tok, records[0]["conversations"])
+
+
+def test_stream_decoder_waits_for_whole_characters_of_byte_level_tokens(hf_chat_tokenizer_json):
+    tok = load_tokenizer(hf_chat_tokenizer_json)
+    text = "他有三个苹果 ok 🐋<think>"
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.add(i) for i in tok.encode(text)]
+    assert "".join(pieces) + decoder.rest() == text and decoder.text() == text
+    assert "" in pieces and not any("\ufffd" in p for p in pieces)  # bytes of one character came apart
