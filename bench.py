@@ -17,6 +17,10 @@ MFU and peak memory (torch.cuda.max_memory_allocated on CUDA; on CPU the live te
 memory: the same step of ours in bf16, run on fake tensors (shapes, no data, no arithmetic): the
 peak a GPU would need, found on any machine in seconds, next to the training scripts' estimate.
   python bench.py --preset 12gb --memory_only true    # does the 12gb preset fit, without a GPU
+  python bench.py --preset tinyllama-1.1b --memory_only true   # LoRA (train_sft.py --preset 12gb_lora) on it
+--lora_rank N: the training and memory rows train LoRA adapters on a frozen base (lora.py), kept in
+the compute dtype; the presets named after Hugging Face models are their shapes with the 12gb_lora
+settings (batch 4 x 1,024 tokens, activation checkpointing).
 chat data (--sft_mb N, these rows only): --sft_mb MB of the offline generator's chats tokenized into
 chat shards (dataset_sft.py) with --sft_workers processes, time and peak memory, then a second launch
 that must reuse them; then SFT steps on --sft_spread_mb MB of chats with a realistic spread of lengths,
@@ -36,6 +40,7 @@ import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,6 +51,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from cli import UserError, parse_config, run_guarded
 from inference import pick_device
+from lora import add_lora, cast_frozen
 from model import ModelConfig, ModelError, Transformer
 from offline_data import english_chat
 from records import atomic_write
@@ -58,6 +64,8 @@ class BenchConfig:
     n_heads: int = 8
     n_kv_heads: int = 4
     vocab_size: int = 6400
+    hidden_dim: Optional[int] = field(default=None, metadata={"help": "SwiGLU width; unset: 8/3 * dim"})
+    tie_embeddings: bool = True
     max_seq_len: int = 512
     prompt_tokens: int = 16
     new_tokens: int = 256
@@ -70,6 +78,8 @@ class BenchConfig:
     seq_len: int = field(default=256, metadata={"help": "training rows: tokens per sequence"})
     grad_accum: int = field(default=1, metadata={"help": "training rows: micro-batches per optimizer step"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "training rows: recompute activations"})
+    lora_rank: int = field(default=0, metadata={"help": "training and memory rows: LoRA adapters of this rank on "
+                                                        "the frozen model; 0: every weight trained"})
     memory_only: bool = field(default=False, metadata={"help": "print only the simulated bf16 memory row"})
     compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd training step"})
     peak_tflops: float = field(default=0.0, metadata={"help": "for MFU; 0: the GPU table / measured CPU matmuls"})
@@ -90,6 +100,17 @@ PRESETS = {
     "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=12000, max_seq_len=1024,
                  batch_size=8, seq_len=1024, grad_accum=8, compile=True),
 }
+LORA_12GB = dict(lora_rank=16, batch_size=4, seq_len=1024, max_seq_len=2048, grad_checkpointing=True, hf=False)
+PRESETS.update({  # shapes of Hugging Face models that convert_hf.py imports, with train_sft.py's 12gb_lora settings
+    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, vocab_size=49152, **LORA_12GB),
+    "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000,
+                           tie_embeddings=False, **LORA_12GB),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256, **LORA_12GB),
+    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, vocab_size=49152,
+                         **LORA_12GB),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                        **LORA_12GB),
+})
 
 
 class PeakMemory(TorchDispatchMode):
@@ -121,6 +142,9 @@ def peak_memory(make_step) -> int:
     (the second time with the optimizer's state)."""
     with PeakMemory() as meter:
         step = make_step()
+        # From here: what the step keeps (model, batch) and makes. Building a LoRA model passes through its fp32
+        # base, which the training scripts cast on the CPU before moving it to the GPU.
+        meter.peak = meter.live
         step()
         step()
     return meter.peak
@@ -178,8 +202,9 @@ def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> f
 
 def optimizer_step(model, loss_of, cfg: BenchConfig, device, autocast):
     """A function that runs one optimizer step of `model`: forward (loss_of()) and backward of
-    each micro-batch, then AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
+    each micro-batch, then AdamW on the weights it trains."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=torch.device(device).type == "cuda")
 
     def step():
         for _ in range(cfg.grad_accum):
@@ -192,9 +217,12 @@ def optimizer_step(model, loss_of, cfg: BenchConfig, device, autocast):
 
 
 def train_step_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast, compiled: bool = False):
-    """One optimizer step of our model."""
+    """One optimizer step of our model (with --lora_rank: of its adapters, the frozen base in the compute dtype)."""
     with torch.device(device):
         model = Transformer(model_cfg)
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, 2.0 * cfg.lora_rank)
+        cast_frozen(model, getattr(autocast, "fast_dtype", torch.float32))
     model.grad_checkpointing = cfg.grad_checkpointing
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
@@ -220,10 +248,11 @@ def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:
     peak = train.peak_flops(rt, cfg.peak_tflops)
     tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
     flops = Transformer(model_cfg).flops_per_token(cfg.seq_len) * tokens
-    variants = [("train, ours", lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast))]
+    ours = f"train, ours LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "train, ours"
+    variants = [(ours, lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast))]
     if cfg.compile:
         variants.append(("train, ours compiled", lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast, True)))
-    if cfg.hf:
+    if cfg.hf and not cfg.lora_rank:  # (transformers with PEFT would be the comparison: not timed here)
         variants.append(("train, transformers", lambda: train_transformers_timer(model_cfg, cfg, rt.device, rt.autocast)))
     rows = []
     for name, make in variants:
@@ -244,8 +273,8 @@ def memory_row(model_cfg: ModelConfig, cfg: BenchConfig) -> tuple:
     import train
     simulated = simulated_peak(model_cfg, cfg)
     estimate = sum(train.estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, torch.bfloat16,
-                                         cfg.grad_checkpointing).values())
-    return ("memory, bf16 step", simulated / 2**30, "GiB", f"on fake tensors; the training scripts estimate "
+                                         cfg.grad_checkpointing, lora_rank=cfg.lora_rank).values())
+    return ("memory, bf16 step" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""), simulated / 2**30, "GiB", f"on fake tensors; the training scripts estimate "
             f"{estimate / 2**30:.2f} GiB ({estimate / simulated:.2f}x)")
 
 
@@ -392,7 +421,8 @@ def run(cfg: BenchConfig):
         cap_memory(torch.device(cfg.device), cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                            vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)
+                            vocab_size=cfg.vocab_size, hidden_dim=cfg.hidden_dim, tie_embeddings=cfg.tie_embeddings,
+                            max_seq_len=cfg.max_seq_len)
     if cfg.memory_only:
         print_table([memory_row(model_cfg, cfg)])
         return

@@ -4,9 +4,16 @@ Convert between our checkpoints and Hugging Face transformers' Llama format.
   python convert_hf.py --from_hf path/to/llama_folder --out out/base.pt   # then fine-tune it with our scripts
   python convert_hf.py --to_hf out/sft/best.pt --out out/hf               # tokenizer: the one the checkpoint names
   python convert_hf.py --to_hf out/sft/best.pt --out out/hf --tokenizer data/tokenizer.model
+  python convert_hf.py --to_peft out/sft_lora/best.pt --out out/adapter  # a LoRA run's adapters, for PEFT
 
-The export is a plain LlamaForCausalLM (config.json + model.safetensors) with a SentencePiece
-tokenizer (tokenizer.model, plus an exact tokenizer.json and dataset_sft.py's ChatML template), so
+An imported model keeps its own tokenizer: a tokenizer.json is copied beside the checkpoint (into
+CKPT_tokenizer/) with the chat markers <|im_start|> <|im_end|> and the think tags added where it lacks
+them; the model grows an embedding and output row for each (the mean of the existing rows), which
+fine-tuning then trains (a LoRA run too). Pass that tokenizer.json to the other scripts with --tokenizer.
+
+The export is a plain LlamaForCausalLM (config.json + model.safetensors; a LoRA checkpoint is merged
+first) with its tokenizer (our tokenizer.model plus an exact tokenizer.json, or an imported model's
+tokenizer.json) and dataset_sft.py's ChatML template, so
 transformers' AutoModelForCausalLM / AutoTokenizer load it. tokenizer_config.json also tells GGUF
 converters which pieces are special (llama.cpp's convert_hf_to_gguf.py makes the chat markers
 control tokens and <think> </think> user-defined ones) and that no space prefix is added; a
@@ -32,9 +39,11 @@ import torch
 
 from cli import UserError, parse_config, run_guarded
 from dataset_sft import CHAT_TEMPLATE_JINJA
-from model import ModelConfig, ModelError, Transformer, load_model, load_state_dict_checked, save_checkpoint
+from lora import load_model
+from model import ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
 from records import atomic_path, atomic_write
-from tokenizer import SPECIAL_PIECES
+from tokenizer import (CHAT_MARKERS, SPECIAL_PIECES, add_chat_pieces, load_tokenizer, special_ids,
+                       without_space_prefix)
 
 # Our per-layer module names -> Hugging Face's (under model.layers.{i}.)
 LAYER_NAMES = {
@@ -48,8 +57,6 @@ LAYER_NAMES = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-# special tokens (skipped by decode(skip_special_tokens=True)); <think> </think> stay visible
-CHAT_MARKERS = (SPECIAL_PIECES["im_start"], SPECIAL_PIECES["im_end"])
 
 
 def hf_names(cfg: ModelConfig) -> dict:
@@ -191,13 +198,16 @@ def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
     return model, cfg
 
 
-def save_hf(model: Transformer, out_dir: str, tokenizer_model: str = None):
-    """Write `model` as a HF LlamaForCausalLM folder, with the tokenizer files when given our
-    SentencePiece model. Every file is written under a temporary name and renamed; config.json
-    comes last, so a folder with a config.json is complete."""
+def save_hf(model: Transformer, out_dir: str, tokenizer: str = None):
+    """Write `model` as a HF LlamaForCausalLM folder, with the tokenizer files when given its tokenizer
+    (our SentencePiece model, or an imported tokenizer.json). Every file is written under a temporary
+    name and renamed; config.json comes last, so a folder with a config.json is complete."""
     save_file = _safetensors().save_file
     os.makedirs(out_dir, exist_ok=True)
-    token_ids = save_tokenizer(tokenizer_model, out_dir, model.cfg) if tokenizer_model else None
+    token_ids = None
+    if tokenizer:
+        save = save_tokenizer_json if tokenizer.endswith(".json") else save_tokenizer
+        token_ids = save(tokenizer, out_dir, model.cfg)
     state = model.state_dict()
     tensors = {theirs: state[ours].detach().cpu().contiguous() for ours, theirs in hf_names(model.cfg).items()}
     with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
@@ -350,17 +360,129 @@ def save_tokenizer(tokenizer_model: str, out_dir: str, cfg: ModelConfig) -> dict
     fast = tokenizer_json(info)
     write_json(os.path.join(out_dir, "tokenizer.json"), fast)
     special = {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    write_tokenizer_config(out_dir, fast["added_tokens"], special, cfg)
+    return {"bos": ids["<s>"], "eos": ids["</s>"], "pad": ids["<pad>"], "im_end": ids["<|im_end|>"]}
+
+
+def write_tokenizer_config(out_dir: str, added_tokens: list, special: dict, cfg: ModelConfig):
+    """special_tokens_map.json and tokenizer_config.json, with the ChatML template and <|im_end|> as eos.
+    The same added tokens as tokenizer.json: llama.cpp's converter reads them here, and makes a special one
+    a control token (the chat markers, <s>, </s>...) and the others user-defined (<think>, </think>: always
+    one token, and shown in the output). add_prefix_space false: our pieces carry no dummy "▁" prefix."""
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
-    # The same added tokens as tokenizer.json: llama.cpp's converter reads them here, and makes a special one
-    # a control token (the chat markers, <s>, </s>...) and the others user-defined (<think>, </think>: always
-    # one token, and shown in the output). add_prefix_space false: our pieces carry no dummy "▁" prefix.
-    added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in fast["added_tokens"]}
+    added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added_tokens}
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as written, no rebuilding
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len,
         "chat_template": CHAT_TEMPLATE_JINJA, "added_tokens_decoder": added, **special})
-    return {"bos": ids["<s>"], "eos": ids["</s>"], "pad": ids["<pad>"], "im_end": ids["<|im_end|>"]}
+
+
+def save_tokenizer_json(path: str, out_dir: str, cfg: ModelConfig) -> dict:
+    """An imported model's tokenizer.json (with the chat markers convert_hf.py added) as it is, plus
+    tokenizer_config.json with our template: <|im_end|> ends a reply, as in our fine-tuning."""
+    tok = load_tokenizer(path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{path} has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}: "
+                        f"pass the tokenizer it was trained with")
+    ids = special_ids(tok)
+    with open(path, encoding="utf-8") as f:
+        added_tokens = json.load(f).get("added_tokens", [])
+    with atomic_path(os.path.join(out_dir, "tokenizer.json")) as tmp:
+        shutil.copyfile(path, tmp)
+    piece = {i: tok.decode([i]) for i in (tok.bos_id, tok.eos_id, ids["pad"]) if i is not None}
+    special = {"bos_token": piece.get(tok.bos_id), "eos_token": SPECIAL_PIECES["im_end"],
+               "pad_token": piece[ids["pad"]]}
+    write_tokenizer_config(out_dir, added_tokens, special, cfg)
+    return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": ids["pad"], "im_end": ids["im_end"]}
+
+
+# ----------------------------------------------------------------------------- importing a tokenizer
+
+def import_tokenizer(model_dir: str, ckpt_path: str, model: Transformer) -> tuple:
+    """(model, tokenizer path, ids of the tokens added) for a model imported from model_dir. A tokenizer.json
+    is copied into CKPT_tokenizer/ (with the eos, bos and pad roles of its tokenizer_config.json, and without a
+    Llama 2 style space prefix), the chat markers and think tags it lacks are added, and the model grows rows
+    for them. A tokenizer.model is used where it is when it has the markers (our own export) or is the only
+    tokenizer (markers cannot be added to it)."""
+    source, sentencepiece = (os.path.join(model_dir, name) for name in ("tokenizer.json", "tokenizer.model"))
+    if os.path.exists(sentencepiece) and (not os.path.exists(source) or has_chat_pieces(sentencepiece)):
+        return model, sentencepiece, []  # our own export (or a tokenizer.model alone): as it is
+    if not os.path.exists(source):
+        return model, "", []
+    folder = ckpt_path.removesuffix(".pt") + "_tokenizer"
+    os.makedirs(folder, exist_ok=True)
+    roles = {}
+    config = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            roles = {k: v for k, v in json.load(f).items() if k in ("bos_token", "eos_token", "pad_token")}
+    write_json(os.path.join(folder, "tokenizer_config.json"), roles)
+    path = os.path.join(folder, "tokenizer.json")
+    if without_space_prefix(source, path):
+        print(f"note: {source} puts a space before every text it encodes (Llama 2 style); the imported copy does "
+              f"not, so the chat template encodes piece by piece exactly")
+    added = add_chat_pieces(path, path)
+    model = with_vocab(model, load_tokenizer(path).vocab_size, added)
+    return model, path, added
+
+
+def has_chat_pieces(path: str) -> bool:
+    tok = load_tokenizer(path)
+    return all(tok.piece_id(piece) is not None for piece in SPECIAL_PIECES.values())
+
+
+@torch.no_grad()
+def with_vocab(model: Transformer, vocab_size: int, new_ids: list) -> Transformer:
+    """The model with at least vocab_size embedding and output rows; the rows of new_ids start at the mean
+    of the existing rows (a neutral start: a random row could dominate the output)."""
+    cfg = model.cfg
+    rows = max(vocab_size, cfg.vocab_size)
+    state = model.state_dict()
+    for name in ("tok_embeddings.weight", "output.weight"):
+        old = state[name]
+        grown = torch.cat([old, old.new_zeros(rows - cfg.vocab_size, cfg.dim)])
+        grown[new_ids] = old.mean(0)
+        state[name] = grown
+    grown_model = Transformer(ModelConfig.from_dict({**asdict(cfg), "vocab_size": rows}))
+    load_state_dict_checked(grown_model, state, "the imported model")
+    return grown_model
+
+
+# ----------------------------------------------------------------------------- PEFT adapters
+
+def save_peft(ckpt_path: str, out_dir: str) -> str:
+    """A LoRA checkpoint's adapters as PEFT writes them (adapter_config.json + adapter_model.safetensors), for
+    peft.PeftModel.from_pretrained on the base exported with --to_hf. Trained new-token rows become PEFT's
+    trainable_token_indices."""
+    ckpt = read_checkpoint(ckpt_path)
+    if "lora" not in ckpt:
+        raise UserError(f"{ckpt_path} is not a LoRA checkpoint (train_sft.py --lora_rank N makes one)")
+    meta, cfg = ckpt["lora"], ModelConfig.from_dict(ckpt["config"])
+    rows = {"tok_embeddings.rows": "model.embed_tokens", "output.rows": "lm_head"}
+    tensors = {}
+    for name, tensor in ckpt["model"].items():
+        if name in rows:
+            theirs = f"{rows[name]}.token_adapter.trainable_tokens_delta"
+        else:  # layers.{i}.attention.wq.lora_A -> model.layers.{i}.self_attn.q_proj.lora_A.weight
+            where, kind = name.rsplit(".", 1)
+            _, layer, module = where.split(".", 2)
+            theirs = f"model.layers.{layer}.{LAYER_NAMES[module]}.{kind}.weight"
+        tensors[f"base_model.model.{theirs}"] = tensor.float().contiguous()
+    new_ids = meta["new_token_ids"]
+    token_indices = None  # a tied head shares the embedding's rows
+    if new_ids:
+        token_indices = {"embed_tokens": new_ids, **({} if cfg.tie_embeddings else {"lm_head": new_ids})}
+    hf_targets = sorted(LAYER_NAMES[m].split(".")[1] for m in LAYER_NAMES if m.split(".")[-1] in meta["targets"])
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_path(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:
+        _safetensors().save_file(tensors, tmp, metadata={"format": "pt"})
+    write_json(os.path.join(out_dir, "adapter_config.json"), {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": meta["rank"], "lora_alpha": meta["alpha"],
+        "lora_dropout": meta["dropout"], "target_modules": hf_targets, "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "modules_to_save": None, "trainable_token_indices": token_indices, "base_model_name_or_path": None})
+    return meta["base"]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -369,24 +491,32 @@ def save_tokenizer(tokenizer_model: str, out_dir: str, cfg: ModelConfig) -> dict
 class ConvertConfig:
     from_hf: str = field(default="", metadata={"help": "Hugging Face Llama folder to convert into our checkpoint"})
     to_hf: str = field(default="", metadata={"help": "our checkpoint to export as a Hugging Face folder"})
+    to_peft: str = field(default="", metadata={"help": "a LoRA checkpoint whose adapters to export for PEFT"})
     out: str = field(default="", metadata={"help": "the checkpoint (.pt) or folder to write"})
-    tokenizer: str = field(default="", metadata={"help": "with --to_hf: SentencePiece model to export "
-                                                         "(empty: the one recorded in the checkpoint)"})
+    tokenizer: str = field(default="", metadata={"help": "with --to_hf: tokenizer.model or tokenizer.json to "
+                                                         "export (empty: the one recorded in the checkpoint)"})
 
 
 def convert(cfg: ConvertConfig):
-    if bool(cfg.from_hf) == bool(cfg.to_hf) or not cfg.out:
-        raise UserError("give --from_hf DIR or --to_hf CKPT, and --out")
+    if sum(map(bool, (cfg.from_hf, cfg.to_hf, cfg.to_peft))) != 1 or not cfg.out:
+        raise UserError("give one of --from_hf DIR, --to_hf CKPT or --to_peft CKPT, and --out")
     if cfg.from_hf:
-        model, model_cfg = load_hf(cfg.from_hf)
-        tokenizer = os.path.join(cfg.from_hf, "tokenizer.model")
-        tokenizer = tokenizer if os.path.exists(tokenizer) else ""
-        save_checkpoint({"model": model.state_dict(), "config": asdict(model_cfg), "step": 0,
-                         "tokenizer": tokenizer}, cfg.out)
-        print(f"wrote {cfg.out}: {model.num_params() / 1e6:.1f}M parameters, {model_cfg.n_layers} layers")
-        if not tokenizer:
-            print(f"note: {cfg.from_hf} has no tokenizer.model; pass its SentencePiece tokenizer "
+        model, _ = load_hf(cfg.from_hf)
+        model, tokenizer, added = import_tokenizer(cfg.from_hf, cfg.out, model)
+        save_checkpoint({"model": model.state_dict(), "config": asdict(model.cfg), "step": 0,
+                         "tokenizer": tokenizer, "added_token_ids": added}, cfg.out)
+        print(f"wrote {cfg.out}: {model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layers} layers")
+        if added:
+            print(f"added {len(added)} tokens the tokenizer lacked (ids {added[0]}-{added[-1]}), their rows starting "
+                  f"at the mean of the others: fine-tuning trains them")
+        if tokenizer:
+            print(f"its tokenizer: {tokenizer} (fine-tune with --init_from {cfg.out} --tokenizer {tokenizer})")
+        else:
+            print(f"note: {cfg.from_hf} has no tokenizer.json or tokenizer.model; pass its tokenizer "
                   "to the other scripts with --tokenizer", file=sys.stderr)
+    elif cfg.to_peft:
+        base = save_peft(cfg.to_peft, cfg.out)
+        print(f"wrote {cfg.out}/: PEFT adapters for {base} (export that base with --to_hf {base})")
     else:
         model, ckpt = load_model(cfg.to_hf)
         tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or ""

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from cli import parse_config
 from dataset_sft import read_conversations, render_prompt
-from model import load_model
+from lora import load_model
 from tokenizer import Tokenizer, load_tokenizer, special_ids
 from train import Runtime, default_loss, run_main
-from train_sft import SFTConfig, finetune
+from train_sft import SFTConfig, finetune, resolve_tokenizer
 
 
 @dataclass
@@ -132,6 +132,7 @@ def distill(cfg: DistillConfig) -> dict:
         teacher = load_model(cfg.teacher, rt.device)[0]
         teacher.eval().requires_grad_(False)
         loss_fn = teacher_loss(teacher, cfg)
+    resolve_tokenizer(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     report_path = cfg.val_data or cfg.train_data
     before = {}

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 from cli import UserError, parse_config, run_guarded
-from model import ModelError, load_model
+from lora import load_model
+from model import ModelError
 from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 

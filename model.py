@@ -416,6 +416,9 @@ def save_checkpoint(ckpt: dict, path: str):
 def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":
     """Build a Transformer from a checkpoint file; returns (model, checkpoint dict)."""
     ckpt = read_checkpoint(path)
+    if "lora" in ckpt:  # written by a LoRA run of this project (lora.py): adapters only
+        raise ModelError(f"{path} holds LoRA adapters, not a whole model: merge them into their base first "
+                         f"(python lora.py --ckpt {path})")
     model = Transformer(ModelConfig.from_dict(ckpt["config"]))
     load_state_dict_checked(model, ckpt["model"], path)
     return model.to(device), ckpt

@@ -28,8 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cli import UserError, die, parse_config, run_guarded
-from model import (ModelConfig, ModelError, Transformer, load_model, load_state_dict_checked, nonfinite_tensor,
-                   read_checkpoint, save_checkpoint)
+from lora import (TARGETS, adapter_state, add_lora, base_entries, cast_frozen, is_lora, load_model, lora_params,
+                  with_adapters)
+from model import (ModelConfig, ModelError, Transformer, load_state_dict_checked, nonfinite_tensor, read_checkpoint,
+                   save_checkpoint)
 
 
 @dataclass
@@ -178,14 +180,17 @@ def peak_flops(rt: Runtime, override_tflops: float = 0.0) -> float:
 
 
 def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype,
-                    grad_checkpointing: bool = False, optimizer: str = "adamw") -> dict:
+                    grad_checkpointing: bool = False, optimizer: str = "adamw", lora_rank: int = 0,
+                    lora_targets=TARGETS) -> dict:
     """Bytes the training step needs at its peak (the start of backward), by part. Activations
     are what autograd keeps per token: per layer the fp32 residual stream and normalised inputs,
     and in the compute dtype the matmul inputs and outputs (attention is a fused kernel: no
     T x T matrix is kept); then the fp32 log-probabilities and their gradients over the vocabulary.
     Within 0.99x of the measured peak of the cpu preset's loop, and 1.0-1.04x of bf16 steps of the
     12gb preset simulated on fake tensors (bench.py --memory_only; tests/test_pipeline.py). AdamW keeps
-    two fp32 moments per weight; Muon one momentum buffer for the matrices it trains."""
+    two fp32 moments per weight; Muon one momentum buffer for the matrices it trains. With LoRA (lora_rank)
+    the frozen weights are kept in the compute dtype, and only the fp32 adapters have gradients and
+    optimizer state; the activations are the same (each adapter needs the input its base layer sees)."""
     with torch.device("meta"):
         n_params = Transformer(model_cfg).num_params()
     c, e = model_cfg, dtype.itemsize
@@ -198,15 +203,21 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
         else c.n_layers * per_layer + head
     # fp32 master weights, plus the low-precision copies autocast makes of them for the matmuls
     weights = 4 * n_params + (e * n_params if e < 4 else 0)
+    activations = batch_size * seq_len * per_token
+    if lora_rank:
+        adapters = lora_params(model_cfg, lora_rank, lora_targets)
+        return {"weights": e * n_params + 4 * adapters, "gradients": 4 * adapters, "optimizer": 8 * adapters,
+                "activations": activations}
     block_matrices = c.n_layers * (2 * c.dim * c.dim + 2 * c.dim * kv_dim + 3 * c.dim * c.hidden_dim)
     optimizer_bytes = 8 * n_params - (4 * block_matrices if optimizer == "muon" else 0)
-    return {"weights": weights, "gradients": 4 * n_params, "optimizer": optimizer_bytes,
-            "activations": batch_size * seq_len * per_token}
+    return {"weights": weights, "gradients": 4 * n_params, "optimizer": optimizer_bytes, "activations": activations}
 
 
-def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int, rt: Runtime):
+def check_memory(model: Transformer, cfg: TrainConfig, seq_len: int, rt: Runtime):
     """Print the estimate; on CUDA stop before the first step if it cannot fit."""
-    parts = estimate_memory(model_cfg, cfg.batch_size, seq_len, rt.dtype, cfg.grad_checkpointing, cfg.optimizer)
+    lora = model.lora if is_lora(model) else {}
+    parts = estimate_memory(model.cfg, cfg.batch_size, seq_len, rt.dtype, cfg.grad_checkpointing, cfg.optimizer,
+                            lora.get("rank", 0), lora.get("targets", TARGETS))
     total = sum(parts.values())
     if rt.master:
         print("memory estimate: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items()) +
@@ -260,6 +271,9 @@ def make_optimizers(model: Transformer, cfg: TrainConfig, rt: Runtime) -> list:
     the rest. Weight decay only on 2-D weights."""
     if cfg.optimizer not in ("adamw", "muon"):
         raise UserError(f"--optimizer {cfg.optimizer!r}: use adamw or muon")
+    if cfg.optimizer == "muon" and is_lora(model):
+        raise UserError("--optimizer muon orthogonalises whole weight matrices, not LoRA's low-rank factors: "
+                        "use --optimizer adamw with --lora_rank")
     if cfg.optimizer == "muon" and rt.scaler.is_enabled():
         raise UserError("--optimizer muon is not supported with fp16 loss scaling (an overflow could skip AdamW's "
                         "step but not Muon's): use --dtype bfloat16 or float32, or --optimizer adamw")
@@ -503,7 +517,10 @@ class Run:
         saved: batch i is a pure function of the seed and i, so the step gives it."""
         self.stop_if_diverged()
         if self.rt.master:
-            ckpt = {"model": self.model.state_dict(), "config": asdict(self.model.cfg), "step": self.step,
+            # a LoRA run stores its adapters and which base they belong to; a full run every weight
+            weights = {"model": adapter_state(self.model), "lora": self.model.lora} if is_lora(self.model) \
+                else {"model": self.model.state_dict()}
+            ckpt = {**weights, "config": asdict(self.model.cfg), "step": self.step,
                     "optimizer": [o.state_dict() for o in self.optimizers], "scaler": self.rt.scaler.state_dict(),
                     "rng": capture_rng(), "train_config": asdict(self.cfg), "tokenizer": self.tokenizer,
                     "val_loss": self.val_loss, "best_val_loss": self.best_val}
@@ -545,9 +562,11 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     (on average, for the epochs report). `start` is a checkpoint to resume from.
     Returns {"step", "val_loss", "best_val_loss", "last_path"}."""
     rt = rt or Runtime(cfg)
-    check_memory(model.cfg, cfg, train_data.seq_len, rt)
+    check_memory(model, cfg, train_data.seq_len, rt)
     report_epochs(cfg, train_data, rt)
     torch.manual_seed(cfg.seed + rt.rank)
+    if is_lora(model) and rt.dtype != torch.float32:
+        cast_frozen(model, rt.dtype)  # before the move: the device never holds the fp32 base
     model.to(rt.device)
     model.grad_checkpointing = cfg.grad_checkpointing
     optimizers = make_optimizers(model, cfg, rt)
@@ -591,23 +610,44 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     return {"step": run.step, "val_loss": run.val_loss, "best_val_loss": run.best_val, "last_path": run.last_path}
 
 
-def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: str = ""):
+def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: str = "", lora: dict = None):
     """The model to train and, with --resume, the checkpoint to continue from. A fresh run
-    starts from `init_from` (fine-tuning) or from new weights of `model_cfg` (pretraining)."""
+    starts from `init_from` (fine-tuning) or from new weights of `model_cfg` (pretraining).
+    `lora` (rank, alpha, dropout, targets) trains adapters on the frozen init_from (lora.py)."""
     last = os.path.join(cfg.out_dir, "last.pt")
     if cfg.resume:
         start = read_checkpoint(last)
         model_cfg = model_cfg or ModelConfig.from_dict(start["config"])
         check_resumable(start, model_cfg, cfg, last)
-        model = Transformer(model_cfg)
-        load_state_dict_checked(model, start["model"], last)
+        check_same_lora(start.get("lora"), lora, last)
+        if lora:
+            model = with_adapters(start, last)
+        else:
+            model = Transformer(model_cfg)
+            load_state_dict_checked(model, start["model"], last)
         return model, start
     if os.path.exists(last):
         raise UserError(f"{last} exists: pass --resume true to continue it, or choose another --out_dir")
+    torch.manual_seed(cfg.seed)  # the same initial weights (or adapters) for the same seed
     if init_from:
-        return load_model(init_from)[0], None
-    torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
+        model, ckpt = load_model(init_from)
+        if lora:  # the tokens convert_hf.py added to an imported tokenizer are trained too
+            add_lora(model, **lora, new_token_ids=ckpt.get("added_token_ids", []))
+            model.lora = base_entries(model, init_from)
+        return model, None
     return Transformer(model_cfg), None
+
+
+def check_same_lora(saved: dict, wanted: dict, path: str):
+    """A resumed run must train what it trained before: all weights, or adapters of the same shape."""
+    saved = {k: saved[k] for k in ("rank", "alpha", "dropout", "targets")} if saved else None
+    if wanted and saved:
+        wanted = {**wanted, "targets": list(wanted["targets"])}
+    if saved != wanted:
+        def describe(s):
+            return "LoRA " + ", ".join(f"{k}={v}" for k, v in s.items()) if s else "every weight (no LoRA)"
+        raise UserError(f"{path} trained {describe(saved)} but this run asks for {describe(wanted)}; "
+                        f"use the same --lora_* settings or a new --out_dir")
 
 
 def pretrain(cfg: PretrainConfig) -> dict:

@@ -234,3 +234,49 @@ def test_cli_errors(tmp_path, capsys):
         convert_hf.main(["--from_hf", str(tmp_path), "--out", str(tmp_path / "x.pt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "config.json" in err[-1]
+
+
+@pytest.mark.parametrize("style", ["prepend", "metaspace"])
+def test_a_llama2_style_tokenizer_json_is_imported_without_its_space_prefix(tmp_path, style, capsys):
+    """Llama 2 / TinyLlama tokenizers put "▁" before every text they encode (older files with a Prepend
+    normalizer, newer ones with a Metaspace pre-tokenizer): the imported copy does not, so the template encodes
+    piece by piece into ids that decode to the template, and the export's chat template gives the same ids."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from conftest import small_corpus
+    from dataset_sft import encode_conversation, render_text
+    from tokenizer import load_tokenizer
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    if style == "prepend":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first",
+                                                                                     split=False)])
+    tok.train_from_iterator(small_corpus(), trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({piece: len(vocab) + i for i, piece in enumerate(byte_pieces)})  # byte fallback's pieces
+    tok = Tokenizer.from_str(json.dumps(spec))
+    hf_dir = tmp_path / "hf"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=64)).save_pretrained(str(hf_dir))
+    tok.save(str(hf_dir / "tokenizer.json"))
+    assert tok.encode("user", add_special_tokens=False).tokens[0].startswith("\u2581")  # as it comes
+
+    convert_hf.main(["--from_hf", str(hf_dir), "--out", str(tmp_path / "base.pt")])
+    assert "Llama 2 style" in capsys.readouterr().out
+    imported = load_tokenizer(str(tmp_path / "base_tokenizer" / "tokenizer.json"))
+    messages = [{"role": "user", "content": "Tom found three apples. 今天天气很好。"},
+                {"role": "assistant", "content": " It was 12 steps away."}]
+    ids, _ = encode_conversation(imported, messages)
+    assert imported.decode(ids) == render_text(messages)
+    convert_hf.main(["--to_hf", str(tmp_path / "base.pt"), "--out", str(tmp_path / "export")])
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    theirs = exported.apply_chat_template(messages, tokenize=True)
+    assert list(getattr(theirs, "input_ids", theirs)) == ids

@@ -1,0 +1,229 @@
+"""
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): fine-tune a model by
+training a small low-rank update beside each chosen weight matrix while every original weight stays
+frozen. A layer's output becomes W x + (alpha / rank) * B A x, with A (rank x in) Gaussian and B
+(out x rank) zero at the start, so step 0 is exactly the base model.
+
+  python train_sft.py --init_from out/base.pt --lora_rank 16          # train_sft.py / distill.py flags
+  python lora.py --ckpt out/sft/best.pt --out out/sft/merged.pt        # fold the adapters into a plain checkpoint
+
+Why it fits a 12 GB card: the frozen weights need no gradient and no optimizer state, and on CUDA they
+are kept in the compute dtype (2 bytes a weight, against 16 for full fine-tuning with AdamW).
+
+A LoRA checkpoint holds only the adapters, plus the path and sha256 of the base checkpoint they were
+trained on (megabytes, not gigabytes). load_model() below gives back the base with the adapters merged
+in, so inference and convert_hf.py take a LoRA checkpoint like any other; convert_hf.py --to_peft also
+writes the adapters in PEFT's layout. Tokens that convert_hf.py added to an imported tokenizer (the chat
+markers) start with no meaning, so their embedding and output rows are trained too (trainable copies
+of just those rows, as PEFT's trainable_token_indices).
+"""
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import UserError, parse_config, run_guarded
+from model import ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
+from records import file_sha256
+
+# every attention and MLP projection (transformers: q_proj k_proj v_proj o_proj gate_proj down_proj up_proj)
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus its trainable low-rank update: base(x) + scale * B(A(dropout(x)))."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.normal_(self.lora_A, std=1 / rank)  # the paper's Gaussian A (PEFT's "gaussian" scale)
+        # No dropout module at all when it is 0: even p=0 would store a copy of x for backward.
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded into its weight (computed in fp32)."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (out, in)
+        self.base.weight.data = (self.base.weight.float() + delta).to(self.base.weight.dtype)
+        return self.base
+
+
+class TrainedRows(nn.Module):
+    """A frozen embedding (token ids -> vectors) or output head (vectors -> logits) whose rows `ids` are
+    replaced by a trainable copy. A tied head shares the embedding's copy (rows=)."""
+
+    def __init__(self, base, ids, rows: nn.Parameter = None):
+        super().__init__()
+        self.base = base
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=base.weight.device), persistent=False)
+        slot = torch.full((base.weight.shape[0],), -1, dtype=torch.long, device=base.weight.device)
+        slot[self.ids] = torch.arange(len(ids), device=base.weight.device)
+        self.register_buffer("slot", slot, persistent=False)  # token id -> its row in self.rows, or -1
+        self.rows = rows if rows is not None else nn.Parameter(base.weight.detach()[self.ids].float().clone())
+
+    @property
+    def weight(self):  # what Transformer reads of its embedding (the KV cache's dtype, parameter counts)
+        return self.base.weight
+
+    def forward(self, x):
+        if isinstance(self.base, nn.Embedding):  # x: token ids (B, T) -> (B, T, dim)
+            out, slot = self.base(x), self.slot[x]
+            return torch.where((slot >= 0)[..., None], self.rows[slot.clamp(min=0)].to(out.dtype), out)
+        logits = self.base(x)  # x: (B, T, dim) -> (B, T, vocab), the trained rows' logits put in place
+        return logits.index_copy(-1, self.ids, F.linear(x, self.rows.to(x.dtype)).to(logits.dtype))
+
+    def merged(self):
+        self.base.weight.data[self.ids] = self.rows.detach().to(self.base.weight.dtype)
+        return self.base
+
+
+def add_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0, targets=TARGETS,
+             new_token_ids=()) -> Transformer:
+    """Freeze every weight of `model` and wrap the `targets` projections of every block (in place). The rows
+    of new_token_ids (tokens without a trained embedding yet) are trained too."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if rank < 1 or not targets or unknown:
+        raise ModelError(f"LoRA needs a rank of at least 1 and targets among {','.join(TARGETS)}"
+                         + (f" (unknown: {','.join(unknown)})" if unknown else ""))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.layers:
+        for parent in (block.attention, block.feed_forward):
+            for name in targets:
+                if hasattr(parent, name):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    if len(new_token_ids):
+        model.tok_embeddings = TrainedRows(model.tok_embeddings, list(new_token_ids))
+        tied = model.tok_embeddings.rows if model.cfg.tie_embeddings else None
+        model.output = TrainedRows(model.output, list(new_token_ids), rows=tied)
+    model.lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+                  "new_token_ids": [int(i) for i in new_token_ids]}
+    return model
+
+
+def is_lora(model) -> bool:
+    return getattr(model, "lora", None) is not None
+
+
+def cast_frozen(model: Transformer, dtype: torch.dtype):
+    """Keep the frozen matrices in the compute dtype (bf16 on CUDA): no fp32 master copy is needed for
+    weights that never change. Norms (vectors) and the trainable adapters stay fp32."""
+    for p in model.parameters():
+        if not p.requires_grad and p.dim() == 2:
+            p.data = p.data.to(dtype)
+
+
+@torch.no_grad()
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold the adapters into the weights (in place): a plain Transformer again, with the state_dict names and
+    fp32 weights it had before add_lora, every weight trainable."""
+    for block in model.layers:
+        for parent in (block.attention, block.feed_forward):
+            for name, module in list(parent.named_children()):
+                if isinstance(module, LoRALinear):
+                    setattr(parent, name, module.merged())
+    if isinstance(model.tok_embeddings, TrainedRows):
+        model.tok_embeddings = model.tok_embeddings.merged()
+        model.output = model.output.merged()  # tied: the same weight again, already holding the rows
+    model.float()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.lora = None
+    return model
+
+
+def adapter_state(model: Transformer) -> dict:
+    """The trained tensors only: what a LoRA checkpoint stores (a tied head's rows once)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_params(model_cfg, rank: int, targets=TARGETS) -> int:
+    """Trainable weights of the adapters on a model of this shape (without the few new token rows)."""
+    c, kv = model_cfg, model_cfg.n_kv_heads * model_cfg.head_dim
+    shapes = {"wq": (c.dim, c.dim), "wk": (c.dim, kv), "wv": (c.dim, kv), "wo": (c.dim, c.dim),
+              "w1": (c.dim, c.hidden_dim), "w2": (c.hidden_dim, c.dim), "w3": (c.dim, c.hidden_dim)}
+    return c.n_layers * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def base_entries(model: Transformer, base_path: str) -> dict:
+    """What a LoRA checkpoint records to find and check its base."""
+    return {**model.lora, "base": base_path, "base_sha256": file_sha256(base_path)}
+
+
+def with_adapters(ckpt: dict, path: str, base: str = "") -> Transformer:
+    """The base model of a LoRA checkpoint with its adapters attached (not merged). `base` overrides the
+    recorded path; a base whose file or shape is not the one the adapters were trained on is refused."""
+    meta = ckpt["lora"]
+    base = base or meta["base"]
+    if not os.path.isfile(base):
+        raise ModelError(f"{path} holds LoRA adapters for the base {base}, which does not exist (pass its path)")
+    if file_sha256(base) != meta["base_sha256"]:
+        raise ModelError(f"{path} holds LoRA adapters trained on {meta['base']} (sha256 {meta['base_sha256'][:12]}), "
+                         f"but {base} is a different file: give the base they were trained on")
+    model, _ = load_model(base)
+    for name, value in ckpt["config"].items():
+        if getattr(model.cfg, name) != value:
+            raise ModelError(f"{path} holds LoRA adapters for a model with {name}={value!r}, but {base} has "
+                             f"{name}={getattr(model.cfg, name)!r}")
+    add_lora(model, meta["rank"], meta["alpha"], meta["dropout"], meta["targets"], meta["new_token_ids"])
+    model.lora = {k: meta[k] for k in model.lora}
+    load_adapters(model, ckpt["model"], path)
+    return model
+
+
+@torch.no_grad()
+def load_adapters(model: Transformer, state: dict, source: str):
+    """Copy a LoRA checkpoint's tensors into the adapters, with one-line errors naming a tensor that does not fit."""
+    expected = adapter_state(model)
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ModelError(f"{source}: unexpected adapter tensor {name}")
+        if tensor.shape != expected[name].shape:
+            raise ModelError(f"{source}: adapter {name} has shape {tuple(tensor.shape)} but this base and LoRA "
+                             f"settings expect {tuple(expected[name].shape)}")
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise ModelError(f"{source}: missing adapter tensor {missing[0]}")
+    for name, tensor in state.items():
+        expected[name].copy_(tensor)
+
+
+def load_model(path: str, device="cpu", base: str = "") -> "tuple[Transformer, dict]":
+    """(model, checkpoint) for any checkpoint of this project: a full one as model.load_model reads it, a LoRA
+    one as its base with the adapters merged in. `base` overrides a LoRA checkpoint's recorded base."""
+    ckpt = read_checkpoint(path)
+    if "lora" in ckpt:
+        model = merge_lora(with_adapters(ckpt, path, base))
+    else:
+        model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+        load_state_dict_checked(model, ckpt["model"], path)
+    return model.to(device), ckpt
+
+
+@dataclass
+class MergeConfig:
+    ckpt: str = field(default="out/sft/best.pt", metadata={"help": "a LoRA checkpoint (train_sft.py --lora_rank N)"})
+    out: str = field(default="", metadata={"help": "the plain checkpoint to write (empty: CKPT_merged.pt)"})
+    base: str = field(default="", metadata={"help": "its base checkpoint (empty: the path it records)"})
+
+
+def merge_command(cfg: MergeConfig):
+    model, ckpt = load_model(cfg.ckpt, base=cfg.base)
+    if "lora" not in ckpt:
+        raise UserError(f"{cfg.ckpt} is not a LoRA checkpoint: nothing to merge")
+    out = cfg.out or cfg.ckpt.removesuffix(".pt") + "_merged.pt"
+    save_checkpoint({"model": model.state_dict(), "config": ckpt["config"], "step": ckpt.get("step", 0),
+                     "tokenizer": ckpt.get("tokenizer", "")}, out)
+    print(f"wrote {out}: {model.num_params() / 1e6:.1f}M parameters, adapters of rank {ckpt['lora']['rank']} merged")
+
+
+if __name__ == "__main__":
+    run_guarded(merge_command, parse_config(MergeConfig, description="Merge a LoRA checkpoint's adapters into "
+                                                                    "its base: a plain checkpoint."),
+                errors=(ModelError,))
