@@ -172,7 +172,7 @@ def with_adapters(ckpt: dict, path: str, base: str = "") -> Transformer:
             raise ModelError(f"{path} holds LoRA adapters for a model with {name}={value!r}, but {base} has "
                              f"{name}={getattr(model.cfg, name)!r}")
     add_lora(model, meta["rank"], meta["alpha"], meta["dropout"], meta["targets"], meta["new_token_ids"])
-    model.lora = {k: meta[k] for k in model.lora}
+    model.lora = {**meta, "base": base}  # what its checkpoints record again, the base's path as found
     load_adapters(model, ckpt["model"], path)
     return model
 

@@ -115,10 +115,12 @@ def test_lora_resume_is_bit_for_bit(tmp_path, tokenizer_path):
     finetune(lora_config(tmp_path, base_path, tokenizer_path, out="straight"))
     finetune(lora_config(tmp_path, base_path, tokenizer_path, out="split", stop_at_step=2))
     finetune(lora_config(tmp_path, base_path, tokenizer_path, out="split", resume=True))
-    straight = read_checkpoint(str(tmp_path / "straight" / "last.pt"))["model"]
-    split = read_checkpoint(str(tmp_path / "split" / "last.pt"))["model"]
-    assert straight.keys() == split.keys()
-    assert all(torch.equal(straight[k], split[k]) for k in straight)
+    straight = read_checkpoint(str(tmp_path / "straight" / "last.pt"))
+    split = read_checkpoint(str(tmp_path / "split" / "last.pt"))
+    assert straight["model"].keys() == split["model"].keys()
+    assert all(torch.equal(straight["model"][k], split["model"][k]) for k in straight["model"])
+    assert split["lora"] == straight["lora"]  # the resumed run records its base as the first did
+    lora.load_model(str(tmp_path / "split" / "last.pt"))
 
 
 def test_resume_refuses_other_lora_settings(tmp_path, tokenizer_path):
