@@ -1,7 +1,7 @@
 """
 Chat data for fine-tuning: conversations -> token ids, labels and loss weights.
-The one chat template every script shares is here; chat shards, a chat file tokenized once; and SFTData,
-the reader train_sft.py and distill.py train on.
+The one chat template every script shares is here; chat shards, a chat file tokenized once; SFTData,
+the reader train_sft.py and distill.py train on; and PreferenceData, the reader of preference pairs for train_dpo.py.
 
   python dataset_sft.py --data data/sft.jsonl --show 2     # build (or reuse) its shards; two rows, trained part marked
 
@@ -27,9 +27,17 @@ Chat shards: the first run on a chat file tokenizes it into {file}.shards/ besid
 streaming and in parallel (--num_workers processes, which also parse the JSON): ids.bin (the ids of every
 conversation, back to back: uint16, uint32 for a vocabulary over 65,536), trained.bin (uint8: 1 where the id
 is a trained label), rows.bin (int64 per conversation: start, length, first and last trained position) and
-info.json (the file's size, modification time and sha256, the tokenizer's sha256, SHARD_VERSION, the dtype
-of ids.bin, the counts). The folder is built under a temporary name and renamed, so it is complete or absent.
-Later runs, resumes and every DDP rank memory-map it; a changed file or tokenizer rebuilds it, and says so.
+info.json (the file's size, modification time and sha256, the tokenizer's sha256, SHARD_VERSION, its kind: chat
+or preference, the dtype of ids.bin, the counts). The folder is built under a temporary name and renamed, so it
+is complete or absent. Later runs, resumes and every DDP rank memory-map it; a changed file or tokenizer (or the
+file read as the other kind) rebuilds it, and says so.
+
+Preference files (records.py's three formats: TRL prompt/chosen/rejected, a chat history + chosen/rejected, HH
+transcripts) are tokenized the same way, into the same kind of shards, each pair two rows: the prompt (the history,
+then <|im_start|>assistant\n, nothing trained) followed by the chosen reply, then the same prompt followed by the
+rejected one. A reply is an assistant turn's content and its <|im_end|>, trained as in SFT, and nothing after.
+A preference file given to the chat readers, or a chat file to PreferenceData, stops with one line saying which
+script trains on it.
 
 Rows (SFTData): trailing positions that train nothing are dropped (they would only be unused targets),
 then a row longer than seq_len + 1 ids is cut to its first seq_len + 1 ids (counted as truncated); a
@@ -55,7 +63,8 @@ from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
 from dataset import tokenize_in_order, worker_tokenizer
-from records import BadRecord, Skipped, atomic_write, chat_messages, file_sha256, iter_json_records, json_value
+from records import (BadRecord, Skipped, atomic_write, chat_messages, detect_format, file_sha256, iter_json_records,
+                     json_value, preference_pair)
 from tokenizer import Tokenizer, load_tokenizer, recorded_dtype, special_ids, token_dtype
 
 IGNORE_INDEX = -100  # targets the loss skips (model.py: cross_entropy ignore_index)
@@ -120,6 +129,16 @@ def render_prompt(tok: Tokenizer, messages, add_generation_prompt: bool = True) 
     return encode_conversation(tok, messages, add_generation_prompt)[0]
 
 
+def reply_rows(s: dict, messages, pieces: list) -> list:
+    """(ids, labels) of the prompt followed by each reply, from the encoded template_texts(messages, True) + replies:
+    the ids of encode_conversation(messages + [the reply as an assistant turn]) up to its <|im_end|>, the reply and
+    that <|im_end|> trained (as SFT trains them), the prompt not at all. The "\n" after would train nothing."""
+    n = 3 * len(messages) + 1
+    prompt, _ = assemble(s, messages, pieces[:n], add_generation_prompt=True)
+    return [(prompt + reply + [s["im_end"]], [IGNORE_INDEX] * len(prompt) + reply + [s["im_end"]])
+            for reply in pieces[n:]]
+
+
 def loss_weights(targets: np.ndarray, think_ids, think_weight: float = 10.0) -> np.ndarray:
     """float32 weights aligned with targets: 1 where a target is trained, think_weight where the trained
     target is <think> or </think>, 0 where it is IGNORE_INDEX (the loss skips those anyway)."""
@@ -140,8 +159,10 @@ class Conversation:
 
 def conversation_of(where: str, record, first: bool) -> tuple:
     """(format, messages, other keys) of one record of a chat file. BadRecord for a damaged record (warned
-    about and skipped); UserError for a different schema: an unknown role, or a file whose first record
-    is in no known format (then it is not a chat file at all: one error, not a warning per line)."""
+    about and skipped); UserError for a different schema: a preference pair, an unknown role, or a file whose
+    first record is in no known format (then it is not a chat file at all: one error, not a warning per line)."""
+    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
+        raise UserError(f"{where}: a preference pair (chosen/rejected): train on it with train_dpo.py")
     try:
         fmt, messages, extra = chat_messages(record)
     except UserError as e:
@@ -155,14 +176,34 @@ def conversation_of(where: str, record, first: bool) -> tuple:
     return fmt, messages, extra
 
 
-def describe_file(path: str, formats: Counter, malformed: int) -> str:
-    """The line that says what a chat file held: its formats, conversations and skipped records."""
+def pair_of(where: str, record, first: bool) -> tuple:
+    """(format, prompt messages, chosen reply, rejected reply, other keys) of one record of a preference file;
+    BadRecord and UserError as conversation_of."""
+    try:
+        fmt, messages, chosen, rejected, extra = preference_pair(record)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    if fmt is None:
+        if first and detect_format(record):
+            raise UserError(f"{where}: a chat conversation, not a preference pair (no chosen/rejected): "
+                            f"train on it with train_sft.py")
+        unknown = (f"unknown preference format (keys: {', '.join(record) or 'none'}); expected prompt/chosen/rejected, "
+                   f"a chat history with chosen/rejected, or HH chosen/rejected transcripts")
+        if first:
+            raise UserError(f"{where}: {unknown}")
+        raise BadRecord(unknown)
+    return fmt, messages, chosen, rejected, extra
+
+
+def describe_file(path: str, formats: Counter, malformed: int, unit: str = "conversations") -> str:
+    """The line that says what a chat (or preference) file held: its formats, conversations (or pairs) and
+    skipped records."""
     n = sum(formats.values())
     skipped_note = f", {malformed:,} malformed records skipped" if malformed else ""
     if not n:
-        raise UserError(f"{path}: no conversations{skipped_note}")
+        raise UserError(f"{path}: no {unit}{skipped_note}")
     found = " and ".join(f"{f} ({c:,})" for f, c in formats.most_common()) if len(formats) > 1 else next(iter(formats))
-    return f"{path}: {found} format{'s' if len(formats) > 1 else ''}, {n:,} conversations{skipped_note}"
+    return f"{path}: {found} format{'s' if len(formats) > 1 else ''}, {n:,} {unit}{skipped_note}"
 
 
 def read_conversations(path: str, verbose: bool = True) -> tuple:
@@ -187,11 +228,13 @@ def read_conversations(path: str, verbose: bool = True) -> tuple:
 
 
 # -----------------------------------------------------------------------------
-# chat shards: a chat file tokenized once, in parallel, and memory-mapped by every run after
+# chat shards: a chat (or preference) file tokenized once, in parallel, and memory-mapped by every run after
 
 SHARD_VERSION = 1      # the template and the layout below; a change rebuilds every chat shard
 CHUNK_BYTES = 1 << 20  # lines handed to a worker at a time
-ROW_FIELDS = 4         # rows.bin, per conversation: start, length, first and last trained position (-1: none)
+ROW_FIELDS = 4         # rows.bin, per row: start, length, first and last trained position (-1: none)
+# What a file's records are, by its kind: their name (info.json's count, the summary line) and rows each (rows.bin).
+KINDS = {"chat": ("conversations", 1), "preference": ("pairs", 2)}
 
 
 def shard_dir_for(path: str, shard_dir: str = "") -> str:
@@ -199,18 +242,18 @@ def shard_dir_for(path: str, shard_dir: str = "") -> str:
     return os.path.join(shard_dir or os.path.dirname(path) or ".", os.path.basename(path) + ".shards")
 
 
-def chat_tasks(path: str):
-    """(number of the first record, [(where, raw line or record)], bytes) chunks of a chat file, unparsed:
-    the workers parse the JSON too, which is most of the work."""
+def chat_tasks(path: str, kind: str):
+    """(kind, number of the first record, [(where, raw line or record)], bytes) chunks of a chat or preference
+    file, unparsed: the workers parse the JSON too, which is most of the work."""
     first, records, size = 0, [], 0
     for where, raw, nbytes in iter_json_records(path, parse=False):
         records.append((where, raw))
         size += nbytes
         if size >= CHUNK_BYTES or len(records) >= 4096:
-            yield first, records, size
+            yield kind, first, records, size
             first, records, size = first + len(records), [], 0
     if records or size:
-        yield first, records, size
+        yield kind, first, records, size
 
 
 def trained_span(starts: np.ndarray, trained: np.ndarray) -> tuple:
@@ -230,27 +273,35 @@ def trained_span(starts: np.ndarray, trained: np.ndarray) -> tuple:
 
 def tokenize_chats(task) -> tuple:
     """In a worker: one chunk of chat_tasks -> (ids, uint8 trained, int64 rows (n, ROW_FIELDS) with
-    starts in the chunk, formats, [(where, why)] of skipped records, bytes). UserError for a different schema."""
-    first, records, nbytes = task
+    starts in the chunk, formats, [(where, why)] of skipped records, bytes). A conversation is one row, a
+    preference pair two (reply_rows: chosen, then rejected). UserError for a different schema."""
+    kind, first, records, nbytes = task
     tok = worker_tokenizer()
-    formats, skipped, conversations = Counter(), [], []
+    formats, skipped, conversations, texts = Counter(), [], [], []
     for n, (where, raw) in enumerate(records, first):
+        record = json_value(raw) if isinstance(raw, bytes) else raw
         try:
-            fmt, messages, _ = conversation_of(where, json_value(raw) if isinstance(raw, bytes) else raw, n == 0)
+            if kind == "chat":
+                fmt, messages, _ = conversation_of(where, record, n == 0)
+            else:
+                fmt, messages, chosen, rejected, _ = pair_of(where, record, n == 0)
         except BadRecord as e:
             skipped.append((where, str(e)))
             continue
         formats[fmt] += 1
-        conversations.append(messages)
-    texts = [template_texts(m) for m in conversations]
+        conversations.append(messages)  # of a pair: the conversation before the replies
+        texts.append(template_texts(messages) if kind == "chat" else
+                     template_texts(messages, True) + [chosen, rejected])
     pieces = tok.encode_batch([t for ts in texts for t in ts])  # one call for the chunk: much faster
     s, ids, labels, lengths, at = special_ids(tok), [], [], [], 0
     for messages, ts in zip(conversations, texts):
-        conv_ids, conv_labels = assemble(s, messages, pieces[at:at + len(ts)])
+        encoded = pieces[at:at + len(ts)]
         at += len(ts)
-        ids += conv_ids
-        labels += conv_labels
-        lengths.append(len(conv_ids))
+        record_rows = [assemble(s, messages, encoded)] if kind == "chat" else reply_rows(s, messages, encoded)
+        for row_ids, row_labels in record_rows:
+            ids += row_ids
+            labels += row_labels
+            lengths.append(len(row_ids))
     ids = np.array(ids, dtype=token_dtype(tok.vocab_size))
     trained = np.array(labels, dtype=np.int64) != IGNORE_INDEX
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -259,9 +310,9 @@ def tokenize_chats(task) -> tuple:
     return ids, trained.astype(np.uint8), rows, formats, skipped, nbytes
 
 
-def build_chat_shards(path: str, tok: Tokenizer, out: str, num_workers: int, verbose: bool) -> dict:
-    """Tokenize a chat file into out/: ids.bin, trained.bin, rows.bin, then info.json. Built in out.tmp and
-    renamed into place, so a directory named out is always complete. Returns the info."""
+def build_chat_shards(path: str, tok: Tokenizer, out: str, num_workers: int, verbose: bool, kind: str = "chat") -> dict:
+    """Tokenize a chat (or preference) file into out/: ids.bin, trained.bin, rows.bin, then info.json. Built in
+    out.tmp and renamed into place, so a directory named out is always complete. Returns the info."""
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -269,7 +320,7 @@ def build_chat_shards(path: str, tok: Tokenizer, out: str, num_workers: int, ver
     except OSError as e:
         raise UserError(f"cannot write the chat shards of {path} to {tmp}: {e.strerror}; "
                         f"choose a writable folder with --shard_dir") from None
-    skipped, formats, tokens, trained_tokens, conversations = Skipped(verbose), Counter(), 0, 0, 0
+    skipped, formats, tokens, trained_tokens, rows_written = Skipped(verbose), Counter(), 0, 0, 0
     bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024, leave=False,
                desc="tokenizing", disable=not verbose)
     try:
@@ -277,7 +328,7 @@ def build_chat_shards(path: str, tok: Tokenizer, out: str, num_workers: int, ver
             files = {name: stack.enter_context(open(os.path.join(tmp, name + ".bin"), "wb"))
                      for name in ("ids", "trained", "rows")}
             results = stack.enter_context(contextlib.closing(
-                tokenize_in_order(chat_tasks(path), tok.path, num_workers, work=tokenize_chats)))
+                tokenize_in_order(chat_tasks(path, kind), tok.path, num_workers, work=tokenize_chats)))
             for ids, trained, rows, chunk_formats, chunk_skipped, nbytes in results:
                 for where, why in chunk_skipped:
                     skipped.warn(where, why)
@@ -286,15 +337,16 @@ def build_chat_shards(path: str, tok: Tokenizer, out: str, num_workers: int, ver
                 files["ids"].write(ids.tobytes())
                 files["trained"].write(trained.tobytes())
                 files["rows"].write(rows.astype("<i8").tobytes())
-                tokens, trained_tokens, conversations = tokens + len(ids), trained_tokens + int(trained.sum()), \
-                    conversations + len(rows)
+                tokens, trained_tokens, rows_written = tokens + len(ids), trained_tokens + int(trained.sum()), \
+                    rows_written + len(rows)
                 bar.update(nbytes)
-        line = describe_file(path, formats, skipped.count)
+        unit, rows_each = KINDS[kind]
+        line = describe_file(path, formats, skipped.count, unit)
         stat = os.stat(path)
-        info = {"version": SHARD_VERSION, "source": os.path.abspath(path), "source_size": stat.st_size,
+        info = {"version": SHARD_VERSION, "kind": kind, "source": os.path.abspath(path), "source_size": stat.st_size,
                 "source_mtime_ns": stat.st_mtime_ns, "source_sha256": file_sha256(path),
                 "tokenizer": tok.path, "tokenizer_sha256": file_sha256(tok.path),
-                "dtype": token_dtype(tok.vocab_size).name, "conversations": conversations, "tokens": tokens,
+                "dtype": token_dtype(tok.vocab_size).name, unit: rows_written // rows_each, "tokens": tokens,
                 "trained_tokens": trained_tokens, "formats": dict(formats), "malformed": skipped.count, "summary": line}
         with atomic_write(os.path.join(tmp, "info.json")) as f:
             json.dump(info, f, indent=2)
@@ -306,9 +358,9 @@ def build_chat_shards(path: str, tok: Tokenizer, out: str, num_workers: int, ver
     return info
 
 
-def stale_because(path: str, out: str, tokenizer_path: str):
-    """Why the shards in out cannot be used for this file and tokenizer, or None when they can. An unchanged
-    size and modification time is trusted; a changed time alone costs one hash of the file."""
+def stale_because(path: str, out: str, tokenizer_path: str, kind: str = "chat"):
+    """Why the shards in out cannot be used for this file, read as `kind`, and tokenizer, or None when they can.
+    An unchanged size and modification time is trusted; a changed time alone costs one hash of the file."""
     try:
         with open(os.path.join(out, "info.json"), encoding="utf-8") as f:
             info = json.load(f)
@@ -318,10 +370,13 @@ def stale_because(path: str, out: str, tokenizer_path: str):
         return "its shards' info.json is damaged"
     stat = os.stat(path)
     ids_bytes = recorded_dtype(info, os.path.join(out, "info.json")).itemsize
+    unit, rows_each = KINDS[kind]
     sizes = {"ids": info.get("tokens", -1) * ids_bytes, "trained": info.get("tokens", -1),
-             "rows": info.get("conversations", -1) * ROW_FIELDS * 8}
+             "rows": info.get(unit, -1) * rows_each * ROW_FIELDS * 8}
     if info.get("version") != SHARD_VERSION:
         return "they were made by another version of dataset_sft.py"
+    if info.get("kind", "chat") != kind:  # shards made before preference files are chat shards
+        return f"its shards were made for {info.get('kind', 'chat')} data"
     if any(not os.path.isfile(f := os.path.join(out, name + ".bin")) or os.path.getsize(f) != size
            for name, size in sizes.items()):
         return "its shards are incomplete"
@@ -334,17 +389,18 @@ def stale_because(path: str, out: str, tokenizer_path: str):
 
 
 class ChatShards:
-    """The tokenized form of one chat file, memory-mapped: ids, trained (uint8: 1 where the id is
-    a trained label), rows (n, ROW_FIELDS) int64 and info. Built first when missing or stale, and said so."""
+    """The tokenized form of one chat (kind "chat") or preference ("preference") file, memory-mapped: ids, trained
+    (uint8: 1 where the id is a trained label), rows (n, ROW_FIELDS) int64 and info. Built first when missing or
+    stale, and said so."""
 
     def __init__(self, path: str, tokenizer_path: str, shard_dir: str = "", num_workers: int = 0,
-                 verbose: bool = True):
+                 verbose: bool = True, kind: str = "chat"):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file")
         tok = load_tokenizer(tokenizer_path)  # a clear error before any worker starts
         self.dir = out = shard_dir_for(path, shard_dir)
-        why = stale_because(path, out, tokenizer_path)
+        why = stale_because(path, out, tokenizer_path, kind)
         if why is None:
             with open(os.path.join(out, "info.json"), encoding="utf-8") as f:
                 self.info = json.load(f)
@@ -355,7 +411,7 @@ class ChatShards:
                 print(f"{path}: tokenizing into {out} with {workers} worker{'s' * (workers > 1)} ({why}); "
                       f"later runs reuse it")
             t0 = time.perf_counter()
-            self.info = build_chat_shards(path, tok, out, workers, verbose)
+            self.info = build_chat_shards(path, tok, out, workers, verbose, kind)
             if verbose:
                 print(f"{path}: {self.info['tokens']:,} tokens in {time.perf_counter() - t0:.1f}s")
         if verbose:
@@ -391,16 +447,65 @@ def pack_rows(widths: np.ndarray, seq_len: int, seed: int, window: int = 1000) -
     return np.array([i for row in rows for i in row]), np.cumsum([0] + [len(row) for row in rows])
 
 
-class SFTData:
-    """Conversations as training rows for train.py, read from the file's chat shards (built first
-    when missing or stale). A row is a conversation cut to its part that trains (see the top).
+class ShardBatches:
+    """What SFTData and PreferenceData share: the file's shards (built first when missing or stale), its rows
+    (starts, lengths: set by each), and the order batches take its items in (len(self) of them: rows, or pairs).
 
     batch(index) is a pure function of (seed, index), so resuming needs only the index. Batch `index`
     holds the global positions index*G .. index*G+G-1 (G = batch_size * world_size) of an endless
-    stream in which epoch e is the rows in the order of a permutation seeded by (seed, e); rank r takes
-    rows r*batch_size:(r+1)*batch_size. Rows are padded on the right with <pad> (targets IGNORE_INDEX)
+    stream in which epoch e is the items in the order of a permutation seeded by (seed, e); rank r takes
+    items r*batch_size:(r+1)*batch_size. Rows are padded on the right with <pad> (targets IGNORE_INDEX)
     to the longest row of the global batch: every rank gets the same shape, and its rows are exactly
-    those of the one-process batch.
+    those of the one-process batch."""
+
+    def __init__(self, path, tokenizer_path, seq_len: int, batch_size: int, seed: int, rank: int, world_size: int,
+                 shard_dir: str, num_workers: int, kind: str):
+        if seq_len < 1 or batch_size < 1:
+            raise UserError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
+        self.tok = load_tokenizer(tokenizer_path)
+        self.special = special_ids(self.tok)
+        self.vocab_size, self.pad_id = self.tok.vocab_size, self.special["pad"]
+        self.verbose = rank == 0
+        self.shards = ChatShards(path, tokenizer_path, shard_dir, num_workers, self.verbose, kind)
+        self.ids, self.trained = self.shards.ids, self.shards.trained
+        self._permutation = (None, None)  # (epoch, order) of the last epoch used
+
+    @property
+    def tokens_per_row(self) -> float:
+        """Mean tokens per item, what batch_size counts (a row; for PreferenceData a pair, both its rows): train.py's
+        epochs report multiplies it by the items a run reads."""
+        return self.num_tokens / len(self)
+
+    def row(self, i: int) -> tuple:
+        """(ids, labels) of row i as int64 arrays."""
+        span = slice(self.starts[i], self.starts[i] + self.lengths[i])
+        ids = self.ids[span].astype(np.int64)
+        return ids, np.where(self.trained[span].astype(bool), ids, IGNORE_INDEX)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if self._permutation[0] != epoch:
+            self._permutation = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self)))
+        return self._permutation[1]
+
+    def rows_of(self, index: int) -> np.ndarray:
+        """The items (rows; pairs for PreferenceData) of global batch `index`, all ranks."""
+        size = self.batch_size * self.world_size
+        positions = index * size + np.arange(size)
+        epochs, offsets = np.divmod(positions, len(self))
+        return np.concatenate([self.epoch_order(e)[offsets[epochs == e]] for e in np.unique(epochs)])
+
+    def mine(self, items: np.ndarray) -> np.ndarray:
+        """This rank's part of a global batch's items."""
+        return items[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+
+class SFTData(ShardBatches):
+    """Conversations as training rows for train.py, read from the file's chat shards (built first
+    when missing or stale). A row is a conversation cut to its part that trains (see the top); batches
+    as ShardBatches says.
 
     With pack, a row is instead seq_len tokens holding several conversations (pack_rows); the batch adds
     their positions and document ids (the padding at a row's end is a document of its own). With
@@ -409,18 +514,11 @@ class SFTData:
     def __init__(self, path, tokenizer_path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, think_weight=None, pack: bool = False, shard_dir: str = "",
                  num_workers: int = 0):
-        if seq_len < 1 or batch_size < 1:
-            raise UserError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
-        if not 0 <= rank < world_size:
-            raise UserError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
+        super().__init__(path, tokenizer_path, seq_len, batch_size, seed, rank, world_size, shard_dir, num_workers,
+                         kind="chat")
         self.think_weight, self.pack = think_weight, pack
-        self.tok = tok = load_tokenizer(tokenizer_path)
-        s = special_ids(tok)
-        self.vocab_size, self.pad_id, self.think_ids = tok.vocab_size, s["pad"], (s["think"], s["end_think"])
-        verbose = rank == 0
-        shards = ChatShards(path, tokenizer_path, shard_dir, num_workers, verbose)
-        self.ids, self.trained = shards.ids, shards.trained
+        self.think_ids = (self.special["think"], self.special["end_think"])
+        shards = self.shards
 
         start, length, first, last = shards.rows.T
         no_reply = first < 0
@@ -439,8 +537,7 @@ class SFTData:
         self.num_tokens = int(self.lengths.sum() - len(self.starts))  # inputs, over all rows
         if pack:
             self.order, self.bounds = pack_rows(self.lengths - 1, seq_len, seed)
-        self._permutation = (None, None)  # (epoch, order) of the last epoch used
-        if verbose:
+        if self.verbose:
             skipped = [f"{counts[k]:,} {why}" for k, why in (("skipped_no_reply", "with no assistant reply"),
                        ("skipped_too_long", "whose first reply starts past seq_len")) if counts[k]]
             packed = f"; packed into {len(self):,} rows of {seq_len} ({self.num_tokens / len(self) / seq_len:.0%} " \
@@ -454,34 +551,12 @@ class SFTData:
         """Rows: conversations, or packed rows with pack."""
         return len(self.bounds) - 1 if self.pack else len(self.starts)
 
-    @property
-    def tokens_per_row(self) -> float:
-        return self.num_tokens / len(self)
-
-    def row(self, i: int) -> tuple:
-        """(ids, labels) of conversation i as int64 arrays."""
-        span = slice(self.starts[i], self.starts[i] + self.lengths[i])
-        ids = self.ids[span].astype(np.int64)
-        return ids, np.where(self.trained[span].astype(bool), ids, IGNORE_INDEX)
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        if self._permutation[0] != epoch:
-            self._permutation = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self)))
-        return self._permutation[1]
-
-    def rows_of(self, index: int) -> np.ndarray:
-        """The row numbers of global batch `index`, all ranks."""
-        size = self.batch_size * self.world_size
-        positions = index * size + np.arange(size)
-        epochs, offsets = np.divmod(positions, len(self))
-        return np.concatenate([self.epoch_order(e)[offsets[epochs == e]] for e in np.unique(epochs)])
-
     def batch(self, index: int) -> dict:
         """{"tokens", "targets"[, "positions", "document_ids"][, "loss_weight"]}: CPU tensors (batch_size, T),
         int64 but loss_weight (float32, only with think_weight). T is seq_len with pack, else the longest
         row of the global batch (at most seq_len)."""
         rows = self.rows_of(index)
-        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = self.mine(rows)
         width = self.seq_len if self.pack else int(self.lengths[rows].max()) - 1
         tokens = np.full((self.batch_size, width), self.pad_id, dtype=np.int64)
         targets = np.full((self.batch_size, width), IGNORE_INDEX, dtype=np.int64)
@@ -506,6 +581,66 @@ class SFTData:
         if self.think_weight is not None:
             batch["loss_weight"] = torch.from_numpy(loss_weights(targets, self.think_ids, self.think_weight))
         return batch
+
+
+class PreferenceData(ShardBatches):
+    """Preference pairs as training rows for train_dpo.py, read from the file's shards (built first when missing
+    or stale). Pair p is rows 2p (its prompt, then the chosen reply) and 2p + 1 (the same prompt, then the rejected
+    one); only a reply and its <|im_end|> are trained (see the top). Batches take pairs, as ShardBatches says.
+
+    A row keeps at most seq_len + 1 ids (tokens = ids[:-1], targets = labels[1:]). A pair whose prompt leaves no
+    room for a reply token within seq_len is skipped; otherwise a reply too long is cut at its end (the pair counted
+    once as truncated). Prompts are never cut, and a pair is kept or skipped whole."""
+
+    def __init__(self, path, tokenizer_path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shard_dir: str = "", num_workers: int = 0):
+        super().__init__(path, tokenizer_path, seq_len, batch_size, seed, rank, world_size, shard_dir, num_workers,
+                         kind="preference")
+        info = self.shards.info
+        rows = self.shards.rows.reshape(-1, 2, ROW_FIELDS)  # pair, chosen | rejected, field
+        start, length = rows[..., 0], rows[..., 1]
+        prompt = rows[:, 0, 2]  # the first trained position: where the reply starts, the same in both rows
+        keep = prompt <= seq_len  # the reply's first token is still a target
+        counts = {"truncated": int((keep & (length > seq_len + 1).any(axis=1)).sum()),
+                  "skipped_too_long": int((~keep).sum())}
+        self.starts, self.lengths = start[keep].ravel(), np.minimum(length[keep], seq_len + 1).ravel()
+        self.pairs = int(keep.sum())
+        self.rows_per_batch = 2 * batch_size  # a micro-batch's rows, for train.py's memory estimate
+        self.stats = {"formats": Counter(info["formats"]), "malformed": info["malformed"], **counts}
+        if not self.pairs:
+            raise UserError(f"{path}: no pair's prompt leaves room for a reply within seq_len {seq_len} tokens "
+                            f"({counts['skipped_too_long']:,} pairs)")
+        self.num_tokens = int(self.lengths.sum() - len(self.lengths))  # inputs, over both rows of every pair
+        if self.verbose:
+            skipped = counts["skipped_too_long"]
+            print(f"{path}: {self.pairs:,} pairs, {self.num_tokens:,} tokens, longest row {self.lengths.max() - 1}; "
+                  f"{counts['truncated']:,} truncated to seq_len {seq_len}"
+                  + (f"; skipped {skipped:,} whose prompt leaves no room for a reply" if skipped else ""))
+
+    def __len__(self) -> int:
+        """Pairs."""
+        return self.pairs
+
+    def pair_rows(self, pair_indices, width: int = 0) -> dict:
+        """{"tokens", "targets"}: CPU int64 tensors (2n, T) for n pairs, in the order given: rows 0..n-1 their
+        chosen replies, rows n..2n-1 their rejected ones. T is width, or their longest row."""
+        pairs = np.asarray(pair_indices, dtype=np.int64)
+        rows = np.concatenate([2 * pairs, 2 * pairs + 1])
+        width = width or int(self.lengths.reshape(-1, 2)[pairs].max()) - 1
+        tokens = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+        for r, i in enumerate(rows):
+            ids, labels = self.row(i)
+            tokens[r, :len(ids) - 1], targets[r, :len(ids) - 1] = ids[:-1], labels[1:]
+        return {"tokens": torch.from_numpy(tokens), "targets": torch.from_numpy(targets)}
+
+    def batch(self, index: int) -> dict:
+        """pair_rows of this rank's batch_size pairs of global batch `index`, T the longest row of the global
+        batch, and "pair_index" (batch_size,) int64: those pairs' numbers (0..pairs-1), for reference log-probs."""
+        pairs = self.rows_of(index)
+        mine = self.mine(pairs)
+        width = int(self.lengths.reshape(-1, 2)[pairs].max()) - 1
+        return {**self.pair_rows(mine, width), "pair_index": torch.from_numpy(mine.astype(np.int64))}
 
 
 def show_row(tok: Tokenizer, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:

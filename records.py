@@ -5,6 +5,8 @@ The project's data files, read and written in one place.
   file_sha256(path)        a file's content hash, for sidecars that must notice a changed input
   Skipped                  the one rule for damaged records: warn about the first five, count the rest
   chat_messages(record)    a chat record in any of the four formats -> (format, messages, other keys)
+  preference_pair(record)  a preference record in any of the three formats -> (format, prompt messages,
+                           chosen reply, rejected reply, other keys)
   atomic_write(path)       write to a temporary file and rename it into place (atomic_path: the same,
                            for a library that writes the file by name)
 
@@ -14,11 +16,23 @@ Chat formats, told apart record by record:
   sharegpt       {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
   alpaca         {"instruction": ..., "input": ..., "output": ...}, optional "history": [[user, reply], ...]
 A top-level "system" string (alpaca, LLaMA-Factory's sharegpt) becomes the first turn.
+
+Preference formats (a prompt and two assistant replies, the chosen one better), told apart the same way:
+  prompt         TRL: {"prompt", "chosen", "rejected"}, each a string (a prompt string is one user turn) or a list
+                 of messages (the prompt's: the history; a reply's: ending with the assistant's message). Reply
+                 lists that repeat the conversation first hold the history themselves and need no "prompt" (TRL's
+                 implicit prompt; its hh-rlhf-trl-style keeps only the first user turn under "prompt").
+  conversations  LLaMA-Factory, MedicalGPT: a chat record above holding the history (our conversations, ShareGPT,
+                 OpenAI messages, alpaca instruction/input) + "chosen"/"rejected": strings or single messages
+                 ({"role", "content"} or {"from", "value"}); reported under the history's chat format.
+  hh             Anthropic HH: {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}, two transcripts
+                 that share the conversation up to the last "\n\nAssistant:"; the rest of each is its reply.
 """
 import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 
 from tqdm import tqdm
@@ -28,6 +42,9 @@ from cli import UserError
 MAX_WARNINGS = 5  # damaged records reported one by one; the rest are only counted
 CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # what starts an HH turn (the marker is split out)
+HH_REPLY = "\n\nAssistant:"
 
 
 class BadRecord(Exception):
@@ -87,14 +104,22 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def json_object(record) -> dict:
+    if not isinstance(record, dict):
+        raise BadRecord("not valid JSON" if record is None else f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def is_sharegpt(turns) -> bool:
+    """ShareGPT turns are told apart from ours by their "from" key, under any key."""
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+
+
 def detect_format(record: dict):
-    """(format, key holding the turns) for a record, or None. ShareGPT turns are told apart from ours by
-    their "from" key, under "conversations" or "messages" alike."""
+    """(format, key holding the turns) for a record, or None."""
     for key in ("conversations", "messages"):
         if key in record:
-            turns = record[key]
-            sharegpt = isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]
-            return ("sharegpt" if sharegpt else key), key
+            return ("sharegpt" if is_sharegpt(record[key]) else key), key
     if "instruction" in record:
         return "alpaca", None
     return None
@@ -122,8 +147,9 @@ def alpaca_turns(record: dict) -> list:
     return turns
 
 
-def chat_turns(record: dict, fmt: str, key: str) -> list:
-    role_key, content_key, roles = ("from", "value", SHAREGPT_ROLES) if fmt == "sharegpt" else \
+def chat_turns(record: dict, key: str) -> list:
+    """[(role, content)] of the turns under record[key]: ours ({"role", "content"}) or ShareGPT's ("from", "value")."""
+    role_key, content_key, roles = ("from", "value", SHAREGPT_ROLES) if is_sharegpt(record[key]) else \
         ("role", "content", CHAT_ROLES)
     if not isinstance(record[key], list) or not record[key]:
         raise BadRecord(f'"{key}" is not a non-empty list')
@@ -142,21 +168,80 @@ def chat_turns(record: dict, fmt: str, key: str) -> list:
 def chat_messages(record) -> tuple:
     """(format, [{"role", "content"}], the record's other keys) of one chat record. BadRecord for a
     damaged one, UserError for a different schema (an unknown role), None format for no known format."""
-    if not isinstance(record, dict):
-        raise BadRecord("not valid JSON" if record is None else f"a JSON {type(record).__name__}, not an object")
-    fmt = detect_format(record)
+    fmt = detect_format(json_object(record))
     if fmt is None:
         return None, [], record
     fmt, key = fmt
-    turns = alpaca_turns(record) if fmt == "alpaca" else chat_turns(record, fmt, key)
+    turns = alpaca_turns(record) if fmt == "alpaca" else chat_turns(record, key)
     consumed = {"instruction", "input", "output", "history"} if fmt == "alpaca" else {key}
     system = record.get("system")
     if isinstance(system, str):
         consumed.add("system")
         if system and turns[0][0] != "system":
             turns.insert(0, ("system", system))
-    messages = [{"role": role, "content": content} for role, content in turns]
-    return fmt, messages, {k: v for k, v in record.items() if k not in consumed}
+    return fmt, as_messages(turns), {k: v for k, v in record.items() if k not in consumed}
+
+
+def as_messages(turns) -> list:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+def reply_of(value, key: str) -> tuple:
+    """(the messages a reply repeats before it, its text) of a "chosen" or "rejected" value: a string, one message,
+    or a list of messages ending with the assistant's."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        *history, (role, text) = chat_turns({key: value}, key)
+        if role != "assistant":
+            raise BadRecord(f'"{key}" does not end with an assistant message')
+    else:
+        history, text = [], text_field(value, f'"{key}"')
+    if not text.strip():
+        raise BadRecord(f'"{key}" is empty')
+    return as_messages(history), text
+
+
+def hh_pair(chosen: str, rejected: str) -> tuple:
+    """(prompt messages, chosen reply, rejected reply) of two HH transcripts, cut where their shared part starts
+    its last assistant turn: before it the conversation, turns alternating from "Human:"; after it the replies."""
+    cut = os.path.commonprefix([chosen, rejected]).rfind(HH_REPLY)
+    parts = HH_TURN.split(chosen[:cut])  # ["", "Human", " text", "Assistant", " text", ...]
+    roles = [HH_ROLES[who] for who in parts[1::2]]
+    replies = [text[cut + len(HH_REPLY):].strip() for text in (chosen, rejected)]
+    if cut < 0 or parts[0].strip() or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] or \
+            any("\n\nHuman:" in reply for reply in replies):
+        raise BadRecord('"chosen" and "rejected" are not two HH transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...") '
+                        'that differ only in their last reply')
+    return as_messages(zip(roles, (text.strip() for text in parts[2::2]))), *replies
+
+
+def preference_pair(record) -> tuple:
+    """(format, prompt messages ending with a user turn, chosen reply, rejected reply, the record's other keys) of
+    one preference record. BadRecord for a damaged one, UserError for a different schema (an unknown role), None
+    format for a record with neither "chosen" nor "rejected"."""
+    record = json_object(record)
+    if "chosen" not in record and "rejected" not in record:
+        return None, [], "", "", record
+    keys = ("chosen", "rejected")
+    replies, extra = [record.get(k) for k in keys], {k: v for k, v in record.items() if k not in keys}
+    if "prompt" in record or isinstance(replies[0], list):  # TRL (message lists alone: its implicit prompt)
+        fmt, prompt = "prompt", extra.pop("prompt", None)
+        messages = [] if prompt is None else [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+            as_messages(chat_turns(record, "prompt"))
+    elif detect_format(extra):
+        fmt, messages, extra = chat_messages(extra)
+    else:
+        fmt = "hh"
+        messages, *replies = hh_pair(*(text_field(v, f'"{k}"') for k, v in zip(keys, replies)))
+    (history, chosen), (other_history, rejected) = (reply_of(v, k) for k, v in zip(keys, replies))
+    if history or other_history:  # the replies repeat the conversation: it is the prompt
+        if history != other_history or history[:len(messages)] != messages:
+            raise BadRecord('"chosen" and "rejected" repeat different conversations before their replies')
+        messages = history
+    if not messages or messages[-1]["role"] != "user":
+        raise BadRecord("the prompt does not end with a user turn")
+    return fmt, messages, chosen, rejected, extra
 
 
 @contextlib.contextmanager
