@@ -1,5 +1,5 @@
 """
-Get the data for the whole pipeline (tokenizer -> pretrain -> SFT -> distill), sized for a preset.
+Get the data for the whole pipeline (tokenizer -> pretrain -> SFT -> distill -> DPO), sized for a preset.
 
   python download_mini_data.py                      # cpu: a starter set from the HF hub, minutes
   python download_mini_data.py --preset 12gb        # data at the scale of the 12gb training presets (GBs, hours)
@@ -11,13 +11,17 @@ Writes UTF-8 jsonl files, one object per line, into --out_dir (default data/):
   sft.jsonl      sft_val.jsonl        {"conversations": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
   r1.jsonl       r1_val.jsonl         the same, every assistant reply "<think>\\n...\\n</think>\\n<final reply>", and a
                                       top-level "answer" string where the answer can be checked (a number or one word)
+  dpo.jsonl      dpo_val.jsonl        preference pairs in a format records.py reads: online, each set's own (HH
+                                      transcripts, or a "conversations" history + "chosen"/"rejected" ShareGPT
+                                      messages); offline {"conversations": [user turn], "chosen", "rejected", "answer"}
 
 Online, every stage is streamed with `datasets` straight to disk (memory stays flat), committed every
 few thousand records to out_dir/download_state.json: interrupt it and run the same command again to
 continue where it stopped; a finished stage is not fetched again. A stage's file is written as
 `NAME.jsonl.partial` and renamed when complete. The free disk space needed is checked first.
 Chats longer than about --online_max_tokens are skipped (a small model learns nothing from a 30-page
-proof, and a reasoning trace cut at the context loses its answer).
+proof, and a reasoning trace cut at the context loses its answer); so are preference pairs whose prompt and
+longer reply are.
 
 Offline (--offline true, or automatically when the hub cannot be reached with --preset cpu): the
 built-in generator of offline_data.py. --preset 12gb never falls back: the toy data would not be
@@ -37,7 +41,7 @@ from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
 from offline_data import FILE_NAMES, GENERATORS, think_reply, write_jsonl, write_offline_data
-from records import BadRecord, atomic_write, chat_messages
+from records import BadRecord, atomic_write, chat_messages, preference_pair
 
 
 @dataclass
@@ -50,23 +54,28 @@ class DownloadConfig:
     pretrain_mb: float = field(default=3.5, metadata={"help": "offline: megabytes of pretraining text"})
     n_sft: int = field(default=4000, metadata={"help": "offline: chat conversations"})
     n_r1: int = field(default=4000, metadata={"help": "offline: reasoning problems"})
+    n_dpo: int = field(default=2000, metadata={"help": "offline: preference pairs (a right and a wrong answer)"})
     n_val: int = field(default=300, metadata={"help": "validation records per stage (both modes)"})
     pretrain_tokens: int = field(default=0, metadata={
         "help": "online: stop the pretraining text at about this many tokens; 0: count documents instead"})
     online_pretrain: int = field(default=20000, metadata={"help": "online: pretraining documents; 0: no limit"})
     online_sft: int = field(default=5000, metadata={"help": "online: chat conversations; 0: all"})
     online_r1: int = field(default=2000, metadata={"help": "online: reasoning conversations; 0: all"})
+    online_dpo: int = field(default=5000, metadata={"help": "online: preference pairs; 0: all"})
     online_max_tokens: int = field(default=2000, metadata={
-        "help": "online: skip chats (sft and r1) longer than about this many tokens, guessed from characters"})
+        "help": "online: skip chats (sft, r1; dpo: prompt + longer reply) longer than about this many tokens, "
+                "guessed from characters"})
     connect_timeout: float = field(default=3.0, metadata={"help": "seconds to wait for the hub before going offline"})
 
 
 # The 12gb pretraining preset reads 20,000 steps x 65,536 tokens = 1.31B tokens: fetch a little more,
-# and every chat and reasoning trace of the sets.
+# and every chat, reasoning trace and preference pair of the sets (train_dpo.py's 12gb preset reads 1,000 steps
+# x 64 pairs: about 1.5 epochs of the English set's 43,835; the Chinese set has 10,000, and train_dpo.py warns
+# of the epochs that makes, with the --max_steps to pass instead).
 PRESETS = {
     "cpu": {},
-    "12gb": dict(pretrain_tokens=1_400_000_000, online_pretrain=0, online_sft=0, online_r1=0, n_val=1000,
-                 online_max_tokens=1024),  # the 12gb context: longer traces would lose their answers
+    "12gb": dict(pretrain_tokens=1_400_000_000, online_pretrain=0, online_sft=0, online_r1=0, online_dpo=0,
+                 n_val=1000, online_max_tokens=1024),  # the 12gb context: longer traces would lose their answers
 }
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,6 +89,7 @@ class HubSet:
     split: str = "train"
     val_split: Optional[str] = None   # None: the first n_val usable records are held out instead
     data_files: Optional[str] = None  # one file of a repository that holds several
+    data_dir: Optional[str] = None    # one folder of a repository that holds several
     rows: int = 0                     # records in the split (from the dataset card), for the progress bar
     mb: float = 0.0                   # about what the whole split takes as our jsonl, for the disk check
 
@@ -90,30 +100,35 @@ HUB_SETS = {
     "cpu": {
         "en": {"pretrain": [HubSet("roneneldan/TinyStories", val_split="validation", rows=2_119_719, mb=1900)],
                "sft": [HubSet("yahma/alpaca-cleaned", rows=51_760, mb=45)],
-               "r1": [HubSet("bespokelabs/Bespoke-Stratos-17k", rows=16_710, mb=270)]},
+               "r1": [HubSet("bespokelabs/Bespoke-Stratos-17k", rows=16_710, mb=270)],
+               "dpo": [HubSet("Anthropic/hh-rlhf", data_dir="helpful-base", val_split="test", rows=43_835, mb=75)]},
         "zh": {"pretrain": [HubSet("wikimedia/wikipedia", "20231101.zh", rows=1_384_748, mb=2600)],
                "sft": [HubSet("shibing624/alpaca-zh", rows=48_818, mb=35)],
-               "r1": [HubSet("Congliu/Chinese-DeepSeek-R1-Distill-data-110k", rows=110_000, mb=680)]},
+               "r1": [HubSet("Congliu/Chinese-DeepSeek-R1-Distill-data-110k", rows=110_000, mb=680)],
+               "dpo": [HubSet("llamafactory/DPO-En-Zh-20k", "zh", rows=10_000, mb=30)]},
     },
     "12gb": {
         "en": {"pretrain": [HubSet("HuggingFaceFW/fineweb-edu", "sample-10BT", rows=9_672_101, mb=46000)],
                "sft": [HubSet("HuggingFaceTB/smol-smoltalk", val_split="test", rows=460_341, mb=1800)],
-               "r1": [HubSet("bespokelabs/Bespoke-Stratos-17k", rows=16_710, mb=270)]},
+               "r1": [HubSet("bespokelabs/Bespoke-Stratos-17k", rows=16_710, mb=270)],
+               "dpo": [HubSet("Anthropic/hh-rlhf", data_dir="helpful-base", val_split="test", rows=43_835, mb=75)]},
         "zh": {"pretrain": [HubSet("wikimedia/wikipedia", "20231101.zh", rows=1_384_748, mb=2600),
                             HubSet("HuggingFaceFW/fineweb-2", "cmn_Hani", rows=636_058_984, mb=1_480_000)],
                "sft": [HubSet("llamafactory/alpaca_gpt4_zh", rows=42_715, mb=30),
                        HubSet("shibing624/sharegpt_gpt4", data_files="sharegpt_zh_38K_format.jsonl", rows=38_535,
                               mb=250)],
-               "r1": [HubSet("Congliu/Chinese-DeepSeek-R1-Distill-data-110k", rows=110_000, mb=680)]},
+               "r1": [HubSet("Congliu/Chinese-DeepSeek-R1-Distill-data-110k", rows=110_000, mb=680)],
+               "dpo": [HubSet("llamafactory/DPO-En-Zh-20k", "zh", rows=10_000, mb=30)]},
     },
 }
-STAGES = ("pretrain", "sft", "r1")
+STAGES = ("pretrain", "sft", "r1", "dpo")
 # For turning --pretrain_tokens into characters before any tokenizer exists: on the low side of what
 # BPE tokenizers of 8k-32k pieces give (English web text ~4-4.5, Chinese ~1.4-1.6), so the text is
 # enough; train.py reports the real epochs from the shards' token count.
 CHARS_PER_TOKEN = {"en": 4.0, "zh": 1.4}
 BYTES_PER_CHAR = {"en": 1.0, "zh": 3.0}  # UTF-8 (Chinese characters take three bytes)
 COMMIT_EVERY = 5000  # records between commits of the download state: a resume re-fetches at most this many
+PAIR_FIELDS = ("prompt", "conversations", "chosen", "rejected")  # all records.py reads of a preference pair
 STRATOS_REPLY = re.compile(r"<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>\s*"
                            r"<\|begin_of_solution\|>(.*?)<\|end_of_solution\|>", re.S)
 
@@ -183,12 +198,24 @@ def from_reasoning_fields(rec):
     return chat([("user", text_of(rec, "input")), ("assistant", think_reply(reasoning, reply))], with_answer=True)
 
 
+def from_pair(rec):
+    """A preference pair as its set writes it (records.py reads each format as it is), with only the fields the
+    reader needs; None when the reader would refuse it (a reply empty, HH transcripts that do not share a prompt)."""
+    pair = {k: rec[k] for k in PAIR_FIELDS if k in rec}
+    try:
+        fmt = preference_pair(pair)[0]
+    except (BadRecord, UserError):
+        return None
+    return pair if fmt else None
+
+
 NORMALISERS = {"roneneldan/TinyStories": from_text, "wikimedia/wikipedia": from_text,
                "HuggingFaceFW/fineweb-edu": from_text, "HuggingFaceFW/fineweb-2": from_text,
                "yahma/alpaca-cleaned": from_chat, "shibing624/alpaca-zh": from_chat,
                "llamafactory/alpaca_gpt4_zh": from_chat, "HuggingFaceTB/smol-smoltalk": from_chat,
                "shibing624/sharegpt_gpt4": from_chat, "bespokelabs/Bespoke-Stratos-17k": from_stratos,
-               "Congliu/Chinese-DeepSeek-R1-Distill-data-110k": from_reasoning_fields}
+               "Congliu/Chinese-DeepSeek-R1-Distill-data-110k": from_reasoning_fields,
+               "Anthropic/hh-rlhf": from_pair, "llamafactory/DPO-En-Zh-20k": from_pair}
 
 
 def hub_address():
@@ -210,7 +237,7 @@ def stage_limits(cfg: DownloadConfig, stage: str) -> "tuple[int, int]":
     """(records, characters) at which a stage stops; 0 means no limit."""
     if stage == "pretrain":
         return cfg.online_pretrain, int(cfg.pretrain_tokens * CHARS_PER_TOKEN[cfg.lang])
-    return (cfg.online_sft if stage == "sft" else cfg.online_r1), 0
+    return {"sft": cfg.online_sft, "r1": cfg.online_r1, "dpo": cfg.online_dpo}[stage], 0
 
 
 def stage_mb(cfg: DownloadConfig, stage: str) -> float:
@@ -225,7 +252,7 @@ def stage_mb(cfg: DownloadConfig, stage: str) -> float:
 
 def open_stream(hub: HubSet, split: str):
     from datasets import load_dataset  # slow to import; offline runs never need it
-    kwargs = {"data_files": hub.data_files} if hub.data_files else {}
+    kwargs = {key: value for key, value in (("data_files", hub.data_files), ("data_dir", hub.data_dir)) if value}
     return load_dataset(hub.path, hub.name, split=split, streaming=True, **kwargs)
 
 
@@ -264,8 +291,13 @@ class StageWriter:
 
 
 def record_size(record: dict) -> int:
-    """Characters of text in a record: what the pretraining budget and --online_max_tokens count."""
-    return len(record["text"]) if "text" in record else len(json.dumps(record, ensure_ascii=False))
+    """Characters of text in a record: what the pretraining budget and --online_max_tokens count. A preference
+    pair trains as two rows, the prompt with each reply: its size is the longer one's."""
+    if "text" in record:
+        return len(record["text"])
+    rows = [{k: v for k, v in record.items() if k != other} for other in ("chosen", "rejected")] \
+        if "chosen" in record else [record]
+    return max(len(json.dumps(row, ensure_ascii=False)) for row in rows)
 
 
 def fetch_stage(cfg: DownloadConfig, stage: str, state: dict, save_state):
@@ -336,7 +368,7 @@ def fetch_stage(cfg: DownloadConfig, stage: str, state: dict, save_state):
 
 
 def download_online(cfg: DownloadConfig) -> dict:
-    """Fetch every stage not fetched yet; returns {name: path} of the six files."""
+    """Fetch every stage not fetched yet; returns {name: path} of the eight files."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     state_path = os.path.join(cfg.out_dir, "download_state.json")
     state = {"preset": cfg.preset, "lang": cfg.lang, "stages": {}}
@@ -376,7 +408,8 @@ def check_disk(cfg: DownloadConfig, stages, state):
 
 
 def describe_sets(preset: str, lang: str) -> str:
-    return "; ".join(f"{stage} " + " + ".join(s.path + (f" ({s.name})" if s.name else "") for s in sets)
+    return "; ".join(f"{stage} " + " + ".join(s.path + (f" ({s.name or s.data_dir})" if s.name or s.data_dir else "")
+                                             for s in sets)
                      for stage, sets in HUB_SETS[preset][lang].items())
 
 
@@ -412,8 +445,8 @@ def hub_unusable(cfg: DownloadConfig) -> Optional[str]:
 def download(cfg: DownloadConfig):
     if cfg.lang not in GENERATORS:
         raise UserError(f"--lang must be one of {', '.join(GENERATORS)}, got {cfg.lang!r}")
-    if min(cfg.n_sft, cfg.n_r1, cfg.n_val) < 1 or cfg.pretrain_mb <= 0 or \
-            min(cfg.online_pretrain, cfg.online_sft, cfg.online_r1, cfg.pretrain_tokens) < 0:
+    if min(cfg.n_sft, cfg.n_r1, cfg.n_dpo, cfg.n_val) < 1 or cfg.pretrain_mb <= 0 or \
+            min(cfg.online_pretrain, cfg.online_sft, cfg.online_r1, cfg.online_dpo, cfg.pretrain_tokens) < 0:
         raise UserError("record counts and --pretrain_mb must be positive (online limits: 0 or more)")
     unusable = "--offline true was given" if cfg.offline else hub_unusable(cfg)
     if cfg.preset != "cpu" and unusable:
@@ -439,7 +472,8 @@ def download(cfg: DownloadConfig):
             note(f"{failure}, writing the built-in offline data instead")
     if paths is None:
         try:
-            paths = write_offline_data(cfg.out_dir, cfg.lang, cfg.seed, cfg.pretrain_mb, cfg.n_sft, cfg.n_r1, cfg.n_val)
+            paths = write_offline_data(cfg.out_dir, cfg.lang, cfg.seed, cfg.pretrain_mb, cfg.n_sft, cfg.n_r1,
+                                       n_dpo=cfg.n_dpo, n_val=cfg.n_val)
         except OSError as e:
             raise UserError(f"cannot write to {cfg.out_dir}: {e.strerror or e}") from None
         discard_download_state(cfg.out_dir)
@@ -450,9 +484,10 @@ def main(argv=None):
     sources = " ".join(f"[{preset} {lang}] {describe_sets(preset, lang)}."
                        for preset in HUB_SETS for lang in HUB_SETS[preset])
     run_guarded(download, parse_config(
-        DownloadConfig, argv, presets=PRESETS, description=f"Write pretrain / sft / r1 jsonl data for a preset. "
-        f"Online sources: {sources} Offline (--offline true, or when the hub cannot be reached with the cpu "
-        f"preset): a built-in generator of stories, chats and checkable reasoning problems."))
+        DownloadConfig, argv, presets=PRESETS, description=f"Write pretrain / sft / r1 / dpo jsonl data for a "
+        f"preset. Online sources: {sources} Offline (--offline true, or when the hub cannot be reached with the cpu "
+        f"preset): a built-in generator of stories, chats, checkable reasoning problems and preference pairs of "
+        f"their right and wrong answers."))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ hub cannot be reached (and for the tests). Deterministic for a seed.
 
 English: ~3.5 MB of templated stories, dialogues and explanations about a small world of children,
 animals, places and things; chats about that same world (facts, sums, spelling, rewriting, stories,
-questions about a story); and reasoning problems (multi-step word sums, letter and item counting) with
-worked <think> traces and a checkable "answer". Chinese: the same kinds of data as templated Chinese,
-with a smaller world.
+questions about a story); reasoning problems (multi-step word sums, letter and item counting) with
+worked <think> traces and a checkable "answer"; and preference pairs of such problems, the right worked
+answer chosen over a wrong one (a slip in a sum, the wrong operation, a miscount, a number copied from the
+question). Chinese: the same kinds of data as templated Chinese, with a smaller world.
 
   from offline_data import write_offline_data
-  write_offline_data("data", lang="en", seed=0)   # the six files download_mini_data.py writes offline
+  write_offline_data("data", lang="en", seed=0)   # the eight files download_mini_data.py writes offline
 """
 import json
 import os
@@ -1073,93 +1074,145 @@ def english_chat(rng) -> dict:
 
 # Reasoning problems (r1): each returns (question, worked steps, final reply, answer); every sum in the steps
 # is written "x op y = z" so it can be checked, and the answer is the result of the last one (or a count).
+# Each draws all its numbers first, then works the answer through a Work: right for r1 and the chosen reply
+# of a preference pair, with one mistake for the rejected reply of the same problem.
 
 R1_SYSTEM_PROMPTS = ["You are a helpful assistant. Think step by step before you answer.",
                      "You are a careful assistant. First think inside <think> and </think>, then give the answer.",
                      "Solve the problem. Show your thinking, then give a short final answer."]
 GAIN = ["buys {k} more", "finds {k} more", "gets {k} more from {b.name}", "picks {k} more"]
 LOSE = ["gives {k} to {b.name}", "loses {k}", "gives {k} away", "sells {k}"]
+OPERATIONS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "/": lambda x, y: x // y}
+MISTAKES = {"slip": 3, "operation": 2, "miscount": 3, "copied": 1}  # how often each is made, where it can be
 
 
-def r1_change(rng):
+class Work:
+    """The sums, counts and final answer of one worked reply: all right (Work()), or with one mistake that
+    every later step carries on, as in a small model's wrong answer.
+
+    eq(x, op, y) -> ("x op y = z", z): an equation, and its result for the next step; judge(fact) -> whether
+    one item of a count is counted; answer(n) -> the final answer. The mistakes: "slip", a wrong result in
+    equation `at` (a unit off, a lost carry, the next times-table entry); "operation", the other operation in
+    equation `at` (a loss added, groups added up); "miscount", judgement `at` the wrong way (a letter missed,
+    a word put in the wrong group); "copied", the question's number `at` (of `numbers`) given as the answer."""
+
+    def __init__(self, mistake=None, at=0, rng=None, numbers=()):
+        self.mistake, self.at, self.rng, self.numbers = mistake, at, rng, numbers
+        self.equations = self.judgements = 0
+
+    def eq(self, x: int, op: str, y: int):
+        mistaken = self.equations == self.at
+        self.equations += 1
+        if mistaken and self.mistake == "operation":
+            swapped = {"+": "-", "-": "+", "*": "+"}.get(op, op)
+            op = swapped if OPERATIONS[swapped](x, y) >= 0 else op
+        z = OPERATIONS[op](x, y)
+        if mistaken and self.mistake == "slip":
+            if op == "*":
+                slips = [x, -x, y, -y]  # the next or the previous times-table entry
+            else:  # a unit off, or a carry (a borrow) forgotten where there was one
+                slips = [1, -1] + ([-10] if op == "+" and x % 10 + y % 10 >= 10 else
+                                   [10] if op == "-" and x % 10 < y % 10 else [])
+            z += self.rng.choice([d for d in slips if z + d >= 0])
+        return f"{x} {op} {y} = {z}", z
+
+    def judge(self, fact: bool) -> bool:
+        mistaken = self.mistake == "miscount" and self.judgements == self.at
+        self.judgements += 1
+        return fact != mistaken
+
+    def answer(self, n: int) -> int:
+        return self.numbers[self.at] if self.mistake == "copied" else n
+
+
+def r1_change(rng, work):
     a, item = make_character(rng), rng.choice(COLLECT)
     b = make_character(rng, avoid={a.name})
     n = start = rng.randint(2, 15)
-    clauses, steps = [], []
+    moves = []
     for _ in range(rng.randint(2, 3)):
         if n < 2 or rng.random() < 0.55:
             k = rng.randint(1, min(12, 99 - n))
-            clause = rng.choice(GAIN).format(k=k, b=b)
-            steps.append(f"{a.He} {clause}: {n} + {k} = {n + k}.")
+            moves.append((rng.choice(GAIN).format(k=k, b=b), "+", k))
             n += k
         else:
             k = rng.randint(1, n - 1)
-            clause = rng.choice(LOSE).format(k=k, b=b)
-            steps.append(f"{a.He} {clause}: {n} - {k} = {n - k}.")
+            moves.append((rng.choice(LOSE).format(k=k, b=b), "-", k))
             n -= k
-        clauses.append(clause)
-    question = (f"{a.name} has {count(start, item)}. {a.He} {', then '.join(clauses)}. "
+    question = (f"{a.name} has {count(start, item)}. {a.He} {', then '.join(clause for clause, _, _ in moves)}. "
                 f"How many {item[1]} does {a.name} have now?")
-    steps = [f"{a.name} starts with {count(start, item)}."] + steps + [f"So {a.name} has {count(n, item)} now."]
-    return question, steps, f"{a.name} has {count(n, item)} now.", n
+    steps, n = [f"{a.name} starts with {count(start, item)}."], start
+    for clause, op, k in moves:
+        equation, n = work.eq(n, op, k)
+        steps.append(f"{a.He} {clause}: {equation}.")
+    n = work.answer(n)
+    return question, steps + [f"So {a.name} has {count(n, item)} now."], f"{a.name} has {count(n, item)} now.", n
 
 
-def r1_groups(rng):
+def r1_groups(rng, work):
     box, item = rng.choice(CONTAINERS), rng.choice(COLLECT)
     g, k = rng.randint(2, 9), rng.randint(2, 9)
     question = f"There are {count(g, box)} with {count(k, item)} in each. How many {item[1]} are there in all?"
-    steps = [f"There are {g} {box[1]}, and each {box[0]} has {count(k, item)}.",
-             f"{g} groups of {k} is {g} * {k} = {g * k}."]
-    total = g * k
-    if total <= 90 and rng.random() < 0.4:
-        extra = rng.randint(1, 99 - total)
+    product, total = work.eq(g, "*", k)
+    steps = [f"There are {g} {box[1]}, and each {box[0]} has {count(k, item)}.", f"{g} groups of {k} is {product}."]
+    if g * k <= 90 and rng.random() < 0.4:
+        extra = rng.randint(1, 99 - g * k)
         question = question.replace(" How many", f" There are also {extra} loose {item[1]} on the table. How many")
-        steps.append(f"Adding the {extra} loose ones: {total} + {extra} = {total + extra}.")
-        total += extra
+        addition, total = work.eq(total, "+", extra)
+        steps.append(f"Adding the {extra} loose ones: {addition}.")
+    total = work.answer(total)
     return question, steps + [f"So there are {count(total, item)} in all."], \
         f"There are {count(total, item)} in all.", total
 
 
-def r1_share(rng):
+def r1_share(rng, work):
     a, item = make_character(rng), rng.choice(COLLECT)
     k, each = rng.randint(2, 9), rng.randint(1, 9)
     total = k * each
     question = f"{a.name} has {count(total, item)} and shares them equally among {k} friends. " \
                f"How many {item[1]} does each friend get?"
+    division, each = work.eq(total, "/", k)
     steps = [f"{total} {item[1]} shared by {k} friends means {total} / {k}.",
-             f"{k} * {each} = {total}, so each friend gets {each}.", f"{total} / {k} = {each}."]
+             f"{k} * {each} = {total}, so each friend gets {each}.", f"{division}."]
+    each = work.answer(each)
     return question, steps, f"Each friend gets {count(each, item)}.", each
 
 
-def r1_compare(rng):
+def r1_compare(rng, work):
     a, item = make_character(rng), rng.choice(COLLECT)
     b = make_character(rng, avoid={a.name})
     x, y = sorted(rng.sample(range(1, 50), 2))
     if rng.random() < 0.5:
         question = f"{a.name} has {count(x, item)}. {b.name} has {count(y, item)}. " \
                    f"How many more {item[1]} does {b.name} have than {a.name}?"
-        steps = [f"{b.name} has {y} and {a.name} has {x}.", f"The difference is {y} - {x} = {y - x}."]
-        return question, steps, f"{b.name} has {y - x} more {item[1]} than {a.name}.", y - x
+        subtraction, more = work.eq(y, "-", x)
+        more = work.answer(more)
+        steps = [f"{b.name} has {y} and {a.name} has {x}.", f"The difference is {subtraction}."]
+        return question, steps, f"{b.name} has {more} more {item[1]} than {a.name}.", more
     k = rng.randint(1, 20)
     question = f"{a.name} has {count(x, item)}. {b.name} has {k} more than {a.name}. " \
                f"How many {item[1]} do they have together?"
-    steps = [f"{b.name} has {k} more than {x}: {x} + {k} = {x + k}.",
-             f"Together: {x} + {x + k} = {2 * x + k}."]
-    return question, steps, f"Together they have {count(2 * x + k, item)}.", 2 * x + k
+    addition, b_has = work.eq(x, "+", k)
+    together, total = work.eq(x, "+", b_has)
+    total = work.answer(total)
+    steps = [f"{b.name} has {k} more than {x}: {addition}.", f"Together: {together}."]
+    return question, steps, f"Together they have {count(total, item)}.", total
 
 
-def r1_age(rng):
+def r1_age(rng, work):
     a = make_character(rng)
     b = make_character(rng, avoid={a.name})
     x, k, m = rng.randint(3, 12), rng.randint(1, 9), rng.randint(1, 10)
     question = f"{a.name} is {x} years old. {b.name} is {k} years older than {a.name}. " \
                f"How old will {b.name} be in {m} years?"
-    steps = [f"{b.name} is {k} years older than {a.name}: {x} + {k} = {x + k}.",
-             f"In {m} years: {x + k} + {m} = {x + k + m}."]
-    return question, steps, f"{b.name} will be {x + k + m} years old.", x + k + m
+    older, age = work.eq(x, "+", k)
+    later, age = work.eq(age, "+", m)
+    age = work.answer(age)
+    steps = [f"{b.name} is {k} years older than {a.name}: {older}.", f"In {m} years: {later}."]
+    return question, steps, f"{b.name} will be {age} years old.", age
 
 
-def r1_shop(rng):
+def r1_shop(rng, work):
     a = make_character(rng)
     (i1, i2), (n1, n2) = rng.sample(SHOP_ITEMS, 2), (rng.randint(1, 5), rng.randint(1, 5))
     p1, p2 = rng.randint(1, 9), rng.randint(1, 9)
@@ -1167,50 +1220,56 @@ def r1_shop(rng):
     question = f"{cap(an(i1[0]))} {i1[0]} costs {count(p1, COIN)} and {an(i2[0])} {i2[0]} costs " \
                f"{count(p2, COIN)}. {a.name} buys {count(n1, i1)} and {count(n2, i2)}. " \
                f"How many coins does {a.name} pay?"
-    steps = [f"{count(n1, i1)}: {n1} * {p1} = {n1 * p1} coins.", f"{count(n2, i2)}: {n2} * {p2} = {n2 * p2} coins.",
-             f"Together: {n1 * p1} + {n2 * p2} = {total}."]
-    reply = f"{a.name} pays {total} coins."
+    (first, cost1), (second, cost2) = work.eq(n1, "*", p1), work.eq(n2, "*", p2)
+    together, cost = work.eq(cost1, "+", cost2)
+    steps = [f"{count(n1, i1)}: {first} coins.", f"{count(n2, i2)}: {second} coins.", f"Together: {together}."]
     if total < 99 and rng.random() < 0.4:
         paid = rng.randint(total + 1, min(99, total + 20))
         question = question.replace("How many coins does", f"{a.He} pays with {paid} coins. How much change does")
         question = question.replace(f"{a.name} pay?", f"{a.name} get back?")
-        steps.append(f"Change: {paid} - {total} = {paid - total}.")
-        reply, total = f"{a.name} gets {paid - total} coins back.", paid - total
-    return question, steps, reply, total
+        subtraction, change = work.eq(paid, "-", cost)
+        change = work.answer(change)
+        return question, steps + [f"Change: {subtraction}."], f"{a.name} gets {change} coins back.", change
+    cost = work.answer(cost)
+    return question, steps, f"{a.name} pays {cost} coins.", cost
 
 
-def r1_legs(rng):
+def r1_legs(rng, work):
     x, y = rng.sample(FARM_ANIMALS, 2)
     nx, ny = rng.randint(1, 9), rng.randint(1, 9)
     lx, ly = ANIMALS[x][2], ANIMALS[y][2]
     px, py = (ANIMALS[x][0] if nx > 1 else x), (ANIMALS[y][0] if ny > 1 else y)
     question = f"On a farm there {'are' if nx > 1 else 'is'} {nx} {px} and {ny} {py}. How many legs are there in all?"
-    steps = [f"Each {x} has {lx} legs: {nx} * {lx} = {nx * lx}.", f"Each {y} has {ly} legs: {ny} * {ly} = {ny * ly}.",
-             f"All together: {nx * lx} + {ny * ly} = {nx * lx + ny * ly}."]
-    return question, steps, f"There are {nx * lx + ny * ly} legs in all.", nx * lx + ny * ly
+    (x_times, x_legs), (y_times, y_legs) = work.eq(nx, "*", lx), work.eq(ny, "*", ly)
+    together, legs = work.eq(x_legs, "+", y_legs)
+    legs = work.answer(legs)
+    steps = [f"Each {x} has {lx} legs: {x_times}.", f"Each {y} has {ly} legs: {y_times}.", f"All together: {together}."]
+    return question, steps, f"There are {legs} legs in all.", legs
 
 
-def r1_sum(rng):
+def r1_sum(rng, work):
     numbers = [rng.randint(1, 20) for _ in range(rng.randint(3, 5))]
     while sum(numbers) > 99:
         numbers.pop()
     steps, total = [], numbers[0]
     for n in numbers[1:]:
-        steps.append(f"{total} + {n} = {total + n}.")
-        total += n
+        addition, total = work.eq(total, "+", n)
+        steps.append(f"{addition}.")
+    total = work.answer(total)
     question = rng.choice([f"What is {' + '.join(map(str, numbers))}?", f"Work out {' + '.join(map(str, numbers))}.",
                            f"Add these numbers: {', '.join(map(str, numbers))}."])
     return question, ["I add the numbers one at a time."] + steps, f"The sum is {total}.", total
 
 
-def r1_letter(rng):
+def r1_letter(rng, work):
     word = rng.choice(SPELL_WORDS)
     absent = [c for c in "abcdefghijklmnoprstuwy" if c not in word]
     letter = rng.choice(word) if rng.random() < 0.85 else rng.choice(absent)
     marks, n = [], 0
     for c in word:
-        n += c == letter
-        marks.append(f"{c} ({n})" if c == letter else c)
+        counted = c == letter and work.judge(True)  # a miscount misses one
+        n += counted
+        marks.append(f"{c} ({n})" if counted else c)
     question = rng.choice([f"How many times does the letter \"{letter}\" appear in the word \"{word}\"?",
                            f"Count the letter \"{letter}\" in \"{word}\"."])
     steps = [f"I spell \"{word}\" and count each \"{letter}\": {', '.join(marks)}.",
@@ -1218,15 +1277,16 @@ def r1_letter(rng):
     return question, steps, f"The letter \"{letter}\" appears {n} {'time' if n == 1 else 'times'} in \"{word}\".", n
 
 
-def r1_length(rng):
+def r1_length(rng, work):
     word = rng.choice(SPELL_WORDS)
     question = rng.choice([f"How many letters are in the word \"{word}\"?", f"How long is the word \"{word}\"?"])
-    steps = [f"I count the letters of \"{word}\": {', '.join(f'{c} ({i})' for i, c in enumerate(word, 1))}.",
-             f"The last count is {len(word)}."]
-    return question, steps, f"The word \"{word}\" has {len(word)} letters.", len(word)
+    letters = [c for c in word if work.judge(True)]  # a miscount skips one
+    steps = [f"I count the letters of \"{word}\": {', '.join(f'{c} ({i})' for i, c in enumerate(letters, 1))}.",
+             f"The last count is {len(letters)}."]
+    return question, steps, f"The word \"{word}\" has {len(letters)} letters.", len(letters)
 
 
-def r1_category(rng):
+def r1_category(rng, work):
     category = rng.choice(list(CATEGORIES))
     members = rng.sample(CATEGORIES[category], rng.randint(1, 5))
     others = rng.sample([w for c, ws in CATEGORIES.items() if c != category for w in ws], rng.randint(1, 4))
@@ -1235,7 +1295,7 @@ def r1_category(rng):
     kind, plural = category, category + "s"
     steps, n = [], 0
     for w in words:
-        if w in members:
+        if work.judge(w in members):
             n += 1
             steps.append(f"{w}: {an(kind)} {kind} ({n})")
         else:
@@ -1249,9 +1309,10 @@ R1_PROBLEMS = [(r1_change, 20), (r1_groups, 10), (r1_share, 6), (r1_compare, 10)
                (r1_legs, 8), (r1_sum, 8), (r1_letter, 10), (r1_length, 6), (r1_category, 8)]
 
 
-def english_reasoning(rng) -> dict:
+def english_reasoning(rng, work=None) -> dict:
+    """A reasoning problem worked by `work` (right when None): an r1 record."""
     problems, weights = zip(*R1_PROBLEMS)
-    question, steps, reply, answer = rng.choices(problems, weights)[0](rng)
+    question, steps, reply, answer = rng.choices(problems, weights)[0](rng, work or Work())
     turns = [{"role": "system", "content": rng.choice(R1_SYSTEM_PROMPTS)}] if rng.random() < 0.25 else []
     turns += [{"role": "user", "content": question},
               {"role": "assistant", "content": think_reply("\n".join(steps), reply)}]
@@ -1468,48 +1529,58 @@ def zh_chat(rng) -> dict:
     return {"conversations": [{"role": r, "content": c} for r, c in system + turns]}
 
 
-def zh_reasoning(rng) -> dict:
+def zh_reasoning(rng, work=None) -> dict:
+    """A reasoning problem worked by `work` (right when None), as english_reasoning."""
+    work = work or Work()
     name, ta, _ = zh_character(rng)
     friend = zh_character(rng, avoid={name})[0]
     m, item = rng.choice(ZH_COUNTABLES)
     kind = rng.randrange(5)
     if kind == 0:
         n = start = rng.randint(2, 15)
-        clauses, steps = [], [f"{name}一开始有{start}{m}{item}。"]
+        moves = []
         for _ in range(rng.randint(2, 3)):
             if n < 2 or rng.random() < 0.55:
                 k = rng.randint(1, 12)
-                clause = rng.choice([f"又买了{k}{m}", f"又捡到了{k}{m}", f"{friend}又送给{ta}{k}{m}"])
-                steps.append(f"{clause}：{n} + {k} = {n + k}。")
+                moves.append((rng.choice([f"又买了{k}{m}", f"又捡到了{k}{m}", f"{friend}又送给{ta}{k}{m}"]), "+", k))
                 n += k
             else:
                 k = rng.randint(1, n - 1)
-                clause = rng.choice([f"送给{friend}{k}{m}", f"吃掉了{k}{m}" if item in ("苹果", "梨", "香蕉", "糖", "饼干")
-                                     else f"弄丢了{k}{m}"])
-                steps.append(f"{clause}：{n} - {k} = {n - k}。")
+                moves.append((rng.choice([f"送给{friend}{k}{m}", f"吃掉了{k}{m}" if item in ("苹果", "梨", "香蕉", "糖", "饼干")
+                                          else f"弄丢了{k}{m}"]), "-", k))
                 n -= k
-            clauses.append(clause)
-        question = f"{name}有{start}{m}{item}，{'，然后'.join(clauses)}。{name}现在有几{m}{item}？"
-        reply, answer = f"{name}现在有{n}{m}{item}。", n
+        question = f"{name}有{start}{m}{item}，{'，然后'.join(clause for clause, _, _ in moves)}。{name}现在有几{m}{item}？"
+        steps, n = [f"{name}一开始有{start}{m}{item}。"], start
+        for clause, op, k in moves:
+            equation, n = work.eq(n, op, k)
+            steps.append(f"{clause}：{equation}。")
+        answer = work.answer(n)
+        reply = f"{name}现在有{answer}{m}{item}。"
     elif kind == 1:
         g, k = rng.randint(2, 9), rng.randint(2, 9)
         box = rng.choice(ZH_BOXES)
         question = f"有{g}个{box}，每个{box}里有{k}{m}{item}。一共有多少{m}{item}？"
-        steps = [f"有{g}个{box}，每个里面有{k}{m}。", f"{g} * {k} = {g * k}。"]
-        reply, answer = f"一共有{g * k}{m}{item}。", g * k
+        product, total = work.eq(g, "*", k)
+        steps = [f"有{g}个{box}，每个里面有{k}{m}。", f"{product}。"]
+        answer = work.answer(total)
+        reply = f"一共有{answer}{m}{item}。"
     elif kind == 2:
         x, y = sorted(rng.sample(range(1, 50), 2))
         question = f"{name}有{x}{m}{item}，{friend}有{y}{m}{item}。{friend}比{name}多几{m}？"
-        steps = [f"{friend}有{y}{m}，{name}有{x}{m}。", f"相差：{y} - {x} = {y - x}。"]
-        reply, answer = f"{friend}比{name}多{y - x}{m}{item}。", y - x
+        subtraction, more = work.eq(y, "-", x)
+        steps = [f"{friend}有{y}{m}，{name}有{x}{m}。", f"相差：{subtraction}。"]
+        answer = work.answer(more)
+        reply = f"{friend}比{name}多{answer}{m}{item}。"
     elif kind == 3:
         x, y = rng.sample(ZH_FARM, 2)
         nx, ny = rng.randint(1, 9), rng.randint(1, 9)
         (mx, _, lx, *_), (my, _, ly, *_) = ZH_ANIMALS[x], ZH_ANIMALS[y]
         question = f"农场里有{nx}{mx}{x}和{ny}{my}{y}。它们一共有几条腿？"
-        steps = [f"每{mx}{x}有{lx}条腿：{nx} * {lx} = {nx * lx}。", f"每{my}{y}有{ly}条腿：{ny} * {ly} = {ny * ly}。",
-                 f"合起来：{nx * lx} + {ny * ly} = {nx * lx + ny * ly}。"]
-        reply, answer = f"它们一共有{nx * lx + ny * ly}条腿。", nx * lx + ny * ly
+        (x_times, x_legs), (y_times, y_legs) = work.eq(nx, "*", lx), work.eq(ny, "*", ly)
+        together, legs = work.eq(x_legs, "+", y_legs)
+        steps = [f"每{mx}{x}有{lx}条腿：{x_times}。", f"每{my}{y}有{ly}条腿：{y_times}。", f"合起来：{together}。"]
+        answer = work.answer(legs)
+        reply = f"它们一共有{answer}条腿。"
     else:
         category = rng.choice(list(ZH_CATEGORIES))
         members = rng.sample(ZH_CATEGORIES[category], rng.randint(1, 4))
@@ -1519,8 +1590,9 @@ def zh_reasoning(rng) -> dict:
         question = f"下面这些词里，有几个是{category}：{'、'.join(words)}？"
         steps, n = [], 0
         for w in words:
-            n += w in members
-            steps.append(f"{w}：是{category}（{n}）" if w in members else f"{w}：不是{category}")
+            counted = work.judge(w in members)
+            n += counted
+            steps.append(f"{w}：是{category}（{n}）" if counted else f"{w}：不是{category}")
         reply, answer = f"一共有{n}个是{category}。", n
     steps.append(f"所以答案是{answer}。")
     turns = [{"role": "user", "content": question},
@@ -1531,7 +1603,7 @@ def zh_reasoning(rng) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
-FILE_NAMES = ["pretrain", "pretrain_val", "sft", "sft_val", "r1", "r1_val"]
+FILE_NAMES = ["pretrain", "pretrain_val", "sft", "sft_val", "r1", "r1_val", "dpo", "dpo_val"]
 GENERATORS = {"en": (english_document, english_chat, english_reasoning), "zh": (zh_document, zh_chat, zh_reasoning)}
 
 
@@ -1544,13 +1616,39 @@ def documents(rng, make_document, n_bytes: int):
         yield {"text": text}
 
 
-def new_problems(rng, make_problem, n: int, seen: set):
-    """n reasoning records whose questions are not in `seen`, so validation problems stay unseen in training."""
+def reasoning_pair(rng, make_problem):
+    """A reasoning problem with its right worked reply (chosen, as r1 writes it) and a wrong one (rejected):
+    the same problem worked again with one mistake (see Work), carried to a final answer that differs.
+    None when no mistake can change the answer (a count of a letter that is not in the word)."""
+    draws = rng.getstate()  # the wrong reply works the same problem: the same random draws again
+    right_work = Work()
+    right = make_problem(rng, right_work)
+    *history, chosen = right["conversations"]
+    numbers = sorted({int(n) for n in re.findall(r"\d+", history[-1]["content"])} - {int(right["answer"])})
+    places = {"slip": right_work.equations, "operation": right_work.equations, "miscount": right_work.judgements,
+              "copied": len(numbers)}
+    possible = [mistake for mistake in MISTAKES if places[mistake]]
+    for _ in range(4 if possible else 0):  # a few tries: some mistakes change nothing (a division has no swap)
+        mistake = rng.choices(possible, [MISTAKES[m] for m in possible])[0]
+        replay = random.Random()
+        replay.setstate(draws)
+        wrong = make_problem(replay, Work(mistake, rng.randrange(places[mistake]), rng, numbers))
+        rejected = wrong["conversations"][-1]["content"]
+        assert wrong["conversations"][:-1] == history  # the draws never depend on how the answer is worked
+        if wrong["answer"] != right["answer"] and "= -" not in rejected:  # nobody has -2 apples
+            return {"conversations": history, "chosen": chosen["content"], "rejected": rejected,
+                    "answer": right["answer"]}
+    return None
+
+
+def new_problems(rng, make_record, n: int, seen: set):
+    """n records of problems whose questions (the last user turn) are not in `seen`, each added to it, so
+    held-out problems stay unseen in training. make_record may give None: nothing from that draw."""
     made = misses = 0
     while made < n:
-        record = make_problem(rng)
-        question = record["conversations"][-2]["content"]
-        if question in seen:
+        record = make_record(rng)
+        question = record and [t["content"] for t in record["conversations"] if t["role"] == "user"][-1]
+        if question is None or question in seen:
             misses += 1
             if misses > 10_000:
                 raise UserError(f"only {len(seen)} different reasoning problems could be made: ask for fewer")
@@ -1569,21 +1667,29 @@ def write_jsonl(path: str, records) -> str:
 
 
 def write_offline_data(out_dir: str, lang: str = "en", seed: int = 0, pretrain_mb: float = 3.5, n_sft: int = 4000,
-                       n_r1: int = 4000, n_val: int = 300) -> dict:
-    """Write the six built-in files into out_dir; returns {name: path}. Each file has its own random stream
+                       n_r1: int = 4000, n_dpo: int = 2000, n_val: int = 300) -> dict:
+    """Write the eight built-in files into out_dir; returns {name: path}. Each file has its own random stream
     (seeded by seed and file name), so changing one size leaves the other files as they were."""
     if lang not in GENERATORS:
         raise UserError(f"--lang must be one of {', '.join(GENERATORS)}, got {lang!r}")
     make_document, make_chat, make_problem = GENERATORS[lang]
     rng = {name: random.Random(f"{seed}:{lang}:{name}") for name in FILE_NAMES}
-    seen_questions = set()
-    records = {  # val first: the training problems skip its questions
+    held_out = set()  # r1_val's questions, in no other file: distill.py and train_dpo.py report accuracy on them
+    r1_val = list(new_problems(rng["r1_val"], make_problem, n_val, held_out))
+    dpo_questions = set(held_out)  # the pairs may reuse r1's problems (DPO after distillation), not r1_val's
+
+    def make_pair(pair_rng):
+        return reasoning_pair(pair_rng, make_problem)
+
+    records = {  # val first: the training records skip its questions
         "pretrain_val": ({"text": make_document(rng["pretrain_val"])} for _ in range(n_val)),
         "pretrain": documents(rng["pretrain"], make_document, int(pretrain_mb * 1e6)),
         "sft_val": (make_chat(rng["sft_val"]) for _ in range(n_val)),
         "sft": (make_chat(rng["sft"]) for _ in range(n_sft)),
-        "r1_val": new_problems(rng["r1_val"], make_problem, n_val, seen_questions),
-        "r1": new_problems(rng["r1"], make_problem, n_r1, seen_questions),
+        "r1_val": r1_val,
+        "r1": new_problems(rng["r1"], make_problem, n_r1, set(held_out)),
+        "dpo_val": new_problems(rng["dpo_val"], make_pair, n_val, dpo_questions),
+        "dpo": new_problems(rng["dpo"], make_pair, n_dpo, dpo_questions),
     }
     paths = {name: write_jsonl(os.path.join(out_dir, name + ".jsonl"), recs) for name, recs in records.items()}
     return {name: paths[name] for name in FILE_NAMES}

@@ -24,18 +24,26 @@ def run_cli(*args, **kwargs):
 def test_cli_offline_and_help(tmp_path):
     out = tmp_path / "tmp"
     r = run_cli("--offline", "true", "--out_dir", str(out), "--pretrain_mb", "0.1", "--n_sft", "50", "--n_r1", "50",
-                "--n_val", "10", env={**os.environ, "PYTHONHASHSEED": "123"})
+                "--n_dpo", "40", "--n_val", "10", env={**os.environ, "PYTHONHASHSEED": "123"})
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.jsonl" for n in od.FILE_NAMES)
-    assert str(out / "sft.jsonl") in r.stdout and "MB" in r.stdout and "note:" not in r.stderr
+    assert str(out / "dpo.jsonl") in r.stdout and "MB" in r.stdout and "note:" not in r.stderr
+    pairs = {name: read(out / f"{name}.jsonl") for name in ("dpo", "dpo_val")}
+    assert len(pairs["dpo"]) == 40 and len(pairs["dpo_val"]) == 10
+    for pair in pairs["dpo"] + pairs["dpo_val"]:  # our "conversations" preference layout, as records.py reads it
+        assert list(pair) == ["conversations", "chosen", "rejected", "answer"]
+        assert pair["conversations"][-1]["role"] == "user" and pair["chosen"] != pair["rejected"]
+        assert pair["chosen"].startswith("<think>\n") and pair["rejected"].startswith("<think>\n")
     # the same bytes in another process (another string hash seed): no set or hash order leaks into the data
-    here = od.write_offline_data(str(tmp_path / "here"), "en", seed=0, pretrain_mb=0.1, n_sft=50, n_r1=50, n_val=10)
+    here = od.write_offline_data(str(tmp_path / "here"), "en", seed=0, pretrain_mb=0.1, n_sft=50, n_r1=50, n_dpo=40,
+                                 n_val=10)
     assert all((out / f"{n}.jsonl").read_bytes() == open(here[n], "rb").read() for n in od.FILE_NAMES)
     r = run_cli("--help")
     assert r.returncode == 0
-    for flag in ("--out_dir", "--lang", "--offline", "--seed", "--pretrain_mb", "--n_sft", "--n_r1", "--n_val"):
+    for flag in ("--out_dir", "--lang", "--offline", "--seed", "--pretrain_mb", "--n_sft", "--n_r1", "--n_dpo",
+                 "--n_val", "--online_dpo"):
         assert flag in r.stdout
-    assert "TinyStories" in r.stdout and "alpaca-zh" in r.stdout
+    assert "TinyStories" in r.stdout and "alpaca-zh" in r.stdout and "hh-rlhf (helpful-base)" in r.stdout
     r = run_cli("--offline", "true", "--lang", "fr", "--out_dir", str(tmp_path / "fr"))
     assert r.returncode == 1 and r.stderr.strip() == "error: --lang must be one of en, zh, got 'fr'"
 
@@ -46,7 +54,8 @@ def test_unreachable_hub_falls_back_with_one_note(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once, no network
     assert dm.hub_address() == ("127.0.0.1", 9)
     start = time.time()
-    dm.main(["--out_dir", str(tmp_path), "--pretrain_mb", "0.05", "--n_sft", "20", "--n_r1", "20", "--n_val", "5"])
+    dm.main(["--out_dir", str(tmp_path), "--pretrain_mb", "0.05", "--n_sft", "20", "--n_r1", "20", "--n_dpo", "20",
+             "--n_val", "5"])
     assert time.time() - start < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["note: 127.0.0.1 is unreachable, writing the built-in offline data instead"]
@@ -59,7 +68,8 @@ def test_failing_datasets_falls_back(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(dm, "hub_reachable", lambda timeout: True)
     monkeypatch.setattr(dm, "open_stream", broken_stream)
-    dm.main(["--out_dir", str(tmp_path), "--pretrain_mb", "0.05", "--n_sft", "20", "--n_r1", "20", "--n_val", "5"])
+    dm.main(["--out_dir", str(tmp_path), "--pretrain_mb", "0.05", "--n_sft", "20", "--n_r1", "20", "--n_dpo", "20",
+             "--n_val", "5"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("note", "error"))]
     assert len(err) == 1 and err[0].startswith("note: streaming from huggingface.co failed (ConnectionError: "
                                                "Couldn't reach the dataset)")
@@ -146,6 +156,15 @@ CARD_RECORDS = {
         "input": "小明有5个苹果，又买了3个，现在一共有几个？", "content": "5 + 3 = 8。\n\n最终答案：\\boxed{8}",
         "reasoning_content": "原来5个，加上3个，就是8个。", "repo_name": "meta-math/GSM8K_zh", "prompt_tokens_len": 32,
         "content_tokens_len": 25, "reasoning_content_tokens_len": 20, "score": 10},
+    "Anthropic/hh-rlhf": {  # helpful-base: two transcripts that differ only in the last reply
+        "chosen": "\n\nHuman: How do I keep my puppy warm at night?\n\nAssistant: Is it sleeping inside?\n\n"
+                  "Human: Yes, in a crate.\n\nAssistant: Put a soft blanket in the crate, away from drafts.",
+        "rejected": "\n\nHuman: How do I keep my puppy warm at night?\n\nAssistant: Is it sleeping inside?\n\n"
+                    "Human: Yes, in a crate.\n\nAssistant: Puppies don't get cold."},
+    "llamafactory/DPO-En-Zh-20k": {  # config zh: a ShareGPT history, then one ShareGPT message per reply
+        "conversations": [{"from": "human", "value": "用一句话解释什么是光合作用。"}],
+        "chosen": {"from": "gpt", "value": "光合作用是植物利用光能，把二氧化碳和水变成养分并放出氧气的过程。"},
+        "rejected": {"from": "gpt", "value": "光合作用就是植物晒太阳。"}},
 }
 EXPECTED = {  # what each card record becomes
     "HuggingFaceTB/smol-smoltalk": {"conversations": [
@@ -172,6 +191,8 @@ def test_every_hub_set_has_a_card_record_that_normalises():
         record = dm.NORMALISERS[path](rec)
         if "text" in rec:
             assert record == {"text": rec["text"]}, path
+        elif "chosen" in rec:  # a preference pair stays in its set's format: records.py reads it as it is
+            assert record == rec, path
         elif "instruction" in rec:
             prompt = "\n\n".join(x for x in (rec["instruction"], rec["input"]) if x)
             assert record == {"conversations": [{"role": "user", "content": prompt},
@@ -203,7 +224,8 @@ def card_hub(n, text_chars=60, sizes=None):
 
 SMALL_CHATS = {path: 40 for path in ("HuggingFaceTB/smol-smoltalk", "llamafactory/alpaca_gpt4_zh",
                                      "shibing624/sharegpt_gpt4", "bespokelabs/Bespoke-Stratos-17k",
-                                     "Congliu/Chinese-DeepSeek-R1-Distill-data-110k")}
+                                     "Congliu/Chinese-DeepSeek-R1-Distill-data-110k", "Anthropic/hh-rlhf",
+                                     "llamafactory/DPO-En-Zh-20k")}
 
 
 def small_12gb(tmp_path, lang, **overrides):
@@ -232,13 +254,18 @@ def test_12gb_fetch_takes_every_set_in_order_up_to_the_token_budget(tmp_path, mo
     sft_val = 0 if sft_sets[0].val_split else 3
     assert len(read(paths["sft"])) == 40 * len(sft_sets) - sft_val  # every record of every set
     assert len(read(paths["r1"])) == 40 - 3
+    dpo = dm.HUB_SETS["12gb"][lang]["dpo"][0]
+    assert read(paths["dpo"]) == [CARD_RECORDS[dpo.path]] * (40 if dpo.val_split else 40 - 3)
+    assert read(paths["dpo_val"]) == [CARD_RECORDS[dpo.path]] * 3
+    assert ("Anthropic/hh-rlhf", None, "test", {"data_dir": "helpful-base"}) in hub.calls or lang == "zh"
+    assert ("llamafactory/DPO-En-Zh-20k", "zh", "train", {}) in hub.calls or lang == "en"
     assert ("HuggingFaceTB/smol-smoltalk", None, "test", {}) in hub.calls or lang == "zh"
     assert ("shibing624/sharegpt_gpt4", None, "train", {"data_files": "sharegpt_zh_38K_format.jsonl"}) in hub.calls \
         or lang == "en"
     assert not list(tmp_path.glob("*.partial"))
 
 
-@pytest.mark.parametrize("interrupt_at", [2, 9, 30, 44, 61, 95, 130])
+@pytest.mark.parametrize("interrupt_at", [2, 9, 30, 44, 61, 95, 130, 143, 166])  # 140-180: the dpo stage
 def test_an_interrupted_fetch_resumed_gives_exactly_the_uninterrupted_records(tmp_path, monkeypatch, interrupt_at):
     monkeypatch.setattr(dm, "COMMIT_EVERY", 4)
     FakeHub(card_hub(40)).install(monkeypatch)
@@ -298,6 +325,8 @@ def test_12gb_offline_is_refused_in_one_line(tmp_path):
 
 def test_online_records_are_normalised(tmp_path, monkeypatch):
     """The cpu preset: document, record and character limits, held-out records, skipped records."""
+    hh = CARD_RECORDS["Anthropic/hh-rlhf"]
+    long_prompt = "\n\nHuman: " + "z" * 3000 + "\n\nAssistant: "
     sets = {
         ("roneneldan/TinyStories", "train"): cycle([{"text": f"Story {i}."} for i in range(10)] + [{"text": "  "}]),
         ("roneneldan/TinyStories", "validation"): cycle([{"text": f"Held out {i}."} for i in range(10)]),
@@ -315,9 +344,16 @@ def test_online_records_are_normalised(tmp_path, monkeypatch):
             {"conversations": [{"from": "user", "value": "Long?"},
                                {"from": "assistant", "value": "<|begin_of_thought|>" + "y" * 9000 +
                                 "<|end_of_thought|><|begin_of_solution|>no<|end_of_solution|>"}]}] * 2),
+        ("Anthropic/hh-rlhf", "test"): cycle([{"chosen": "\n\nHuman: Hi?\n\nAssistant: ", "rejected": "x"}, hh]),
+        ("Anthropic/hh-rlhf", "train"): cycle([
+            {**hh, "score": 3},  # fields the reader does not read are dropped
+            {"chosen": long_prompt + "y" * 9000, "rejected": long_prompt + "no"},  # its chosen row is too long
+            {"chosen": long_prompt + "y" * 3000, "rejected": long_prompt + "n" * 3000},  # each row fits: kept
+            {"chosen": hh["chosen"], "rejected": "\n\nHuman: Something else?\n\nAssistant: No."}] * 2),  # no pair
     }
     FakeHub(sets).install(monkeypatch)
-    cfg = dm.DownloadConfig(out_dir=str(tmp_path), online_pretrain=5, online_sft=3, online_r1=2, n_val=1)
+    cfg = dm.DownloadConfig(out_dir=str(tmp_path), online_pretrain=5, online_sft=3, online_r1=2, online_dpo=3,
+                            n_val=1)
     paths = dm.download_online(cfg)
     assert [r["text"] for r in read(paths["pretrain"])] == [f"Story {i}." for i in range(5)]
     assert read(paths["pretrain_val"]) == [{"text": "Held out 0."}]
@@ -330,6 +366,9 @@ def test_online_records_are_normalised(tmp_path, monkeypatch):
     assert r1[0] == EXPECTED["bespokelabs/Bespoke-Stratos-17k"]
     assert "answer" not in r1[1] and r1[1]["conversations"][-1]["content"].startswith("<think>\nx\n</think>\n")
     assert r1[2] == r1[0] and len(r1) == 3  # the 9,000-character trace was skipped
+    assert read(paths["dpo_val"]) == [hh]  # from the test split, past a damaged pair
+    dpo = read(paths["dpo"])
+    assert dpo[0] == hh and dpo[1]["chosen"].endswith("y" * 3000) and dpo[2] == hh and len(dpo) == 3
 
 
 def test_chinese_reasoning_fields_are_wrapped():

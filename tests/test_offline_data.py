@@ -1,4 +1,6 @@
-"""The built-in data generator: sizes, determinism, schemas, and sums, counts and answers that are right."""
+"""The built-in data generator: sizes, determinism, schemas, and sums, counts and answers that are right
+(and, in the preference pairs' rejected replies, wrong in the ways intended)."""
+import random
 import re
 
 import pytest
@@ -6,7 +8,7 @@ import pytest
 import offline_data as od
 from conftest import read_jsonl as read
 
-SMALL = dict(pretrain_mb=0.3, n_sft=400, n_r1=400, n_val=50)
+SMALL = dict(pretrain_mb=0.3, n_sft=400, n_r1=400, n_dpo=300, n_val=50)
 ROLES = {"system", "user", "assistant"}
 EQUATION = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")  # "3 + 4 = 7", "2 + 2 + 2 = 6", "6 * 4 = 24"
 THINK = re.compile(r"<think>\n(.+?)\n</think>\n(.+)", re.S)
@@ -42,8 +44,8 @@ def test_files_and_sizes(data):
     lang, paths = data
     assert list(paths) == od.FILE_NAMES
     counts = {name: len(read(path)) for name, path in paths.items()}
-    assert counts["sft"] == 400 and counts["r1"] == 400
-    assert counts["pretrain_val"] == counts["sft_val"] == counts["r1_val"] == 50
+    assert counts["sft"] == 400 and counts["r1"] == 400 and counts["dpo"] == 300
+    assert counts["pretrain_val"] == counts["sft_val"] == counts["r1_val"] == counts["dpo_val"] == 50
     assert 0.3e6 <= sum(len(r["text"].encode()) for r in read(paths["pretrain"])) < 0.35e6
 
 
@@ -85,6 +87,32 @@ def recomputed_answer(lang, question):
     return sum(w in od.CATEGORIES[m[1]] for w in m[2].split(", ")) if m else None
 
 
+def think_and_reply(reply, where):
+    assert reply.count("<think>") == 1 and reply.count("</think>") == 1, where
+    m = THINK.fullmatch(reply)
+    assert m and m[1].strip() and m[2].strip(), where
+    return m[1], m[2]
+
+
+def mentions(lang, text, answer) -> bool:
+    return bool(re.search(rf"(?<![\w.]){re.escape(answer)}(?!\w|\.\d)" if lang == "en" else
+                          rf"(?<!\d){re.escape(answer)}(?!\d)", text))
+
+
+def check_worked_reply(lang, question, reply, answer, where) -> str:
+    """A right worked reply: one <think> block, right sums, and `answer` (worked out anew) in its final reply.
+    Returns how the answer was checked: "counted" or "summed"."""
+    think, final = think_and_reply(reply, where)
+    assert mentions(lang, final, answer), f"{where}: answer not in {final!r}"
+    expected = recomputed_answer(lang, question)
+    checked = "counted"
+    if expected is None:
+        expected, checked = check_equations(think, where), "summed"
+        assert expected is not None, f"{where}: no worked sum in {think!r}"
+    assert answer == str(expected), f"{where}: {question!r} -> {answer} (expected {expected})"
+    return checked
+
+
 def test_reasoning_records_are_well_formed_and_correct(data):
     lang, paths = data
     kinds = {"counted": 0, "summed": 0}
@@ -95,27 +123,64 @@ def test_reasoning_records_are_well_formed_and_correct(data):
             check_chat(r, where)
             assert len(r["conversations"]) in (2, 3), where
             question, reply = r["conversations"][-2]["content"], r["conversations"][-1]["content"]
-            assert reply.count("<think>") == 1 and reply.count("</think>") == 1, where
-            m = THINK.fullmatch(reply)
-            assert m and m[1].strip() and m[2].strip(), where
-            assert re.search(rf"(?<![\w.]){re.escape(r['answer'])}(?!\w|\.\d)" if lang == "en" else
-                             rf"(?<!\d){re.escape(r['answer'])}(?!\d)", m[2]), f"{where}: answer not in {m[2]!r}"
-            expected = recomputed_answer(lang, question)
-            if expected is None:
-                expected = check_equations(m[1], where)
-                assert expected is not None, f"{where}: no worked sum in {m[1]!r}"
-                kinds["summed"] += 1
-            else:
-                kinds["counted"] += 1
-            assert r["answer"] == str(expected), f"{where}: {question!r} -> {r['answer']} (expected {expected})"
+            kinds[check_worked_reply(lang, question, reply, r["answer"], where)] += 1
     assert kinds["counted"] > 20 and kinds["summed"] > 200
 
 
-def test_reasoning_validation_questions_are_not_in_training(data):
+def mistake(pair) -> str:
+    """The mistake of a pair's rejected reply, told from its sums against the chosen reply's."""
+    right, wrong = EQUATION.findall(pair["chosen"]), EQUATION.findall(pair["rejected"])
+
+    def operators(equations):
+        return [re.findall(r" ([-+*/]) ", lhs) for lhs, _ in equations]
+
+    if operators(wrong) != operators(right):
+        return "operation"
+    if any(eval(lhs) != int(rhs) for lhs, rhs in wrong):  # the regex admits only digits and + - * /
+        return "slip"
+    return "copied" if wrong else "miscount"  # the same right sums and a wrong answer, or no sums: a count
+
+
+def test_preference_pairs_are_a_right_and_a_wrong_answer(data):
     lang, paths = data
-    train = {r["conversations"][-2]["content"] for r in read(paths["r1"])}
-    val = [r["conversations"][-2]["content"] for r in read(paths["r1_val"])]
-    assert len(set(val)) == len(val) and not train & set(val)
+    made = {"slip": 0, "operation": 0, "miscount": 0, "copied": 0}
+    for name in ("dpo", "dpo_val"):
+        for i, pair in enumerate(read(paths[name])):
+            where = f"{name} {i}"
+            assert list(pair) == ["conversations", "chosen", "rejected", "answer"], where
+            check_chat({"conversations": pair["conversations"] + [{"role": "assistant", "content": "ok"}]}, where)
+            question = pair["conversations"][-1]["content"]
+            check_worked_reply(lang, question, pair["chosen"], pair["answer"], where)
+            _, final = think_and_reply(pair["rejected"], where)
+            assert not mentions(lang, final, pair["answer"]) and re.search(r"\d", final), f"{where}: {final!r}"
+            kind = mistake(pair)
+            if kind == "copied":
+                assert re.findall(r"\d+", final)[-1] in re.findall(r"\d+", question), where
+            made[kind] += 1
+    assert min(made.values()) > 0.05 * sum(made.values()), made  # every kind of mistake, none rare
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_a_pair_chosen_reply_is_the_one_r1_writes(lang):
+    make_problem = od.GENERATORS[lang][2]
+    for seed in range(300):
+        pair, record = od.reasoning_pair(random.Random(seed), make_problem), make_problem(random.Random(seed))
+        if pair is not None:  # None: a count no mistake can change
+            assert pair["conversations"] + [{"role": "assistant", "content": pair["chosen"]}] == \
+                record["conversations"] and pair["answer"] == record["answer"]
+
+
+def test_held_out_questions_are_not_trained_on(data):
+    """r1_val and dpo_val are disjoint from each other and from the training files (train_dpo.py reports its
+    answer accuracy on r1_val); DPO may train on problems distillation saw."""
+    lang, paths = data
+
+    def questions(name):
+        return [[t["content"] for t in r["conversations"] if t["role"] == "user"][-1] for r in read(paths[name])]
+
+    r1_val, dpo_val, dpo = questions("r1_val"), questions("dpo_val"), questions("dpo")
+    assert all(len(set(q)) == len(q) for q in (r1_val, dpo_val, dpo))
+    assert not set(r1_val) & (set(questions("r1")) | set(dpo_val) | set(dpo)) and not set(dpo_val) & set(dpo)
 
 
 def test_english_chat_answers_are_right(tmp_path):
