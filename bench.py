@@ -102,10 +102,12 @@ PRESETS = {
 }
 LORA_12GB = dict(lora_rank=16, batch_size=4, seq_len=1024, max_seq_len=2048, grad_checkpointing=True, hf=False)
 PRESETS.update({  # shapes of Hugging Face models that convert_hf.py imports, with train_sft.py's 12gb_lora settings
-    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, vocab_size=49152, **LORA_12GB),
+    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, vocab_size=49152,
+                         **LORA_12GB),
     "tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000,
                            tie_embeddings=False, **LORA_12GB),
-    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256, **LORA_12GB),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                        **LORA_12GB),
     "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, vocab_size=49152,
                          **LORA_12GB),
     "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
@@ -274,7 +276,8 @@ def memory_row(model_cfg: ModelConfig, cfg: BenchConfig) -> tuple:
     simulated = simulated_peak(model_cfg, cfg)
     estimate = sum(train.estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, torch.bfloat16,
                                          cfg.grad_checkpointing, lora_rank=cfg.lora_rank).values())
-    return ("memory, bf16 step" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""), simulated / 2**30, "GiB", f"on fake tensors; the training scripts estimate "
+    name = "memory, bf16 step" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
+    return (name, simulated / 2**30, "GiB", f"on fake tensors; the training scripts estimate "
             f"{estimate / 2**30:.2f} GiB ({estimate / simulated:.2f}x)")
 
 
