@@ -17,6 +17,7 @@ writes the adapters in PEFT's layout. Tokens that convert_hf.py added to an impo
 markers) start with no meaning, so their embedding and output rows are trained too (trainable copies
 of just those rows, as PEFT's trainable_token_indices).
 """
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -43,8 +44,11 @@ class LoRALinear(nn.Module):
         nn.init.normal_(self.lora_A, std=1 / rank)  # the paper's Gaussian A (PEFT's "gaussian" scale)
         # No dropout module at all when it is 0: even p=0 would store a copy of x for backward.
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # adapters_off() switches it off
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
 
     def merged(self) -> nn.Linear:
@@ -66,12 +70,15 @@ class TrainedRows(nn.Module):
         slot[self.ids] = torch.arange(len(ids), device=base.weight.device)
         self.register_buffer("slot", slot, persistent=False)  # token id -> its row in self.rows, or -1
         self.rows = rows if rows is not None else nn.Parameter(base.weight.detach()[self.ids].float().clone())
+        self.enabled = True  # adapters_off() switches it off
 
     @property
     def weight(self):  # what Transformer reads of its embedding (the KV cache's dtype, parameter counts)
         return self.base.weight
 
     def forward(self, x):
+        if not self.enabled:
+            return self.base(x)
         if isinstance(self.base, nn.Embedding):  # x: token ids (B, T) -> (B, T, dim)
             out, slot = self.base(x), self.slot[x]
             return torch.where((slot >= 0)[..., None], self.rows[slot.clamp(min=0)].to(out.dtype), out)
@@ -105,6 +112,20 @@ def add_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0, 
     model.lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
                   "new_token_ids": [int(i) for i in new_token_ids]}
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within the block a LoRA model computes its frozen base alone (adapters and trained rows skipped): the
+    base's outputs with no second copy of its weights, e.g. as train_dpo.py's reference model."""
+    switched = [m for m in model.modules() if isinstance(m, (LoRALinear, TrainedRows))]
+    for m in switched:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.enabled = True
 
 
 def is_lora(model) -> bool:

@@ -213,10 +213,11 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
     return {"weights": weights, "gradients": 4 * n_params, "optimizer": optimizer_bytes, "activations": activations}
 
 
-def check_memory(model: Transformer, cfg: TrainConfig, seq_len: int, rt: Runtime):
-    """Print the estimate; on CUDA stop before the first step if it cannot fit."""
+def check_memory(model: Transformer, cfg: TrainConfig, rows: int, seq_len: int, rt: Runtime):
+    """Print the estimate for micro-batches of rows x seq_len tokens; on CUDA stop before the first step if
+    it cannot fit."""
     lora = model.lora if is_lora(model) else {}
-    parts = estimate_memory(model.cfg, cfg.batch_size, seq_len, rt.dtype, cfg.grad_checkpointing, cfg.optimizer,
+    parts = estimate_memory(model.cfg, rows, seq_len, rt.dtype, cfg.grad_checkpointing, cfg.optimizer,
                             lora.get("rank", 0), lora.get("targets", TARGETS))
     total = sum(parts.values())
     if rt.master:
@@ -562,7 +563,7 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
     (on average, for the epochs report). `start` is a checkpoint to resume from.
     Returns {"step", "val_loss", "best_val_loss", "last_path"}."""
     rt = rt or Runtime(cfg)
-    check_memory(model, cfg, train_data.seq_len, rt)
+    check_memory(model, cfg, getattr(train_data, "rows_per_batch", cfg.batch_size), train_data.seq_len, rt)
     report_epochs(cfg, train_data, rt)
     torch.manual_seed(cfg.seed + rt.rank)
     if is_lora(model) and rt.dtype != torch.float32:

@@ -84,9 +84,13 @@ def resolve_tokenizer(cfg: SFTConfig):
     cfg.tokenizer = recorded or "data/tokenizer.model"
 
 
-def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None, rt: Runtime = None) -> dict:
+def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None, rt: Runtime = None, data_class=None,
+             prepare=None) -> dict:
     """Fine-tune on chat data with train.py's loop; distill.py reuses this with think-token
-    weights, an optional teacher loss, and `after(model, result)` for its final report."""
+    weights, an optional teacher loss, and `after(model, result)` for its final report. train_dpo.py
+    gives its own data_class (built like SFTData, without think_weight and pack) and `prepare(model,
+    train_data, val_data, rt)`, which returns (loss function, train data, validation data) once the model
+    and the data are ready."""
     rt = rt or Runtime(cfg)
     model, start = resume_or_init(cfg, init_from=cfg.init_from, lora=cfg.lora())
     resolve_tokenizer(cfg)
@@ -94,12 +98,13 @@ def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None, rt: Ru
     if seq_len > model.cfg.max_seq_len:
         raise UserError(f"--seq_len {seq_len} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
     data = dict(tokenizer_path=cfg.tokenizer, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                rank=rt.rank, world_size=rt.world_size, think_weight=think_weight, pack=cfg.pack,
-                shard_dir=cfg.shard_dir, num_workers=cfg.num_workers)
+                rank=rt.rank, world_size=rt.world_size, shard_dir=cfg.shard_dir, num_workers=cfg.num_workers)
+    if data_class is None:
+        data_class, data = SFTData, dict(data, think_weight=think_weight, pack=cfg.pack)
     if not rt.master:
         rt.barrier()  # rank 0 tokenizes chat files without shards first; the other ranks then map its shards
-    train_data = SFTData(cfg.train_data, **data)
-    val_data = SFTData(cfg.val_data, **data) if cfg.val_data else None
+    train_data = data_class(cfg.train_data, **data)
+    val_data = data_class(cfg.val_data, **data) if cfg.val_data else None
     if rt.master:
         rt.barrier()
     if train_data.vocab_size > model.cfg.vocab_size:
@@ -108,9 +113,13 @@ def finetune(cfg: SFTConfig, think_weight=None, loss_fn=None, after=None, rt: Ru
     if rt.master:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lora = f" (LoRA: {trained / 1e6:.2f}M of them trained)" if cfg.lora_rank else ""
+        packed = f" in {len(train_data):,} packed rows" if cfg.pack else ""
+        what = f"{train_data.pairs:,} training pairs" if hasattr(train_data, "pairs") else \
+            f"{train_data.conversations:,} training conversations{packed}"
         print(f"model: {model.num_params() / 1e6:.2f}M parameters{lora} from {cfg.init_from}, tokenizer "
-              f"{cfg.tokenizer}; {train_data.conversations:,} training conversations" +
-              (f" in {len(train_data):,} packed rows" if cfg.pack else ""))
+              f"{cfg.tokenizer}; {what}")
+    if prepare:
+        loss_fn, train_data, val_data = prepare(model, train_data, val_data, rt)
     kwargs = {"loss_fn": loss_fn} if loss_fn else {}
     result = train(cfg, model, train_data, val_data, rt, tokenizer=cfg.tokenizer, start=start, **kwargs)
     if after and rt.master:

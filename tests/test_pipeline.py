@@ -190,6 +190,30 @@ def test_sft_chat_and_distillation(pretrained):
     assert after > before, r.stdout
 
 
+def held_out_preference(stdout: str, when: str) -> float:
+    """The share of held-out pairs whose chosen reply the model gives the higher log-probability, as printed."""
+    return float(stdout.split(f"{when} DPO: ")[1].split("higher log-probability in ")[1].split("%")[0])
+
+
+def test_dpo_raises_held_out_preference_and_a_lora_run_resumes_bit_for_bit(pretrained):
+    w = pretrained
+    common = ["--init_from", "out/pretrain/best.pt", "--batch_size", "4", "--eval_batches", "2", "--log_every", "2",
+              "--eval_problems", "0", "--device", "cpu", "--warmup_steps", "2"]
+    r = run("train_dpo.py", *common, "--max_steps", "40", "--eval_every", "40", "--lr", "1e-3", "--out_dir", "out/dpo",
+            cwd=w)
+    assert "reference: a frozen copy of out/pretrain/best.pt" in r.stdout
+    assert held_out_preference(r.stdout, "after") > held_out_preference(r.stdout, "before") + 5, r.stdout
+
+    lora = [*common, "--lora_rank", "4", "--precompute_reference", "true", "--max_steps", "6", "--eval_every", "3"]
+    r = run("train_dpo.py", *lora, "--out_dir", "out/dpo_full", cwd=w)
+    assert "(the LoRA base: adapters off), its log-probs computed once" in r.stdout
+    run("train_dpo.py", *lora, "--out_dir", "out/dpo_split", "--stop_at_step", "3", cwd=w)
+    r = run("train_dpo.py", *lora, "--out_dir", "out/dpo_split", "--resume", "true", cwd=w)
+    assert "reference_logps.pt (reused)" in r.stdout
+    full, split = (torch.load(w / f"out/{d}/last.pt", weights_only=True)["model"] for d in ("dpo_full", "dpo_split"))
+    assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
+
+
 def test_packed_sft_resumes_bit_for_bit_and_runs_under_ddp(pretrained):
     w = pretrained
     common = ["--pack", "true", "--max_steps", "8", "--eval_every", "4", "--eval_batches", "2", "--log_every", "2",
