@@ -109,8 +109,8 @@ def pair_logps(model, batch: dict) -> tuple:
 
 
 def dpo_loss(cfg: DPOConfig, reference):
-    """loss_fn(model, batch) for train.py's loop. reference(batch) gives the reference's (chosen, rejected)
-    log-probs, unless the batch carries them (precomputed)."""
+    """loss_fn(model, batch) for train.py's loop. reference(model, batch) gives the reference's (chosen,
+    rejected) log-probs, unless the batch carries them (precomputed)."""
     def loss_fn(model, batch):
         chosen, rejected = pair_logps(model, batch)
         if "reference_logps" in batch:
