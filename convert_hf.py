@@ -72,6 +72,13 @@ def hf_names(cfg: ModelConfig) -> dict:
 
 # ----------------------------------------------------------------------------- config
 
+# The rope scaling types we run, and the keys of each that transformers reads
+ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                      "truncate")}
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from a LlamaForCausalLM config.json; one-line error for what we cannot run."""
     def refuse(why):
@@ -97,24 +104,35 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        refuse(f"rope scaling type {rope_type!r} is not supported (only llama3)")
+    if rope_type not in ROPE_KEYS:
+        refuse(f"rope scaling type {rope_type!r} is not supported (only {', '.join(ROPE_KEYS)})")
+    if scaling.get("mscale") or scaling.get("mscale_all_dim"):
+        refuse("YaRN's mscale / mscale_all_dim (DeepSeek's variant) are not supported")
+    max_len = need("max_position_embeddings")
     rope_scaling = None
-    if rope_type == "llama3":
-        rope_scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
-        rope_scaling["original_max_position_embeddings"] = scaling.get(
-            "original_max_position_embeddings", need("max_position_embeddings"))
+    if rope_type != "default":
+        rope_scaling = {"rope_type": rope_type, **{k: scaling[k] for k in ROPE_KEYS[rope_type] if k in scaling}}
+        if rope_type in ("llama3", "yarn", "dynamic"):  # transformers' default: the model's own length
+            rope_scaling.setdefault("original_max_position_embeddings", max_len)
+        if rope_type == "dynamic":  # transformers scales beyond max_position_embeddings, which is the trained length
+            rope_scaling["original_max_position_embeddings"] = max_len
+            max_len = int(max_len * scaling["factor"])
+        if rope_scaling.get("factor") is None:  # YaRN's default: the extended over the original length
+            rope_scaling["factor"] = max_len / rope_scaling["original_max_position_embeddings"]
     return ModelConfig(
         dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=need("vocab_size"),
         hidden_dim=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
-        max_seq_len=need("max_position_embeddings"), tie_embeddings=hf.get("tie_word_embeddings", False))
+        max_seq_len=max_len, tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: dict = None) -> dict:
     """config.json for a LlamaForCausalLM equal to our model (token_ids: bos/eos/pad ids or None)."""
     rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
+    max_len = cfg.max_seq_len
+    if rope["rope_type"] == "dynamic":  # transformers scales beyond max_position_embeddings: the trained length
+        max_len = rope.pop("original_max_position_embeddings")
     token_ids = token_ids or {}
     dtype_name = str(dtype).removeprefix("torch.")
     return {
@@ -122,7 +140,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: d
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": max_len, "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         # Both spellings: transformers >= 5 reads rope_parameters; transformers 4, llama.cpp
         # and vLLM read rope_theta and rope_scaling.

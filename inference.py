@@ -22,7 +22,7 @@ import torch
 
 from cli import UserError, parse_config, run_guarded
 from lora import load_model
-from model import ModelError
+from model import ModelError, extend_context
 from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 
@@ -40,6 +40,9 @@ class InferenceConfig:
         "help": "> 1 discourages tokens already in the text (transformers' convention); 1: off"})
     num_samples: int = 1
     seed: int = 0
+    max_seq_len: int = field(default=0, metadata={
+        "help": "run to this many tokens, beyond the context it was trained at, with dynamic NTK RoPE scaling "
+                "(untrained: quality falls past the trained length); 0: the trained context"})
     device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
     dtype: str = field(default="auto", metadata={
         "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
@@ -80,11 +83,17 @@ def stream_completion(model, tok: Tokenizer, ids: list, cfg: InferenceConfig, ge
     return n
 
 
-def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str):
+def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str, max_seq_len: int = 0):
     """(model, tokenizer, device) for generation. The tokenizer is the one given, else the one
-    the checkpoint was trained with; it is refused if its vocabulary does not fit the model."""
+    the checkpoint was trained with; it is refused if its vocabulary does not fit the model. A
+    max_seq_len beyond the trained context runs there with dynamic NTK scaling, and says so."""
     device, dtype = pick_device(device, dtype)
     model, ckpt = load_model(ckpt_path, device)
+    if max_seq_len > model.cfg.max_seq_len:
+        print(f"note: running to {max_seq_len} tokens, beyond the {model.cfg.max_seq_len} the model was trained at, "
+              f"with dynamic NTK RoPE scaling and no training for it: expect quality to fall past "
+              f"{model.cfg.max_seq_len}", file=sys.stderr)
+        model = extend_context(model, max_seq_len, "dynamic")
     model.to(dtype)
     tokenizer = tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
     tok = load_tokenizer(tokenizer)
@@ -95,7 +104,7 @@ def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str):
 
 
 def run(cfg: InferenceConfig):
-    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype)
+    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, cfg.max_seq_len)
     dtype = model.tok_embeddings.weight.dtype
     text = cfg.prompt
     if text is None:

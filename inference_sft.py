@@ -38,6 +38,9 @@ class ChatConfig:
     top_k: int = 50
     top_p: float = 0.9
     repetition_penalty: float = 1.05
+    max_seq_len: int = field(default=0, metadata={
+        "help": "run to this many tokens, beyond the context it was trained at, with dynamic NTK RoPE scaling "
+                "(untrained: quality falls past the trained length); 0: the trained context"})
     seed: int = 0
     device: str = "auto"
 
@@ -133,7 +136,7 @@ def interactive(chat: Chat):
 
 
 def run(cfg: ChatConfig):
-    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, "auto")
+    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, "auto", cfg.max_seq_len)
     chat = Chat(cfg, model, tok, device)
     if cfg.prompt:
         chat.reply(cfg.prompt)

@@ -188,10 +188,15 @@ def with_adapters(ckpt: dict, path: str, base: str = "") -> Transformer:
         raise ModelError(f"{path} holds LoRA adapters trained on {meta['base']} (sha256 {meta['base_sha256'][:12]}), "
                          f"but {base} is a different file: give the base they were trained on")
     model, _ = load_model(base)
+    context = ("max_seq_len", "rope_scaling")  # a run may have extended the base's context (no weights change)
     for name, value in ckpt["config"].items():
-        if getattr(model.cfg, name) != value:
+        if name not in context and getattr(model.cfg, name) != value:
             raise ModelError(f"{path} holds LoRA adapters for a model with {name}={value!r}, but {base} has "
                              f"{name}={getattr(model.cfg, name)!r}")
+    if any(getattr(model.cfg, name) != ckpt["config"][name] for name in context):
+        longer = Transformer(ModelConfig.from_dict(ckpt["config"]))
+        longer.load_state_dict(model.state_dict())
+        model = longer
     add_lora(model, meta["rank"], meta["alpha"], meta["dropout"], meta["targets"], meta["new_token_ids"])
     model.lora = {**meta, "base": base}  # what its checkpoints record again, the base's path as found
     load_adapters(model, ckpt["model"], path)

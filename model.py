@@ -1,6 +1,6 @@
 """
-A LLaMA-style decoder in one file: RMSNorm, rotary embeddings (with optional Llama-3
-frequency scaling), grouped-query attention, SwiGLU, a KV cache and a sampler. Rows that
+A LLaMA-style decoder in one file: RMSNorm, rotary embeddings (with the context-extending
+scalings llama3, linear, dynamic NTK and YaRN), grouped-query attention, SwiGLU, a KV cache and a sampler. Rows that
 pack several documents take per-token positions and document ids: each document attends
 only to itself, with its positions starting at 0.
 
@@ -12,7 +12,7 @@ import math
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -37,8 +37,11 @@ class ModelConfig:
     multiple_of: int = 64        # hidden_dim is rounded up to a multiple of this
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # None, or Llama-3 scaling: {"factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"}
+    # None, or {"rope_type", "factor", ...} as transformers spells them (see rope_frequencies):
+    #   llama3   low_freq_factor, high_freq_factor, original_max_position_embeddings (no rope_type: llama3)
+    #   linear   positions divided by factor
+    #   dynamic  original_max_position_embeddings: beyond it the base grows with the sequence (NTK-aware)
+    #   yarn     original_max_position_embeddings, optional beta_fast, beta_slow, attention_factor, truncate
     rope_scaling: Optional[dict] = None
     max_seq_len: int = 512
     tie_embeddings: bool = True
@@ -84,12 +87,29 @@ class RMSNorm(nn.Module):
         return out
 
 
-def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with Llama-3 scaling if configured."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-    s = cfg.rope_scaling
-    if not s:
-        return inv_freq
+def rope_frequencies(cfg: ModelConfig, seq_len: int = 0) -> "tuple[torch.Tensor, float]":
+    """(inverse frequencies (head_dim / 2,), attention factor that scales cos and sin) of the rotary
+    embedding, with the configured scaling, numerically as transformers computes them. seq_len is the
+    sequence's length, which only dynamic scaling depends on."""
+    d, theta, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {}
+    kind = s.get("rope_type", "llama3") if s else "default"
+    if kind == "dynamic" and seq_len > s["original_max_position_embeddings"]:
+        # NTK-aware: a larger base stretches the low frequencies more than the high ones, as the sequence grows
+        stretch = s["factor"] * seq_len / s["original_max_position_embeddings"] - (s["factor"] - 1)
+        theta = theta * stretch ** (d / (d - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if kind == "linear":
+        return inv_freq / s["factor"], 1.0
+    if kind == "llama3":
+        return llama3_frequencies(inv_freq, s), 1.0
+    if kind == "yarn":
+        return yarn_frequencies(inv_freq, d, theta, s)
+    if kind not in ("default", "dynamic"):
+        raise ModelError(f"unknown rope scaling type {kind!r}: llama3, linear, dynamic or yarn")
+    return inv_freq, 1.0
+
+
+def llama3_frequencies(inv_freq, s: dict) -> torch.Tensor:
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -100,6 +120,34 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(medium, blended, scaled)
+
+
+def yarn_frequencies(inv_freq, d: int, theta: float, s: dict) -> "tuple[torch.Tensor, float]":
+    """YaRN (Peng et al. 2023): dimensions that turn more than beta_fast times over the original context keep
+    their frequency (extrapolated), those turning less than beta_slow times are divided by factor
+    (interpolated), with a linear ramp between; attention logits get sharper by the factor 0.1 ln(factor) + 1."""
+    factor, old_len = s["factor"], s["original_max_position_embeddings"]
+
+    def dim_of(rotations):  # the dimension that turns `rotations` times over the original context
+        return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high += 0.001 if high == low else 0  # no division by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention = s.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv_freq, attention
+
+
+def rope_tables(cfg: ModelConfig, length: int, seq_len: int = 0) -> tuple:
+    """(cos, sin), each (length, head_dim): the rotation of every position below length."""
+    inv_freq, attention = rope_frequencies(cfg, seq_len)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos() * attention, angles.sin() * attention
 
 
 def document_mask(document_ids):
@@ -217,10 +265,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.grad_checkpointing = False  # recompute each block in backward to save activations
-        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), rope_frequencies(cfg))
-        angles = torch.cat((angles, angles), dim=-1)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        cos, sin = rope_tables(cfg, cfg.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # Residual projections are scaled down so the residual stream's variance does not
         # grow with depth (GPT-2 / nanoGPT).
@@ -251,12 +298,18 @@ class Transformer(nn.Module):
             raise ModelError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
         h = self.dropout(self.tok_embeddings(tokens))
         mask = None
+        cos_table, sin_table = self.rope_cos, self.rope_sin
+        scaling = self.cfg.rope_scaling or {}
+        if scaling.get("rope_type") == "dynamic" and start + T > scaling["original_max_position_embeddings"]:
+            # its frequencies depend on the sequence's length: recomputed for this one (as transformers does;
+            # keys already in a KV cache keep the rotation they were stored with)
+            cos_table, sin_table = (t.to(h.device) for t in rope_tables(self.cfg, start + T, start + T))
         if positions is None:
-            cos = self.rope_cos[start:start + T].to(h.dtype)  # (T, head_dim)
-            sin = self.rope_sin[start:start + T].to(h.dtype)
+            cos = cos_table[start:start + T].to(h.dtype)  # (T, head_dim)
+            sin = sin_table[start:start + T].to(h.dtype)
         else:
-            cos = self.rope_cos[positions].to(h.dtype)[:, None]  # (B, 1, T, head_dim): one per row and position
-            sin = self.rope_sin[positions].to(h.dtype)[:, None]
+            cos = cos_table[positions].to(h.dtype)[:, None]  # (B, 1, T, head_dim): one per row and position
+            sin = sin_table[positions].to(h.dtype)[:, None]
             mask = document_mask(document_ids)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
@@ -411,6 +464,31 @@ def save_checkpoint(ckpt: dict, path: str):
     finally:
         if os.path.exists(tmp):  # the write failed: drop the half-written file, keep the old one
             os.remove(tmp)
+
+
+CONTEXT_SCALINGS = ("none", "linear", "dynamic", "yarn")
+
+
+def extend_context(model: Transformer, max_seq_len: int, scaling: str, factor: float = 0.0) -> Transformer:
+    """The same weights with a context of max_seq_len tokens, beyond the max_seq_len the model was trained at,
+    its RoPE scaled by `factor` (0: the new over the trained length) with one of CONTEXT_SCALINGS ("none":
+    unscaled positions past the trained ones, the baseline that scaling should beat)."""
+    trained = model.cfg.max_seq_len
+    if scaling not in CONTEXT_SCALINGS:
+        raise ModelError(f"rope scaling {scaling!r}: use one of {', '.join(CONTEXT_SCALINGS)}")
+    if max_seq_len <= trained:
+        raise ModelError(f"extending the context needs a length above the model's {trained} tokens, not {max_seq_len}")
+    if model.cfg.rope_scaling and scaling != "none":
+        raise ModelError(f"the model's RoPE is scaled already ({model.cfg.rope_scaling}): extend the original")
+    rope = dict(model.cfg.rope_scaling or {})
+    if scaling != "none":
+        rope = {"rope_type": scaling, "factor": factor or max_seq_len / trained}
+        if scaling != "linear":
+            rope["original_max_position_embeddings"] = trained
+    longer = Transformer(replace(model.cfg, max_seq_len=max_seq_len, rope_scaling=rope or None))
+    longer.load_state_dict(model.state_dict())  # RoPE's tables are buffers of the config, not weights
+    longer.extended_from = trained  # for the training loop's loss-by-position report
+    return longer.to(model.tok_embeddings.weight.device)
 
 
 def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":

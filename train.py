@@ -24,14 +24,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cli import UserError, die, parse_config, run_guarded
 from lora import (TARGETS, adapter_state, add_lora, base_entries, cast_frozen, is_lora, load_model, lora_params,
                   with_adapters)
-from model import (ModelConfig, ModelError, Transformer, load_state_dict_checked, nonfinite_tensor, read_checkpoint,
-                   save_checkpoint)
+from model import (ModelConfig, ModelError, Transformer, extend_context, load_state_dict_checked, nonfinite_tensor,
+                   read_checkpoint, save_checkpoint)
 
 
 @dataclass
@@ -66,10 +67,15 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False           # continue from out_dir/last.pt
     stop_at_step: int = 0          # save and stop early (e.g. to split a run across sessions); 0 = never
+    # context extension: from --init_from, train at a --seq_len beyond the model's with its RoPE scaled by
+    # yarn, linear or dynamic (none: unscaled, the baseline); factor 0 = --seq_len / the trained length
+    rope_scaling: str = ""
+    rope_factor: float = 0.0
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
+    init_from: str = ""            # continue from this checkpoint (its shape; the flags below are ignored)
     train_data: str = "data/pretrain_train_*.bin"
     val_data: str = "data/pretrain_val.bin"
     tokenizer: str = "data/tokenizer.model"
@@ -584,9 +590,14 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     validate = (lambda: evaluate(model, val_data, cfg.eval_batches, rt, loss_fn)) if val_data is not None else None
     run = Run(cfg, raw_model, optimizers, rt, tokenizer, start, validate)
+    extended_from = getattr(raw_model, "extended_from", 0)  # a context being extended: report by position
+    by_position = (lambda: loss_by_position(model, val_data, cfg.eval_batches, extended_from, rt)) \
+        if extended_from and val_data is not None else None
     with run, contextlib.closing(Prefetcher(train_data, run.step * cfg.grad_accum, rt.device)) as prefetch:
         if run.step == 0 and validate:  # the starting point, to judge what training achieved
             run.log({"step": 0, "val_loss": validate()})
+        if run.step == 0 and by_position:
+            run.say(f"validation loss by position before: {by_position()}")
         while run.step < cfg.max_steps:
             if run.window.steps == 0:  # timed from here: the evaluation and saving before it are left out
                 run.window.start = time.perf_counter()
@@ -608,6 +619,8 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
                 run.stop_at_step()
                 break
             run.stop_if_ctrl_c()
+        if by_position and run.step == cfg.max_steps:
+            run.say(f"validation loss by position after: {by_position()}")
     return {"step": run.step, "val_loss": run.val_loss, "best_val_loss": run.best_val, "last_path": run.last_path}
 
 
@@ -632,11 +645,45 @@ def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: s
     torch.manual_seed(cfg.seed)  # the same initial weights (or adapters) for the same seed
     if init_from:
         model, ckpt = load_model(init_from)
+        if cfg.rope_scaling:
+            model = longer_context(model, cfg)
         if lora:  # the tokens convert_hf.py added to an imported tokenizer are trained too
             add_lora(model, **lora, new_token_ids=ckpt.get("added_token_ids", []))
             model.lora = base_entries(model, init_from)
         return model, None
     return Transformer(model_cfg), None
+
+
+def longer_context(model: Transformer, cfg: TrainConfig) -> Transformer:
+    """The init_from model with its context extended to --seq_len by --rope_scaling (model.extend_context)."""
+    seq_len = getattr(cfg, "seq_len", 0)
+    if seq_len <= model.cfg.max_seq_len:
+        raise UserError(f"--rope_scaling {cfg.rope_scaling} extends the context to --seq_len, which must be above the "
+                        f"{model.cfg.max_seq_len} tokens the model was trained at (got {seq_len})")
+    longer = extend_context(model, seq_len, cfg.rope_scaling, cfg.rope_factor)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"context: {model.cfg.max_seq_len} -> {seq_len} tokens, RoPE scaling {longer.cfg.rope_scaling}")
+    return longer
+
+
+@torch.no_grad()
+def loss_by_position(model, data, n_batches: int, bucket: int, rt: Runtime) -> str:
+    """Validation loss by position in the row, bucket tokens at a time (0-L, L-2L, ... for a context extended from
+    L): the part beyond the trained length is what the extension must learn."""
+    model.eval()
+    sums = counts = 0
+    for i in range(n_batches):
+        batch = to_device(data.batch(i), rt.device)
+        with rt.autocast:
+            logits = model(**{k: v for k, v in batch.items() if k not in ("targets", "loss_weight")})[0]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], ignore_index=-100, reduction="none")
+        trained = batch["targets"] != -100  # (B, T)
+        sums, counts = sums + (nll * trained).sum(0), counts + trained.sum(0)
+    model.train()
+    sums, counts = (rt.all_mean(t.float()) for t in (sums, counts))
+    parts = [f"{lo}-{lo + bucket} {sums[lo:lo + bucket].sum() / counts[lo:lo + bucket].sum():.3f}"
+             for lo in range(0, len(sums), bucket) if counts[lo:lo + bucket].sum() > 0]
+    return ", ".join(parts)
 
 
 def check_same_lora(saved: dict, wanted: dict, path: str):
@@ -660,7 +707,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                             vocab_size=train_data.vocab_size, hidden_dim=cfg.hidden_dim, rope_theta=cfg.rope_theta,
                             max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
-    model, start = resume_or_init(cfg, model_cfg)
+    model, start = resume_or_init(cfg, None if cfg.init_from else model_cfg, init_from=cfg.init_from)
+    if train_data.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{cfg.train_data} was tokenized with {train_data.vocab_size} pieces but the model's "
+                        f"vocab_size is {model.cfg.vocab_size}")
     if rt.master:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
               f"{train_data.num_tokens:,} training tokens")

@@ -14,14 +14,44 @@ from model import ModelConfig, Transformer, load_model, save_checkpoint
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-LLAMA3 = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+LINEAR = {"rope_type": "linear", "factor": 4.0}
+DYNAMIC = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 16}  # runs to 64 positions
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16.0}
 ODD = dict(dim=48, n_layers=2, n_heads=4, vocab_size=97, hidden_dim=80, max_seq_len=64, rope_theta=5000.0)
 VARIANTS = {
     "mha-tied": dict(n_kv_heads=4, tie_embeddings=True),
     "gqa-untied": dict(n_kv_heads=2, tie_embeddings=False),
     "gqa-tied-llama3": dict(n_kv_heads=2, tie_embeddings=True, rope_scaling=LLAMA3),
     "mha-untied-llama3": dict(n_kv_heads=4, tie_embeddings=False, rope_scaling=LLAMA3),
+    "gqa-tied-linear": dict(n_kv_heads=2, tie_embeddings=True, rope_scaling=LINEAR),
+    "mha-untied-dynamic": dict(n_kv_heads=4, tie_embeddings=False, rope_scaling=DYNAMIC),
+    "gqa-untied-yarn": dict(n_kv_heads=2, tie_embeddings=False, rope_scaling=YARN),
 }
+
+
+def hf_rope(scaling) -> tuple:
+    """(transformers' rope parameters, its max_position_embeddings) for one of ours: a dynamic model is declared
+    at its trained length, which transformers scales beyond."""
+    if not scaling:
+        return {"rope_type": "default"}, ODD["max_seq_len"]
+    if scaling["rope_type"] == "dynamic":
+        return {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}, \
+            scaling["original_max_position_embeddings"]
+    return dict(scaling), ODD["max_seq_len"]
+
+
+def to_legacy_config(folder):
+    """Rewrite a saved config.json in transformers 4's spelling: rope_theta and rope_scaling at the top level
+    (with the old "type" key), no rope_parameters."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    kind = params.pop("rope_type")
+    config["rope_scaling"] = {"type": kind, **params} if kind != "default" else None
+    path.write_text(json.dumps(config))
 
 
 def perturb_norms(module: torch.nn.Module):
@@ -44,28 +74,35 @@ def assert_same_model(ours: Transformer, hf, vocab_size: int):
     assert mine == theirs
 
 
+@pytest.mark.parametrize("style", ["rope_parameters", "rope_scaling"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_ours_to_hf(variant, tmp_path):
+def test_ours_to_hf(variant, style, tmp_path):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**ODD, **VARIANTS[variant])).eval()
     perturb_norms(model)
     convert_hf.save_hf(model, str(tmp_path))
+    if style == "rope_scaling":
+        to_legacy_config(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
     assert_same_model(model, hf, ODD["vocab_size"])
 
 
+@pytest.mark.parametrize("style", ["rope_parameters", "rope_scaling"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_hf_to_ours(variant, tmp_path):
+def test_hf_to_ours(variant, style, tmp_path):
     v = VARIANTS[variant]
-    rope = {"rope_type": "llama3", **v["rope_scaling"]} if "rope_scaling" in v else {"rope_type": "default"}
+    rope, max_positions = hf_rope(v.get("rope_scaling"))
     torch.manual_seed(1)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=v["n_kv_heads"], max_position_embeddings=64, rms_norm_eps=1e-5,
+        num_key_value_heads=v["n_kv_heads"], max_position_embeddings=max_positions, rms_norm_eps=1e-5,
         tie_word_embeddings=v["tie_embeddings"], rope_parameters={**rope, "rope_theta": 5000.0})).eval()
     perturb_norms(hf)
     hf.save_pretrained(str(tmp_path))
+    if style == "rope_scaling":
+        to_legacy_config(tmp_path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     model, cfg = convert_hf.load_hf(str(tmp_path))
     assert cfg == ModelConfig(**ODD, **v)
     assert_same_model(model.eval(), hf, 97)
@@ -101,8 +138,8 @@ def test_legacy_config_fields():
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"head_dim": 32}, "head_dim"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "linear"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "mscale": 1.0, "mscale_all_dim": 1.0}}, "mscale"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}}, "longrope"),
     ({"model_type": "mistral"}, "mistral"),
 ])
 def test_unsupported_configs_are_refused(change, words):

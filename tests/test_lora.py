@@ -288,3 +288,13 @@ def test_inference_loads_a_lora_checkpoint_merged(tmp_path, tokenizer_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(tokens)[0], lora.with_adapters(read_checkpoint(last), last).eval()(
             tokens)[0], atol=1e-5, rtol=0)
+
+
+def test_a_lora_run_can_extend_the_context_resume_and_merge(tmp_path, tokenizer_path):
+    base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)  # trained at 96 tokens
+    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2, seq_len=128, rope_scaling="yarn"))
+    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=4, seq_len=128, rope_scaling="yarn",
+                         resume=True))
+    model, ckpt = lora.load_model(str(tmp_path / "lora" / "last.pt"))
+    assert ckpt["step"] == 4 and model.cfg.max_seq_len == 128
+    assert model.cfg.rope_scaling == {"rope_type": "yarn", "factor": 128 / 96, "original_max_position_embeddings": 96}

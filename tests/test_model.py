@@ -13,8 +13,11 @@ def tiny_model(seed=0, **overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 4}, {"rope_scaling": {
-    "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}])
+    "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}])
 def test_cached_decoding_matches_full_forward(overrides):
+    """Also past the original length (16) of the scaled RoPE types whose rotation is fixed per position."""
     model = tiny_model(**overrides)
     tokens = torch.randint(0, 97, (2, 30))
     with torch.no_grad():
@@ -158,3 +161,23 @@ def test_packed_rows_need_positions_and_document_ids_and_checkpoint_the_same():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling", ["none", "linear", "dynamic", "yarn"])
+def test_extend_context_keeps_the_weights_and_scales_rope(scaling):
+    from model import extend_context
+    model = tiny_model(max_seq_len=32)
+    longer = extend_context(model, 80, scaling)
+    assert longer.cfg.max_seq_len == 80 and longer.extended_from == 32
+    expected = {"none": None, "linear": {"rope_type": "linear", "factor": 2.5},
+                "dynamic": {"rope_type": "dynamic", "factor": 2.5, "original_max_position_embeddings": 32},
+                "yarn": {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 32}}[scaling]
+    assert longer.cfg.rope_scaling == expected
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), longer.state_dict().values()))
+    with torch.no_grad():  # runs past the trained length
+        assert longer(torch.randint(0, 97, (1, 80)))[0].shape == (1, 80, 97)
+    with pytest.raises(ModelError, match="above the model's 80 tokens"):
+        extend_context(longer, 64, "yarn")
+    if scaling != "none":
+        with pytest.raises(ModelError, match="scaled already"):
+            extend_context(longer, 160, "yarn")

@@ -214,6 +214,47 @@ def test_dpo_raises_held_out_preference_and_a_lora_run_resumes_bit_for_bit(pretr
     assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
 
 
+def test_context_extension_continues_pretraining_and_inference_runs_beyond(pretrained):
+    w = pretrained
+    extend = ["--init_from", "out/pretrain/best.pt", "--seq_len", "256", "--rope_scaling", "yarn", "--eval_every", "3",
+              "--eval_batches", "2", "--log_every", "3", "--batch_size", "4", "--out_dir", "out/ext"]
+    r = run("train.py", *extend, "--max_steps", "3", cwd=w)
+    assert "context: 128 -> 256 tokens" in r.stdout
+    assert "validation loss by position before: 0-128 " in r.stdout and ", 128-256 " in r.stdout
+    assert "validation loss by position after: 0-128 " in r.stdout
+    ckpt = torch.load(w / "out/ext/last.pt", weights_only=True)
+    assert ckpt["config"]["max_seq_len"] == 256
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}
+    assert ckpt["config"]["rope_scaling"] == yarn
+    run("train.py", *extend, "--max_steps", "6", "--resume", "true", cwd=w)
+
+    prompt = "Tom found a red ball in the park. " * 20  # about 260 tokens: past the 128 it was trained at
+    r = run("inference.py", "--ckpt", "out/pretrain/best.pt", "--prompt", prompt, "--max_new_tokens", "8", cwd=w,
+            ok=False)
+    assert r.returncode == 1 and "max_seq_len) is 128" in r.stderr
+    r = run("inference.py", "--ckpt", "out/pretrain/best.pt", "--prompt", prompt, "--max_new_tokens", "8",
+            "--max_seq_len", "512", "--temperature", "0", cwd=w)
+    assert "beyond the 128 the model was trained at, with dynamic NTK RoPE scaling" in r.stderr and r.stdout.strip()
+
+
+def test_yarn_beats_unscaled_rope_past_the_trained_length_before_fine_tuning(pretrained):
+    """The model pretrained at 128 tokens, run at 256 with no training: YaRN's loss on positions 128-256 is below
+    that of unscaled RoPE (which meets rotations it never saw). After a short fine-tune at 256 the two meet: see
+    the README's figures."""
+    import train
+    from dataset import TokenShards
+    from lora import load_model
+    from model import extend_context
+    base = load_model(str(pretrained / "out/pretrain/best.pt"))[0]
+    val = TokenShards(str(pretrained / "data/pretrain_val.bin"), 256, 8, seed=0)
+    rt = train.Runtime(train.TrainConfig(device="cpu"))
+    beyond = {}
+    for scaling in ("yarn", "none"):
+        report = train.loss_by_position(extend_context(base, 256, scaling), val, 4, 128, rt)
+        beyond[scaling] = float(report.split("128-256 ")[1])
+    assert beyond["yarn"] < beyond["none"], beyond
+
+
 def test_packed_sft_resumes_bit_for_bit_and_runs_under_ddp(pretrained):
     w = pretrained
     common = ["--pack", "true", "--max_steps", "8", "--eval_every", "4", "--eval_batches", "2", "--log_every", "2",
