@@ -13,6 +13,7 @@ train_tokenizer.py puts them all in its tokenizer.model (<unk>=0 <s>=1 </s>=2 <p
 tokenizer.json takes eos, bos and pad from the tokenizer_config.json beside it (else from common
 piece names), and add_chat_pieces() appends the markers an imported tokenizer lacks.
 """
+import functools
 import json
 import os
 from typing import Optional
@@ -55,6 +56,25 @@ class Tokenizer:
                                                 for role in ("eos", "bos", "pad"))
         # pad only fills rows after their end, under targets the loss skips: without a <pad> piece, eos does
         self.pad_id = self.eos_id if pad_id is None else pad_id
+
+    @functools.cached_property
+    def chat_ids(self) -> dict:
+        """The ids of the chat markers, looked up by piece, and pad; checked, as a tokenizer without the
+        markers cannot render the template, nor one that puts a space before every text it encodes
+        (SentencePiece's dummy prefix, kept by the tokenizer.json of Llama 2 and TinyLlama): the template
+        is encoded piece by piece (dataset_sft.py), and would not decode to itself. Computed on first use
+        (a failed check is not kept, and raises again), then kept: the template asks for it per conversation."""
+        ids = {name: self.piece_id(piece) for name, piece in SPECIAL_PIECES.items()}
+        for name, i in ids.items():
+            if i is None:
+                fix = ("import the model with python convert_hf.py, which adds it" if self.hf else
+                       "train one with python train_tokenizer.py")
+                raise UserError(f"{self.path}: the tokenizer has no {SPECIAL_PIECES[name]} piece; {fix}")
+        user, newline = self.encode_batch(["user", "\n"])
+        if self.decode(user + newline) != "user\n":
+            raise UserError(f"{self.path}: the tokenizer puts a space before every text it encodes, so it cannot "
+                            f"encode the chat template piece by piece (not supported yet)")
+        return {**ids, "pad": self.pad_id}
 
     def encode(self, text: str) -> list:
         return self.encode_batch([text])[0]
@@ -116,21 +136,8 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer) -> dict:
-    """The ids of the chat markers, looked up by piece, and pad; checked, as a tokenizer without the
-    markers cannot render the template, nor one that puts a space before every text it encodes
-    (SentencePiece's dummy prefix, kept by the tokenizer.json of Llama 2 and TinyLlama): the template
-    is encoded piece by piece (dataset_sft.py), and would not decode to itself."""
-    ids = {name: tok.piece_id(piece) for name, piece in SPECIAL_PIECES.items()}
-    for name, i in ids.items():
-        if i is None:
-            fix = ("import the model with python convert_hf.py, which adds it" if tok.hf else
-                   "train one with python train_tokenizer.py")
-            raise UserError(f"{tok.path}: the tokenizer has no {SPECIAL_PIECES[name]} piece; {fix}")
-    user, newline = tok.encode_batch(["user", "\n"])
-    if tok.decode(user + newline) != "user\n":
-        raise UserError(f"{tok.path}: the tokenizer puts a space before every text it encodes, so it cannot "
-                        f"encode the chat template piece by piece (not supported yet)")
-    return {**ids, "pad": tok.pad_id}
+    """The ids of the chat markers, looked up by piece, and pad (Tokenizer.chat_ids: checked once per tokenizer)."""
+    return dict(tok.chat_ids)
 
 
 def add_chat_pieces(src: str, dst: str) -> list:
