@@ -157,42 +157,41 @@ class Conversation:
     where: str      # "data/sft.jsonl line 17", for messages about it
 
 
-def conversation_of(where: str, record, first: bool) -> tuple:
-    """(format, messages, other keys) of one record of a chat file. BadRecord for a damaged record (warned
-    about and skipped); UserError for a different schema: a preference pair, an unknown role, or a file whose
-    first record is in no known format (then it is not a chat file at all: one error, not a warning per line)."""
-    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
-        raise UserError(f"{where}: a preference pair (chosen/rejected): train on it with train_dpo.py")
+def record_of(where: str, record, first: bool, convert, unknown: str) -> tuple:
+    """convert(record) (records.chat_messages or preference_pair) of the record at `where`, its first element the
+    format. BadRecord for a damaged record (warned about and skipped); UserError for a different schema: an
+    unknown role, or a file whose first record is in no known format (then it is not such a file at all: one
+    error, not a warning per line). `unknown` says what was expected."""
     try:
-        fmt, messages, extra = chat_messages(record)
+        result = convert(record)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    if fmt is None:
-        unknown = (f"unknown chat format (keys: {', '.join(record) or 'none'}); "
-                   f"expected conversations, messages or instruction/output")
+    if result[0] is None:
+        unknown = f"unknown {unknown.format(keys=', '.join(record) or 'none')}"
         if first:
             raise UserError(f"{where}: {unknown}")
         raise BadRecord(unknown)
-    return fmt, messages, extra
+    return result
+
+
+def conversation_of(where: str, record, first: bool) -> tuple:
+    """(format, messages, other keys) of one record of a chat file, as record_of; a preference pair is one line."""
+    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
+        raise UserError(f"{where}: a preference pair (chosen/rejected): train on it with train_dpo.py")
+    return record_of(where, record, first, chat_messages,
+                     "chat format (keys: {keys}); expected conversations, messages or instruction/output")
 
 
 def pair_of(where: str, record, first: bool) -> tuple:
-    """(format, prompt messages, chosen reply, rejected reply, other keys) of one record of a preference file;
-    BadRecord and UserError as conversation_of."""
-    try:
-        fmt, messages, chosen, rejected, extra = preference_pair(record)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    if fmt is None:
-        if first and detect_format(record):
-            raise UserError(f"{where}: a chat conversation, not a preference pair (no chosen/rejected): "
-                            f"train on it with train_sft.py")
-        unknown = (f"unknown preference format (keys: {', '.join(record) or 'none'}); expected prompt/chosen/rejected, "
-                   f"a chat history with chosen/rejected, or HH chosen/rejected transcripts")
-        if first:
-            raise UserError(f"{where}: {unknown}")
-        raise BadRecord(unknown)
-    return fmt, messages, chosen, rejected, extra
+    """(format, prompt messages, chosen reply, rejected reply, other keys) of one record of a preference file, as
+    record_of; a chat file is one line."""
+    if first and isinstance(record, dict) and "chosen" not in record and "rejected" not in record \
+            and detect_format(record):
+        raise UserError(f"{where}: a chat conversation, not a preference pair (no chosen/rejected): "
+                        f"train on it with train_sft.py")
+    return record_of(where, record, first, preference_pair,
+                     "preference format (keys: {keys}); expected prompt/chosen/rejected, a chat history with "
+                     "chosen/rejected, or HH chosen/rejected transcripts")
 
 
 def describe_file(path: str, formats: Counter, malformed: int, unit: str = "conversations") -> str:
