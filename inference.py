@@ -83,10 +83,14 @@ def stream_completion(model, tok: Tokenizer, ids: list, cfg: InferenceConfig, ge
     return n
 
 
-def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str, max_seq_len: int = 0):
+def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str, max_seq_len: int = 0,
+                       quantize: str = "none", compile: bool = False):
     """(model, tokenizer, device) for generation. The tokenizer is the one given, else the one
     the checkpoint was trained with; it is refused if its vocabulary does not fit the model. A
-    max_seq_len beyond the trained context runs there with dynamic NTK scaling, and says so."""
+    max_seq_len beyond the trained context runs there with dynamic NTK scaling, and says so.
+    quantize "int8": int8 weights for every linear layer; compile: a compiled decode step."""
+    if quantize not in ("none", "int8"):
+        raise UserError(f"--quantize {quantize}: use none or int8")
     device, dtype = pick_device(device, dtype)
     model, ckpt = load_model(ckpt_path, device)
     if max_seq_len > model.cfg.max_seq_len:
