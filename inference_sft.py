@@ -13,6 +13,7 @@ When the history outgrows the context, the oldest turns are dropped first.
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -20,9 +21,10 @@ from cli import UserError, parse_config, run_guarded
 from dataset_sft import render_prompt
 from inference import load_for_inference
 from model import ModelError
-from tokenizer import StreamDecoder, Tokenizer, special_ids
+from tokenizer import SPECIAL_PIECES, StreamDecoder, Tokenizer, special_ids
 
 DIM, RESET = "\033[2m", "\033[0m"
+MARKERS = {"reasoning": SPECIAL_PIECES["think"], "answer": SPECIAL_PIECES["end_think"]}  # the piece starting each
 
 
 @dataclass
@@ -43,6 +45,44 @@ class ChatConfig:
                 "(untrained: quality falls past the trained length); 0: the trained context"})
     seed: int = 0
     device: str = "auto"
+    quantize: str = field(default="none", metadata={
+        "help": "int8: int8 weights in every linear layer (embedding and norms unchanged), fewer bytes read per token"})
+    compile: bool = field(default=False, metadata={
+        "help": "compile the decode step with torch.compile (CUDA graphs on a GPU): faster tokens after a "
+                "compile of seconds to a minute on the first answer"})
+
+
+def reply_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
+    """An assistant turn's text as it is generated, from its token ids (up to <|im_end|>): (part, text) pieces,
+    part "reasoning" between <think> and </think> and "answer" elsewhere, each part's characters whole
+    (StreamDecoder). The markers are not in the text: each yields the part it starts with the text "", so a
+    caller sees where the reasoning begins and ends even when it is empty. Chat.reply and serve.py use it."""
+    s = special_ids(tok)
+    decoders, part = {"reasoning": StreamDecoder(tok), "answer": StreamDecoder(tok)}, "answer"
+    for token in tokens:
+        if token == s["im_end"]:
+            break
+        if token in (s["think"], s["end_think"]):
+            if rest := decoders[part].rest():  # a half character the marker cut off
+                yield part, rest
+            part = "reasoning" if token == s["think"] else "answer"
+            yield part, ""
+        elif text := decoders[part].add(token):
+            yield part, text
+    if rest := decoders[part].rest():
+        yield part, rest
+
+
+class Counted:
+    """A token stream passed through unchanged, counted as it goes: n tokens so far, the last one."""
+
+    def __init__(self, tokens):
+        self.tokens, self.n, self.last = tokens, 0, None
+
+    def __iter__(self):
+        for token in self.tokens:
+            self.n, self.last = self.n + 1, token
+            yield token
 
 
 class Chat:
@@ -51,8 +91,7 @@ class Chat:
 
     def __init__(self, cfg: ChatConfig, model, tok: Tokenizer, device="cpu"):
         self.cfg, self.model, self.tok = cfg, model, tok
-        ids = special_ids(tok)
-        self.im_end, self.think, self.end_think = ids["im_end"], ids["think"], ids["end_think"]
+        self.im_end = special_ids(tok)["im_end"]
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.history = []
 
@@ -83,34 +122,25 @@ class Chat:
         """Stream one answer to `out`; return the answer text without the reasoning."""
         c = self.cfg
         dim = out.isatty()
-        segments = {"think": StreamDecoder(self.tok), "answer": StreamDecoder(self.tok)}
-        part = "answer"
-        t0, n = time.perf_counter(), 0
-        for token in self.model.generate_stream(
-                self.prompt_ids(user_message), max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
-                stop_ids=[self.im_end], generator=self.generator):
-            n += 1
-            if token == self.im_end:
-                break
-            if token in (self.think, self.end_think):
-                if part == "think" and c.show_think:
-                    out.write(segments["think"].rest())
-                part = "think" if token == self.think else "answer"
-                if c.show_think:
-                    out.write((DIM if dim and part == "think" else "") + self.tok.decode([token]) +
-                              (RESET if dim and part == "answer" else ""))
-                continue
-            new_text = segments[part].add(token)
+        t0 = time.perf_counter()
+        tokens = Counted(self.model.generate_stream(
+            self.prompt_ids(user_message), max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+            top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
+            stop_ids=[self.im_end], generator=self.generator))
+        answer, part = [], "answer"
+        for part, text in reply_pieces(self.tok, tokens):
+            if part == "answer":
+                answer.append(text)
+            if c.show_think and not text:  # a marker: <think> starts the dimmed reasoning, </think> ends it
+                text = (DIM if dim and part == "reasoning" else "") + MARKERS[part] + \
+                    (RESET if dim and part == "answer" else "")
             if part == "answer" or c.show_think:
-                out.write(new_text)
+                out.write(text)
                 out.flush()
-        if part == "answer" or c.show_think:
-            out.write(segments[part].rest())
-        out.write((RESET if dim and part == "think" else "") + "\n")
-        answer = segments["answer"].text().strip()
+        out.write((RESET if dim and part == "reasoning" else "") + "\n")
+        answer = "".join(answer).strip()
         self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": answer}]
-        self.last_speed = n / (time.perf_counter() - t0)
+        self.last_speed = tokens.n / (time.perf_counter() - t0)
         return answer
 
 
@@ -136,7 +166,8 @@ def interactive(chat: Chat):
 
 
 def run(cfg: ChatConfig):
-    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, "auto", cfg.max_seq_len)
+    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, "auto", cfg.max_seq_len,
+                                            quantize=cfg.quantize, compile=cfg.compile)
     chat = Chat(cfg, model, tok, device)
     if cfg.prompt:
         chat.reply(cfg.prompt)

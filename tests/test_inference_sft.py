@@ -57,6 +57,35 @@ def test_reasoning_is_shown_or_hidden_and_never_kept_in_history(tok):
         assert "It is 7." in second_prompt and "I add" not in second_prompt
 
 
+def test_reasoning_is_dimmed_between_its_markers_on_a_terminal(tok):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    chat, _ = chat_with(tok, [reply_ids(tok, "It is 7.", think="I add 3 and 4.")])
+    out = Terminal()
+    chat.reply("What is 3 + 4?", out)
+    dim, reset = inference_sft.DIM, inference_sft.RESET
+    assert out.getvalue() == f"{dim}<think>I add 3 and 4.</think>{reset}It is 7.\n"
+
+
+def test_reply_pieces_split_reasoning_from_answer_in_whole_characters(tok):
+    """serve.py and Chat.reply share it: the markers as empty pieces, nothing after <|im_end|>, no half character."""
+    def joined(pieces):
+        pieces = list(pieces)
+        return {part: "".join(t for p, t in pieces if p == part) for part in ("reasoning", "answer")}
+    think, answer = "I add 3 and 4.", "Three 🍎."
+    ids = reply_ids(tok, answer, think=think)
+    assert len(tok.encode("🍎")) == 4  # one character, four byte tokens
+    pieces = list(inference_sft.reply_pieces(tok, ids + tok.encode("not this")))
+    assert [p for p in pieces if not p[1]] == [("reasoning", ""), ("answer", "")]
+    assert joined(pieces) == {"reasoning": think, "answer": answer}
+    assert not any("\ufffd" in text for _, text in pieces)
+    plain = inference_sft.reply_pieces(tok, tok.encode("No markers."))
+    assert joined(plain) == {"reasoning": "", "answer": "No markers."}
+    tokens = inference_sft.Counted(iter(ids))
+    assert list(tokens) == ids and tokens.n == len(ids) and tokens.last == ids[-1]
+
+
 def test_history_is_trimmed_to_the_context_oldest_exchange_first(tok):
     messages = [f"Message number {i} about the red ball in the park." for i in range(8)]
     chat, model = chat_with(tok, [reply_ids(tok, f"Answer {i}.") for i in range(8)], max_seq_len=160,
