@@ -1,0 +1,466 @@
+"""
+Serve one checkpoint over an OpenAI-compatible HTTP API, with a chat page at /.
+
+  python serve.py                                   # out/distill/best.pt on http://127.0.0.1:8000
+  python serve.py --ckpt out/pretrain/best.pt --port 8001 --api_key secret
+
+  POST /v1/chat/completions   messages -> a reply; stream true: server-sent events
+  POST /v1/completions        prompt -> its continuation (for base models); stream too
+  GET  /v1/models             the one model (id: --model_name, else from the checkpoint path)
+  GET  /                      serve.html, a chat page that uses the API
+
+Any OpenAI client works (base_url http://127.0.0.1:8000/v1). Understood: messages (system, developer,
+user, assistant; content a string or a list of text parts), max_tokens (or max_completion_tokens),
+temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only); model is ignored;
+top_k and repetition_penalty are the server's flags. A request without a setting gets the flag's.
+
+The reasoning, between <think> and </think>, comes apart from the answer, in reasoning_content as
+DeepSeek's API has it; content holds only the answer, both without the newlines the template puts
+around them. Stop strings apply to the answer and are cut from it. Messages are rendered with the
+chat template (dataset_sft.render_prompt), a completion prompt as inference.py encodes it; a prompt
+that leaves no room in the context is refused, and max_tokens is cut to the room left.
+
+One request generates at a time; the others wait their turn. A client that goes away mid-stream
+stops its generation at the next token. Errors are OpenAI's JSON ({"error": {"message", "type",
+"param", "code"}}) with their status; a bug is a 500 with its traceback on stderr, and the server
+goes on. One line per request to stderr: method, path, status, tokens, seconds.
+"""
+import hmac
+import json
+import math
+import sys
+import threading
+import time
+import traceback
+import uuid
+from contextlib import closing
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import torch
+
+from cli import UserError, parse_config, run_guarded
+from dataset_sft import render_prompt
+from inference import load_for_inference, prompt_ids
+from inference_sft import Counted, reply_pieces
+from model import ModelError
+from tokenizer import StreamDecoder, Tokenizer, special_ids
+
+PAGE = Path(__file__).with_name("serve.html")
+
+
+@dataclass
+class ServeConfig:
+    ckpt: str = "out/distill/best.pt"
+    tokenizer: str = field(default="", metadata={
+        "help": "tokenizer.model or tokenizer.json (empty: the one the checkpoint names)"})
+    model_name: str = field(default="", metadata={
+        "help": "the model's id in the API (empty: from the checkpoint path, out/distill/best.pt: distill-best)"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "the address to listen on; 0.0.0.0: every interface (then set --api_key)"})
+    port: int = field(default=8000, metadata={"help": "0: any free port (printed)"})
+    api_key: str = field(default="", metadata={
+        "help": "when set, every API request must send the header Authorization: Bearer KEY"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "larger request bodies are refused (413)"})
+    max_tokens: int = field(default=0, metadata={
+        "help": "new tokens for a request that does not say; 0: up to the end of the context"})
+    temperature: float = field(default=0.7, metadata={"help": "for a request that does not say; 0: greedy"})
+    top_p: float = field(default=0.9, metadata={"help": "for a request that does not say; 1: off"})
+    top_k: int = field(default=50, metadata={"help": "every request samples from the k likeliest tokens; 0: off"})
+    repetition_penalty: float = field(default=1.05, metadata={
+        "help": "every request: > 1 discourages tokens already in the text; 1: off"})
+    max_seq_len: int = field(default=0, metadata={
+        "help": "run to this many tokens, beyond the context it was trained at, with dynamic NTK RoPE scaling "
+                "(untrained: quality falls past the trained length); 0: the trained context"})
+    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
+    quantize: str = field(default="none", metadata={
+        "help": "int8: int8 weights in every linear layer (embedding and norms unchanged), fewer bytes read per token"})
+    compile: bool = field(default=False, metadata={
+        "help": "compile the decode step with torch.compile (CUDA graphs on a GPU): faster tokens after a "
+                "compile of seconds to a minute on the first request"})
+
+
+class ApiError(Exception):
+    """A request the server refuses: the HTTP status and the fields of OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def json(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def number(body: dict, name: str, default, low=None, high=None, integer=False):
+    """body[name], else the default when absent or null; refused unless a finite number (an integer if asked)
+    from low to high."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and math.isfinite(value)
+    if not ok or low is not None and value < low or high is not None and value > high:
+        within = "" if low is None else f" from {low} to {high}" if high is not None else f" of at least {low}"
+        raise ApiError(400, f"{name}: expected {'an integer' if integer else 'a number'}{within}, got "
+                            f"{json.dumps(value)}", param=name)
+    return value
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: o1's system
+
+
+def chat_messages(body: dict) -> list:
+    """The request's messages as the template's [{"role", "content"}]: text parts joined, reasoning_content dropped
+    (as Chat keeps only answers in its history)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: expected a non-empty list of messages", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"{where}: expected a message whose role is system, developer, user or assistant",
+                           param=where)
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                             isinstance(p.get("text"), str) for p in content):
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content: expected a string or a list of text parts (the model reads text "
+                                f"only)", param=f"{where}.content")
+        out.append({"role": ROLES[m["role"]], "content": content})
+    return out
+
+
+def stop_strings(body: dict) -> list:
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "stop: expected a string or a list of strings", param="stop")
+    return [s for s in stop if s]
+
+
+class PartText:
+    """One part of a reply (the reasoning, the answer) as it streams out: stripped of surrounding whitespace if asked
+    (the template's newlines around the reasoning and before the answer), and cut before the first stop string. Text
+    that could still be trailing whitespace or the start of a stop string is held back until it cannot, so the
+    streamed pieces join to exactly the text a non-streaming answer gets."""
+
+    def __init__(self, stops=(), strip=True):
+        self.stops, self.strip = stops, strip
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, piece: str) -> str:
+        """The text that can be handed out now."""
+        if self.stopped:
+            return ""
+        self.text += piece.lstrip() if self.strip and not self.text else piece
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.rest()
+        held = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
+        end = min(len(self.text) - held, len(self.text.rstrip()) if self.strip else len(self.text))
+        new, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return new
+
+    def rest(self) -> str:
+        """At the end of the reply: what was held back, less trailing whitespace."""
+        end = len(self.text.rstrip()) if self.strip else len(self.text)
+        new, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return new
+
+
+def completion_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
+    """A base model's continuation as ("answer", text) pieces in whole characters, up to the end of the document."""
+    text = StreamDecoder(tok)
+    for token in tokens:
+        if token == tok.eos_id:
+            break
+        yield "answer", text.add(token)
+    yield "answer", text.rest()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection's requests (each connection has its own thread; the model is shared through self.server)."""
+    protocol_version = "HTTP/1.1"  # JSON answers keep the connection open; a stream closes it at its end
+    server_version = "tinychat"
+    disable_nagle_algorithm = True  # each streamed piece goes out at once
+    write_timeout = 60  # seconds: a client that stops reading a stream is dropped, and frees the model
+
+    def do_GET(self):
+        self.answer(self.get)
+
+    def do_POST(self):
+        self.answer(self.post)
+
+    def answer(self, route):
+        """Run one request: refusals and bugs become OpenAI's error JSON; one line on stderr."""
+        t0, self.status, self.n_tokens, self.streaming, gone = time.perf_counter(), None, 0, False, ""
+        try:
+            route(urlsplit(self.path).path)
+        except ApiError as e:
+            self.error(e)
+        except (ConnectionError, TimeoutError):  # the client went away (or stopped reading): nothing to tell it
+            self.close_connection, gone = True, " (client gone)"
+        except Exception as e:
+            traceback.print_exc()
+            self.error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+        print(f"{self.command} {self.path} {self.status} {self.n_tokens} tokens {time.perf_counter() - t0:.2f}s{gone}",
+              file=sys.stderr, flush=True)
+
+    def get(self, path):
+        if path == "/":  # no key asked: the page holds nothing, and asks for the key itself
+            return self.send_body(200, self.server.page, "text/html; charset=utf-8")
+        self.check_key()
+        model = {"id": self.server.name, "object": "model", "created": self.server.created, "owned_by": "tinychat"}
+        if path == "/v1/models":
+            return self.send_json({"object": "list", "data": [model]})
+        if path == f"/v1/models/{self.server.name}":
+            return self.send_json(model)
+        if path.startswith("/v1/models/"):
+            raise ApiError(404, f"the model {path.removeprefix('/v1/models/')} does not exist: this server has "
+                                f"{self.server.name}", code="model_not_found")
+        raise ApiError(404, f"no such route: GET {path}", code="unknown_url")
+
+    def post(self, path):
+        data = self.read_body()  # first, whatever the answer: an unread body would be read as the next request
+        self.check_key()
+        routes = {"/v1/chat/completions": self.chat, "/v1/completions": self.completions}
+        if path not in routes:
+            raise ApiError(404, f"no such route: POST {path}", code="unknown_url")
+        try:
+            body = json.loads(data)
+        except ValueError as e:  # not UTF-8, or not JSON
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "n: only 1 is supported", param="n")
+        routes[path](body)
+
+    def check_key(self):
+        key = self.server.cfg.api_key
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if key and not hmac.compare_digest(given.encode(), key.encode()):
+            problem = "incorrect API key" if given else "no API key"
+            raise ApiError(401, f"{problem}: send the header Authorization: Bearer KEY with the server's --api_key",
+                           code="invalid_api_key")
+
+    def read_body(self) -> bytes:
+        limit = self.server.cfg.max_body_bytes
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            length = -1
+        if length < 0 or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # where the body ends is unknown here
+            raise ApiError(411, "send the body with a Content-Length header, its size in bytes (chunked bodies are "
+                                "not read)")
+        if length > limit:
+            left = length
+            while left > 0:  # read and dropped: a client that sends it all before reading gets this answer too
+                chunk = self.rfile.read(min(left, 1 << 16))
+                left = left - len(chunk) if chunk else 0
+            raise ApiError(413, f"the request body is {length} bytes, more than this server's {limit} "
+                                f"(--max_body_bytes)", code="request_too_large")
+        return self.rfile.read(length)
+
+    # -- generation
+
+    def generate(self, body: dict, prompt: list, param: str, stop_id: int, decode, strip: bool) -> Iterator[tuple]:
+        """The reply's (part, text) pieces, from decode(its tokens), with the request's settings checked now (before
+        any answer is sent), generated when iterated, one request at a time. Afterwards self.n_tokens and
+        self.finish_reason say how it went."""
+        cfg, ctx = self.server.cfg, self.server.model.cfg.max_seq_len
+        room = ctx - len(prompt)
+        if room < 1:
+            raise ApiError(400, f"the prompt is {len(prompt)} tokens but the model's context is {ctx}, which must "
+                                f"leave room for at least 1 new token: shorten the {param}", param=param,
+                           code="context_length_exceeded")
+        asked = number(body, "max_completion_tokens", None, 1, integer=True) or \
+            number(body, "max_tokens", None, 1, integer=True)
+        generator = torch.Generator(device=self.server.device)  # per request: a seed gives the same text every time
+        seed = number(body, "seed", None, integer=True)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed % 2 ** 64)
+        settings = dict(max_new_tokens=min(asked or cfg.max_tokens or room, room), top_k=cfg.top_k,
+                        temperature=number(body, "temperature", cfg.temperature, 0, 2),
+                        top_p=number(body, "top_p", cfg.top_p, 0, 1), repetition_penalty=cfg.repetition_penalty,
+                        stop_ids=[stop_id], generator=generator)
+        texts = {"reasoning": PartText(strip=strip), "answer": PartText(stop_strings(body), strip)}
+        return self.pieces(prompt, settings, decode, texts)
+
+    def pieces(self, prompt, settings, decode, texts) -> Iterator[tuple]:
+        """generate's pieces: the model's, taken in turn, and closed (it stops) when the caller stops early."""
+        with self.server.lock, closing(self.server.model.generate_stream(prompt, **settings)) as stream:
+            tokens = Counted(stream)
+            for part, text in decode(tokens):
+                self.n_tokens = tokens.n
+                if text := texts[part].add(text):
+                    yield part, text
+                if texts["answer"].stopped:
+                    break
+            for part, out in texts.items():
+                if text := out.rest():
+                    yield part, text
+        self.n_tokens = tokens.n
+        ended = texts["answer"].stopped or tokens.last in settings["stop_ids"]
+        self.finish_reason = "stop" if ended else "length"
+
+    def chat(self, body: dict):
+        tok = self.server.tok
+        prompt = render_prompt(tok, chat_messages(body), add_generation_prompt=True)
+        pieces = self.generate(body, prompt, "messages", special_ids(tok)["im_end"],
+                               lambda tokens: reply_pieces(tok, tokens), strip=True)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.server.name}
+        if not body.get("stream"):
+            texts = {"reasoning": [], "answer": []}
+            with closing(pieces):
+                for part, text in pieces:
+                    texts[part].append(text)
+            message = {"role": "assistant", "content": "".join(texts["answer"]),
+                       "reasoning_content": "".join(texts["reasoning"]) or None}
+            return self.send_json({**head, "object": "chat.completion", "choices": [
+                {"index": 0, "message": message, "finish_reason": self.finish_reason, "logprobs": None}],
+                "usage": self.usage(prompt)})
+
+        def chunk(delta, finish_reason=None):
+            return {**head, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+        self.start_stream()
+        self.send_event(chunk({"role": "assistant", "content": ""}))
+        with closing(pieces):
+            for part, text in pieces:
+                self.send_event(chunk({"reasoning_content" if part == "reasoning" else "content": text}))
+        self.send_event(chunk({}, self.finish_reason))
+        self.end_stream(body, head, "chat.completion.chunk", prompt)
+
+    def completions(self, body: dict):
+        tok, prompt = self.server.tok, body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:  # a batch of one prompt
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "prompt: expected a string", param="prompt")
+        prompt = prompt_ids(tok, prompt)
+        pieces = self.generate(body, prompt, "prompt", tok.eos_id, lambda tokens: completion_pieces(tok, tokens),
+                               strip=False)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.server.name}
+
+        def choice(text, finish_reason=None):
+            return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        if not body.get("stream"):
+            with closing(pieces):
+                continuation = "".join(text for _, text in pieces)
+            return self.send_json({**head, "choices": [choice(continuation, self.finish_reason)],
+                                   "usage": self.usage(prompt)})
+        self.start_stream()
+        with closing(pieces):
+            for _, text in pieces:
+                self.send_event({**head, "choices": [choice(text)]})
+        self.send_event({**head, "choices": [choice("", self.finish_reason)]})
+        self.end_stream(body, head, "text_completion", prompt)
+
+    def usage(self, prompt) -> dict:
+        return {"prompt_tokens": len(prompt), "completion_tokens": self.n_tokens,
+                "total_tokens": len(prompt) + self.n_tokens}
+
+    # -- writing answers
+
+    def send_body(self, status: int, data: bytes, content_type: str):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_json(self, obj: dict, status: int = 200):
+        self.send_body(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
+
+    def start_stream(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream ends with the connection
+        self.end_headers()
+        self.close_connection, self.streaming = True, True
+        self.connection.settimeout(self.write_timeout)
+
+    def send_event(self, obj: dict):
+        self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+    def end_stream(self, body: dict, head: dict, kind: str, prompt):
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):  # OpenAI's last chunk: usage, no choices
+            self.send_event({**head, "object": kind, "choices": [], "usage": self.usage(prompt)})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def error(self, e: ApiError):
+        """Tell the client: a JSON answer with the status, or, once a stream has started, an event with the error."""
+        try:
+            if self.streaming:
+                self.status = f"200+{e.status}"
+                self.send_event(e.json())
+            else:
+                self.send_json(e.json(), e.status)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, an unsupported method) in OpenAI's JSON too."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        self.send_json(ApiError(code, message or self.responses.get(code, ("error",))[0]).json(), code)
+
+    def send_response(self, code, message=None):
+        self.status = code
+        super().send_response(code, message)
+
+    def log_request(self, code="-", size="-"):
+        pass  # answer() logs each request once, with its tokens and time
+
+
+class ChatServer(ThreadingHTTPServer):
+    """One model behind the API, and the lock that lets one request generate at a time."""
+
+    def __init__(self, model, tok: Tokenizer, cfg: ServeConfig, device="cpu"):
+        super().__init__((cfg.host, cfg.port), Handler)
+        self.model, self.tok, self.cfg, self.device = model, tok, cfg, device
+        self.name = cfg.model_name or "-".join(Path(cfg.ckpt).with_suffix("").parts[-2:])
+        self.lock = threading.Lock()
+        self.page = PAGE.read_bytes()
+        self.created = int(time.time())
+
+
+def run(cfg: ServeConfig):
+    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, cfg.max_seq_len,
+                                            quantize=cfg.quantize, compile=cfg.compile)
+    try:
+        server = ChatServer(model, tok, cfg, device)
+    except OSError as e:
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
+    host, port = server.server_address[:2]
+    if host not in ("127.0.0.1", "::1") and not cfg.api_key:
+        print(f"warning: listening on {host}, reachable from other machines, with no --api_key", file=sys.stderr)
+    print(f"serving {server.name} at http://{host}:{port}/ (API: http://{host}:{port}/v1); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    with server:
+        server.serve_forever()
+
+
+def main(argv=None):
+    run_guarded(run, parse_config(ServeConfig, argv, description=__doc__.strip().splitlines()[0]),
+                errors=(ModelError,))
+
+
+if __name__ == "__main__":
+    main()

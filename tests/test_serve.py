@@ -1,0 +1,298 @@
+"""serve.py live on 127.0.0.1, through the official openai client and raw HTTP: chat (reasoning apart from the answer,
+streamed and not), completions, models, stop strings, seeds, errors, a client that goes away, requests in turn."""
+import http.client
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import openai
+import pytest
+import torch
+
+import serve
+from cli import UserError
+from conftest import ROOT
+from dataset_sft import render_prompt
+from inference import load_for_inference, prompt_ids
+from model import ModelConfig, Transformer, save_checkpoint
+from tokenizer import load_tokenizer, special_ids
+
+KEY = "test-key"
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=64, max_seq_len=64)
+
+
+class ScriptedModel:
+    """Stands in for the Transformer: replies with prepared token ids, then a filler token for as long as it is
+    allowed, one token every `delay` seconds. Records prompts, how many generations ran at once, and closed ones."""
+
+    def __init__(self, reply, filler, max_seq_len=4096, delay=0.0):
+        self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
+        self.reply, self.filler, self.delay = reply, filler, delay
+        self.prompts, self.yielded, self.active, self.most_active, self.closed, self.fail = [], [], 0, 0, 0, False
+
+    def generate_stream(self, prompt, max_new_tokens, stop_ids, **kwargs):
+        self.prompts.append(list(prompt))
+        self.yielded.append(0)
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            if self.fail:
+                raise RuntimeError("scripted failure")
+            for i in range(max_new_tokens):
+                time.sleep(self.delay)
+                token = self.reply[i] if i < len(self.reply) else self.filler
+                self.yielded[-1] += 1
+                yield token
+                if token in stop_ids:
+                    return
+        finally:
+            self.active -= 1
+            self.closed += 1
+
+
+@contextmanager
+def serving(model, tok, **settings):
+    """A server on a free port in a thread of this process; yields its base URL."""
+    server = serve.ChatServer(model, tok, serve.ServeConfig(port=0, api_key=KEY, **settings))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def client(url, key=KEY):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+
+def raw(url, method, path, body=b"", headers=None):
+    """(status, parsed JSON body) of one request over http.client."""
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=20)
+    conn.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}", **(headers or {})})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, json.loads(data) if response.getheader("Content-Type", "").startswith("application/json") \
+        else data
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_path):
+    return load_tokenizer(tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tokenizer_path, tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY)
+    path = tmp_path_factory.mktemp("serve") / "tiny" / "best.pt"
+    path.parent.mkdir()
+    save_checkpoint({"model": Transformer(cfg).state_dict(), "config": asdict(cfg), "step": 0,
+                     "tokenizer": tokenizer_path}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(ckpt):
+    """A random-weight model with a 64-token context, served as load_for_inference loads it."""
+    model, tok, _ = load_for_inference(ckpt, "", "cpu", "float32")
+    with serving(model, tok, ckpt=ckpt, repetition_penalty=1.0, max_body_bytes=4000) as url:
+        yield SimpleNamespace(url=url, model=model, tok=tok)
+
+
+def reply_ids(tok, answer, think=None):
+    s = special_ids(tok)
+    ids = [s["think"], *tok.encode(f"\n{think}\n"), s["end_think"]] if think is not None else []
+    return ids + tok.encode(f"\n{answer}") + [s["im_end"]]
+
+
+def stream_parts(stream):
+    """(reasoning, content, finish_reason) joined from a streamed chat completion."""
+    reasoning, content, finish = [], [], None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        reasoning.append(getattr(delta, "reasoning_content", None) or "")
+        content.append(delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    return "".join(reasoning), "".join(content), finish
+
+
+def test_models_and_the_page(tiny):
+    models = client(tiny.url).models.list()
+    assert [m.id for m in models.data] == ["tiny-best"]  # from the checkpoint path
+    assert client(tiny.url).models.retrieve("tiny-best").id == "tiny-best"
+    status, page = raw(tiny.url, "GET", "/", headers={"Authorization": ""})  # the page needs no key
+    assert status == 200 and b"/v1/chat/completions" in page and b"reasoning_content" in page
+    assert b"http://" not in page and b"https://" not in page  # nothing fetched from elsewhere
+
+
+def test_chat_streamed_joins_to_the_answer_not_streamed(tiny):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [{"type": "text", "text": "Tom found"}, {"type": "text", "text": "a ball."}]}]
+    chat = client(tiny.url).chat.completions
+    for settings in (dict(temperature=0), dict(temperature=1.0, top_p=1.0, seed=7)):
+        whole = chat.create(model="any", messages=messages, max_tokens=20, **settings)
+        choice = whole.choices[0]
+        assert whole.object == "chat.completion" and whole.model == "tiny-best"
+        prompt = render_prompt(tiny.tok, [messages[0], {"role": "user", "content": "Tom found\na ball."}])
+        assert whole.usage.prompt_tokens == len(prompt)
+        assert whole.usage.total_tokens == len(prompt) + whole.usage.completion_tokens
+        assert 1 <= whole.usage.completion_tokens <= 20
+        assert choice.finish_reason == ("length" if whole.usage.completion_tokens == 20 else "stop")
+        streamed = chat.create(model="any", messages=messages, max_tokens=20, stream=True,
+                               stream_options={"include_usage": True}, **settings)
+        chunks = list(streamed)
+        assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+        reasoning, content, finish = stream_parts(chunks[:-1])
+        assert (reasoning or None, content, finish) == \
+            (choice.message.reasoning_content, choice.message.content, choice.finish_reason)
+    assert choice.message.content  # sampled: not the greedy run of newlines, which the stripping empties
+    again = chat.create(model="any", messages=messages, max_tokens=20, temperature=1.0, top_p=1.0, seed=7)
+    assert again.choices[0].message == choice.message  # the same seed, the same text
+
+
+def test_completions_continue_the_prompt_as_inference_does(tiny):
+    completions = client(tiny.url).completions
+    prompt = prompt_ids(tiny.tok, "Tom found a")
+    new = tiny.model.generate(prompt, max_new_tokens=12, temperature=0, stop_ids=[tiny.tok.eos_id])
+    expected = tiny.tok.decode([t for t in new if t != tiny.tok.eos_id])
+    whole = completions.create(model="tiny-best", prompt="Tom found a", max_tokens=12, temperature=0)
+    assert whole.choices[0].text == expected and whole.usage.completion_tokens == len(new)
+    assert whole.choices[0].finish_reason == ("stop" if new[-1] == tiny.tok.eos_id else "length")
+    streamed = completions.create(model="tiny-best", prompt="Tom found a", max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    # max_tokens beyond the context: cut to the room left
+    text = "Tom found a red ball. "
+    longest = max((text * k for k in range(1, 20) if len(prompt_ids(tiny.tok, text * k)) < 64), key=len)
+    cut = completions.create(model="tiny-best", prompt=longest, max_tokens=100, temperature=0)
+    assert cut.usage.prompt_tokens == len(prompt_ids(tiny.tok, longest)) and cut.usage.total_tokens <= 64
+
+
+def test_reasoning_comes_apart_from_the_answer_and_stop_strings_cut_it(tok):
+    model = ScriptedModel(reply_ids(tok, "It is 7, so seven.", think="I add 3 and 4."), tok.encode("x")[0])
+    with serving(model, tok) as url:
+        chat = client(url).chat.completions
+        messages = [{"role": "user", "content": "What is 3 + 4?"}]
+        message = chat.create(model="x", messages=messages).choices[0].message
+        assert (message.reasoning_content, message.content) == ("I add 3 and 4.", "It is 7, so seven.")
+        assert stream_parts(chat.create(model="x", messages=messages, stream=True)) == \
+            ("I add 3 and 4.", "It is 7, so seven.", "stop")
+        for stop in (", s", ["Its", ", so", "xyz"]):  # "It" held back, then sent
+            choice = chat.create(model="x", messages=messages, stop=stop).choices[0]
+            assert (choice.message.content, choice.finish_reason) == ("It is 7", "stop")
+            assert stream_parts(chat.create(model="x", messages=messages, stop=stop, stream=True)) == \
+                ("I add 3 and 4.", "It is 7", "stop")
+        choice = chat.create(model="x", messages=messages, max_tokens=3).choices[0]
+        assert choice.finish_reason == "length" and choice.message.content == ""
+    assert tok.decode(model.prompts[0]) == "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_refusals_are_openai_errors(tiny):
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        client(tiny.url, key="wrong").models.list()
+    status, body = raw(tiny.url, "GET", "/v1/models", headers={"Authorization": ""})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body = raw(tiny.url, "POST", "/v1/chat/completions", b'{"messages": [')
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith("the request body is not valid JSON")
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = raw(tiny.url, "POST", "/v1/chat/completions", b"{" + b" " * 4000 + b"}")
+    assert status == 413 and "4002 bytes" in body["error"]["message"]
+    status, body = raw(tiny.url, "POST", "/v1/nothing", b"{}")
+    assert status == 404 and body["error"]["message"] == "no such route: POST /v1/nothing"
+    status, body = raw(tiny.url, "DELETE", "/v1/models")
+    assert status == 501 and "error" in body
+    chat = client(tiny.url).chat.completions
+    messages = [{"role": "user", "content": "Tom found a red ball in the park. " * 10}]
+    n = len(render_prompt(tiny.tok, messages))
+    with pytest.raises(openai.BadRequestError, match=f"the prompt is {n} tokens but the model's context is 64"):
+        chat.create(model="x", messages=messages)
+    for bad, param in ((dict(temperature="hot"), "temperature"), (dict(max_tokens=0), "max_tokens"),
+                       (dict(messages=[{"role": "tool", "content": "x"}]), "messages[0]"), (dict(stop=[3]), "stop")):
+        with pytest.raises(openai.BadRequestError) as e:
+            chat.create(**{"model": "x", "messages": [{"role": "user", "content": "Hi"}], **bad})
+        assert e.value.body["param"] == param
+    assert chat.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices  # still serving
+
+
+def test_a_bug_is_a_500_and_the_server_goes_on(tok, capfd):
+    model = ScriptedModel(reply_ids(tok, "Fine."), tok.encode("x")[0])
+    with serving(model, tok) as url:
+        chat = client(url).chat.completions
+        messages = [{"role": "user", "content": "Hi"}]
+        model.fail = True
+        with pytest.raises(openai.InternalServerError, match="scripted failure"):
+            chat.create(model="x", messages=messages)
+        with pytest.raises(openai.APIError, match="scripted failure"):  # mid-stream: an error event
+            list(chat.create(model="x", messages=messages, stream=True))
+        model.fail = False
+        assert chat.create(model="x", messages=messages).choices[0].message.content == "Fine."
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "RuntimeError: scripted failure" in err
+    assert "POST /v1/chat/completions 500 0 tokens" in err and "POST /v1/chat/completions 200+500 0 tokens" in err
+    assert re.search(r"POST /v1/chat/completions 200 \d+ tokens \d+\.\d\ds\n", err)
+
+
+def test_a_client_gone_mid_stream_frees_the_model_at_once(tok):
+    model = ScriptedModel([], tok.encode("x")[0], delay=0.01)  # 4,096 tokens: 40 s if nothing stops it
+    with serving(model, tok) as url:
+        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "Hi"}], "stream": True}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                      b"\r\n\r\n" + body)
+            received = b""
+            while b'"content": "x' not in received:
+                received += s.recv(65536)
+        t0 = time.perf_counter()
+        model.delay = 0
+        answer = client(url).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                                     max_tokens=5)
+        assert answer.choices[0].message.content == "xxxxx" and time.perf_counter() - t0 < 2
+        assert model.closed == 2 and model.yielded[0] < 100
+
+
+def test_concurrent_requests_take_turns(tok):
+    model = ScriptedModel(reply_ids(tok, "Done."), tok.encode("x")[0], delay=0.02)
+    with serving(model, tok) as url:
+        results = []
+
+        def ask(stream):
+            chat = client(url).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                                       stream=stream)
+            results.append(stream_parts(chat)[1] if stream else chat.choices[0].message.content)
+        threads = [threading.Thread(target=ask, args=(stream,)) for stream in (False, True, False)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+    assert results == ["Done."] * 3 and model.most_active == 1
+
+
+def test_command_line_serves_until_ctrl_c_and_a_busy_port_is_one_line(ckpt):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", ckpt, "--port", "0",
+                             "--model_name", "tiny", "--quantize", "none"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("serving"):  # after any notes of loading
+            line = proc.stderr.readline()
+            assert line, "the server exited"
+        assert line.startswith("serving tiny at http://127.0.0.1:"), line
+        url = line.split()[3].rstrip("/")
+        assert [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key="none").models.list().data] == ["tiny"]
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{url.rsplit(':', 1)[1]}"):
+            serve.run(serve.ServeConfig(ckpt=ckpt, port=int(url.rsplit(":", 1)[1])))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
