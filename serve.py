@@ -26,6 +26,7 @@ stops its generation at the next token. Errors are OpenAI's JSON ({"error": {"me
 goes on. One line per request to stderr: method, path, status, tokens, seconds.
 """
 import hmac
+import ipaddress
 import json
 import math
 import sys
@@ -33,6 +34,7 @@ import threading
 import time
 import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,7 +104,8 @@ def number(body: dict, name: str, default, low=None, high=None, integer=False):
     value = body.get(name)
     if value is None:
         return default
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and math.isfinite(value)
+    ok = not isinstance(value, bool) and (isinstance(value, int) or not integer and isinstance(value, float) and
+                                          math.isfinite(value))  # JSON allows NaN, and integers past any float
     if not ok or low is not None and value < low or high is not None and value > high:
         within = "" if low is None else f" from {low} to {high}" if high is not None else f" of at least {low}"
         raise ApiError(400, f"{name}: expected {'an integer' if integer else 'a number'}{within}, got "
@@ -110,7 +113,8 @@ def number(body: dict, name: str, default, low=None, high=None, integer=False):
     return value
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: o1's system
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: OpenAI's
+# newer name for system
 
 
 def chat_messages(body: dict) -> list:
@@ -164,7 +168,8 @@ class PartText:
             self.text, self.stopped = self.text[:min(hits)], True
             return self.rest()
         held = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
-        end = min(len(self.text) - held, len(self.text.rstrip()) if self.strip else len(self.text))
+        ready = self.text[:len(self.text) - held]
+        end = len(ready.rstrip()) if self.strip else len(ready)
         new, self.sent = self.text[self.sent:end], max(self.sent, end)
         return new
 
@@ -173,6 +178,15 @@ class PartText:
         end = len(self.text.rstrip()) if self.strip else len(self.text)
         new, self.sent = self.text[self.sent:end], max(self.sent, end)
         return new
+
+
+def on_thread(executor: ThreadPoolExecutor, stream) -> Iterator[int]:
+    """The tokens of the generator `stream`, each step of it (and its closing) run on the executor's thread."""
+    try:
+        while (token := executor.submit(next, stream, None).result()) is not None:
+            yield token
+    finally:
+        executor.submit(stream.close).result()
 
 
 def completion_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
@@ -299,7 +313,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def pieces(self, prompt, settings, decode, texts) -> Iterator[tuple]:
         """generate's pieces: the model's, taken in turn, and closed (it stops) when the caller stops early."""
-        with self.server.lock, closing(self.server.model.generate_stream(prompt, **settings)) as stream:
+        server = self.server
+        with server.lock, closing(on_thread(server.model_thread, server.model.generate_stream(prompt, **settings))) \
+                as stream:
             tokens = Counted(stream)
             for part, text in decode(tokens):
                 self.n_tokens = tokens.n
@@ -430,15 +446,22 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class ChatServer(ThreadingHTTPServer):
-    """One model behind the API, and the lock that lets one request generate at a time."""
+    """One model behind the API, each connection in a thread of its own. The model runs on one thread of its own
+    (torch.compile's CUDA graphs keep per-thread state and are not safe across threads: pytorch issue 123177),
+    one request's generation at a time: the lock's holder hands its steps over; the others wait for the lock."""
 
     def __init__(self, model, tok: Tokenizer, cfg: ServeConfig, device="cpu"):
-        super().__init__((cfg.host, cfg.port), Handler)
         self.model, self.tok, self.cfg, self.device = model, tok, cfg, device
         self.name = cfg.model_name or "-".join(Path(cfg.ckpt).with_suffix("").parts[-2:])
         self.lock = threading.Lock()
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.page = PAGE.read_bytes()
         self.created = int(time.time())
+        super().__init__((cfg.host, cfg.port), Handler)  # last: a port it cannot have calls server_close
+
+    def server_close(self):
+        super().server_close()
+        self.model_thread.shutdown()
 
 
 def run(cfg: ServeConfig):
@@ -449,7 +472,7 @@ def run(cfg: ServeConfig):
     except OSError as e:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
     host, port = server.server_address[:2]
-    if host not in ("127.0.0.1", "::1") and not cfg.api_key:
+    if not ipaddress.ip_address(host).is_loopback and not cfg.api_key:
         print(f"warning: listening on {host}, reachable from other machines, with no --api_key", file=sys.stderr)
     print(f"serving {server.name} at http://{host}:{port}/ (API: http://{host}:{port}/v1); Ctrl-C stops",
           file=sys.stderr, flush=True)

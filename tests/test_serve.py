@@ -31,12 +31,14 @@ TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_
 
 class ScriptedModel:
     """Stands in for the Transformer: replies with prepared token ids, then a filler token for as long as it is
-    allowed, one token every `delay` seconds. Records prompts, how many generations ran at once, and closed ones."""
+    allowed, one token every `delay` seconds. Records prompts, how many generations ran at once, closed ones, and
+    the threads it ran on."""
 
     def __init__(self, reply, filler, max_seq_len=4096, delay=0.0):
         self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
         self.reply, self.filler, self.delay = reply, filler, delay
         self.prompts, self.yielded, self.active, self.most_active, self.closed, self.fail = [], [], 0, 0, 0, False
+        self.threads = set()
 
     def generate_stream(self, prompt, max_new_tokens, stop_ids, **kwargs):
         self.prompts.append(list(prompt))
@@ -47,6 +49,7 @@ class ScriptedModel:
             if self.fail:
                 raise RuntimeError("scripted failure")
             for i in range(max_new_tokens):
+                self.threads.add(threading.current_thread().name)
                 time.sleep(self.delay)
                 token = self.reply[i] if i < len(self.reply) else self.filler
                 self.yielded[-1] += 1
@@ -137,8 +140,8 @@ def test_models_and_the_page(tiny):
 
 
 def test_chat_streamed_joins_to_the_answer_not_streamed(tiny):
-    messages = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": [{"type": "text", "text": "Tom found"}, {"type": "text", "text": "a ball."}]}]
+    parts = [{"type": "text", "text": "Tom found"}, {"type": "text", "text": "a ball."}]
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": parts}]
     chat = client(tiny.url).chat.completions
     for settings in (dict(temperature=0), dict(temperature=1.0, top_p=1.0, seed=7)):
         whole = chat.create(model="any", messages=messages, max_tokens=20, **settings)
@@ -278,6 +281,27 @@ def test_concurrent_requests_take_turns(tok):
         for t in threads:
             t.join(timeout=20)
     assert results == ["Done."] * 3 and model.most_active == 1
+    assert len(model.threads) == 1 and model.threads != {threading.current_thread().name}  # the model's own thread
+
+
+@pytest.mark.parametrize("text, stops, expected", [
+    ("\n It is 7, so seven.\n\n", [], "It is 7, so seven."),
+    ("\nIt is 7, so seven.\n", [", so", "Its"], "It is 7"),
+    ("It is 7 \n, so", [", so"], "It is 7"),
+    ("  \n", ["x"], ""),
+])
+def test_part_text_streams_exactly_the_text_it_gives_whole(text, stops, expected):
+    whole = serve.PartText(stops)
+    assert whole.add(text) + whole.rest() == expected
+    streamed = serve.PartText(stops)
+    pieces = [streamed.add(c) for c in text] + [streamed.rest()]
+    assert "".join(pieces) == expected
+    for i, piece in enumerate(pieces):  # nothing held longer than it must be
+        seen = text[:i + 1]
+        if not any(s in seen for s in stops) and not seen[-1].isspace() and not any(
+                seen.endswith(s[:k]) for s in stops for k in range(1, len(s))):
+            assert "".join(pieces[:i + 1]) == seen.strip()
+    assert serve.PartText([", so"], strip=False).add(" a, so b") == " a"
 
 
 def test_command_line_serves_until_ctrl_c_and_a_busy_port_is_one_line(ckpt):
