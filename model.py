@@ -170,8 +170,9 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Preallocated keys and values for every layer, so decoding never recomputes the prefix.
-    max_len (default: the model's context) bounds how many positions it can hold; generation
-    allocates only what it needs, which matters for models with a long context."""
+    Its size is fixed (max_len, default the model's context): new keys are written at their
+    positions and attention reads the whole cache, masked to the positions written so far, so a
+    decode step has the same shapes at every position (one compiled graph serves them all)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int = 1, device=None, dtype=torch.float32,
                  max_len: Optional[int] = None):
@@ -179,7 +180,7 @@ class KVCache:
         shape = (batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.pos = 0  # number of positions already stored
+        self.pos = 0  # positions stored by calls that did not give theirs (see Transformer.forward)
 
 
 class Attention(nn.Module):
@@ -192,34 +193,31 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0, mask=None):
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, layer: int = 0, mask=None, positions=None):
         B, T, _ = x.shape  # x: (B, T, dim); cos, sin: (T, head_dim), or (B, 1, T, head_dim) for packed rows
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        packed, gqa = mask is not None, self.n_kv_heads != self.n_heads
-        causal = not packed  # a packed row's document mask (B, 1, T, T) is causal already
-        if cache is not None:
-            start = cache.pos
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]  # (B, n_kv_heads, start+T, hd)
-            if start > 0:
-                # One new token sees everything; several new tokens after a prefix need an
-                # offset causal mask, which is_causal (top-left aligned) cannot express.
-                causal = False
-                if T > 1:
-                    mask = torch.arange(start + T, device=x.device)[None, :] <= \
-                        torch.arange(start, start + T, device=x.device)[:, None]
-        if packed and gqa:  # the fused kernels that take a mask do not do GQA (SDPA would fall back to
-            # one that stores every T x T score): give them a key and value per query head
-            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))  # (B, n_heads, T, hd)
-            gqa = False
-        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)  # (B, n_heads, T, head_dim)
+        group = self.n_heads // self.n_kv_heads
+        if cache is not None:  # store the new keys at their positions (T,), attend to the whole cache
+            cache.k[layer].index_copy_(2, positions, k)
+            cache.v[layer].index_copy_(2, positions, v)
+            k, v = cache.k[layer], cache.v[layer]  # (B, n_kv_heads, max_len, head_dim)
+            # GQA without copying the cache per query head: each key/value head's group of query heads
+            # become rows of one query block, and the (T, max_len) position mask is repeated to match
+            q = q.reshape(B, self.n_kv_heads, group * T, self.head_dim)  # rows ordered (head in group, t)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1))
+            out = out.view(B, self.n_heads, T, self.head_dim)
+        else:
+            if mask is not None and group > 1:  # the fused kernels that take a mask do not do GQA (SDPA would
+                # fall back to one that stores every T x T score): give them a key and value per query head
+                k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # (B, n_heads, T, head_dim)
+            # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head; a packed row's
+            # document mask (B, 1, T, T) is causal already
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=mask is None and group > 1)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # heads side by side again: (B, T, dim)
 
 
@@ -248,8 +246,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, self.layer, mask))
+    def forward(self, x, cos, sin, cache=None, mask=None, positions=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, self.layer, mask, positions))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -265,6 +263,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.grad_checkpointing = False  # recompute each block in backward to save activations
+        self.compiled_decoding, self.decode_caches = False, {}  # see compile_decoding
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -287,26 +286,38 @@ class Transformer(nn.Module):
         divided by the number of trained (non -100) tokens, not by the sum of weights, so
         a weight of 10 makes that token count ten times as much as an ordinary one.
         A packed row gives positions (B, T), each document's counting from 0, and
-        document_ids (B, T): then each token attends only to its own document."""
+        document_ids (B, T): then each token attends only to its own document.
+        With a KV cache, positions (T,) say where the new tokens go; not given, they follow the
+        cache.pos tokens stored so far, and cache.pos advances (the compiled decode step gives its
+        position as a tensor instead: a Python number would be compiled into the graph)."""
         B, T = tokens.shape
-        start = cache.pos if cache is not None else 0
-        if (positions is None) != (document_ids is None) or (document_ids is not None and cache is not None):
+        if document_ids is not None and (positions is None or cache is not None) or \
+                positions is not None and document_ids is None and cache is None:
             raise ModelError("packed rows need both positions and document_ids, and no KV cache")
-        if start + T > self.cfg.max_seq_len:
-            raise ModelError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        if cache is not None and start + T > cache.max_len:
-            raise ModelError(f"sequence of {start + T} tokens exceeds the KV cache's {cache.max_len} positions")
         h = self.dropout(self.tok_embeddings(tokens))
         mask = None
+        if cache is not None and positions is None:
+            if cache.pos + T > cache.max_len:
+                raise ModelError(f"sequence of {cache.pos + T} tokens exceeds the KV cache's {cache.max_len} positions")
+            positions = torch.arange(cache.pos, cache.pos + T, device=h.device)
+            cache.pos += T
+        if positions is None and T > self.cfg.max_seq_len:
+            raise ModelError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         cos_table, sin_table = self.rope_cos, self.rope_sin
         scaling = self.cfg.rope_scaling or {}
-        if scaling.get("rope_type") == "dynamic" and start + T > scaling["original_max_position_embeddings"]:
-            # its frequencies depend on the sequence's length: recomputed for this one (as transformers does;
-            # keys already in a KV cache keep the rotation they were stored with)
-            cos_table, sin_table = (t.to(h.device) for t in rope_tables(self.cfg, start + T, start + T))
+        if scaling.get("rope_type") == "dynamic":
+            length = T if positions is None else int(positions.max()) + 1
+            if length > scaling["original_max_position_embeddings"]:
+                # its frequencies depend on the sequence's length: recomputed for this one (as transformers
+                # does; keys already in a KV cache keep the rotation they were stored with)
+                cos_table, sin_table = (t.to(h.device) for t in rope_tables(self.cfg, length, length))
         if positions is None:
-            cos = cos_table[start:start + T].to(h.dtype)  # (T, head_dim)
-            sin = sin_table[start:start + T].to(h.dtype)
+            cos = cos_table[:T].to(h.dtype)  # (T, head_dim)
+            sin = sin_table[:T].to(h.dtype)
+        elif cache is not None:
+            cos = cos_table[positions].to(h.dtype)  # (T, head_dim)
+            sin = sin_table[positions].to(h.dtype)
+            mask = torch.arange(cache.max_len, device=h.device) <= positions[:, None]  # (T, max_len): keys so far
         else:
             cos = cos_table[positions].to(h.dtype)[:, None]  # (B, 1, T, head_dim): one per row and position
             sin = sin_table[positions].to(h.dtype)[:, None]
@@ -315,9 +326,7 @@ class Transformer(nn.Module):
             if self.grad_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, None, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cache, mask)
-        if cache is not None:
-            cache.pos += T
+                h = layer(h, cos, sin, cache, mask, positions)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
@@ -351,6 +360,24 @@ class Transformer(nn.Module):
         p = self.tok_embeddings.weight
         return KVCache(self.cfg, batch_size, p.device, p.dtype, max_len)
 
+    def decode_cache(self, length: int) -> KVCache:
+        """A KV cache for a generation of `length` tokens. Eager: exactly that long. Compiled
+        (compile_decoding): a power of two of at least 256, kept and reused, so a few compiled
+        graphs serve every length and CUDA graphs find the cache at the same address each time."""
+        if not self.compiled_decoding:
+            return self.new_cache(max_len=length)
+        length = min(max(256, 1 << (length - 1).bit_length()), self.cfg.max_seq_len)
+        if length not in self.decode_caches:
+            cache = self.decode_caches[length] = self.new_cache(max_len=length)
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_static_address(t)
+        return self.decode_caches[length]
+
+    def decode_step(self, token, position, cache: KVCache):
+        """Logits (vocab_size,) after one token (1, 1) at position (1,), both tensors: the shapes are
+        the same at every position, so compile_decoding compiles this once."""
+        return self(token, cache=cache, positions=position, last_only=True)[0][0, -1].float()
+
     @torch.no_grad()
     def generate_stream(self, prompt: Sequence[int], max_new_tokens: int = 128, temperature: float = 1.0,
                         top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -371,20 +398,21 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()
         device = self.tok_embeddings.weight.device
-        cache = self.new_cache(max_len=len(prompt) + steps)
+        cache = self.decode_cache(len(prompt) + steps)
         seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(prompt, device=device)] = True
-        x = torch.tensor([prompt], device=device)
         stop = set(stop_ids)
-        try:
-            for _ in range(steps):
-                logits = self(x, cache=cache, last_only=True)[0][0, -1].float()
+        try:  # the prompt in one eager forward (its length varies), then one decode step per token
+            logits = self(torch.tensor([prompt], device=device), cache=cache,
+                          positions=torch.arange(len(prompt), device=device), last_only=True)[0][0, -1].float()
+            for position in range(len(prompt), len(prompt) + steps):
                 nxt = sample(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
                 yield nxt
-                if nxt in stop:
+                if nxt in stop or position == len(prompt) + steps - 1:
                     break
                 seen[nxt] = True
-                x = torch.tensor([[nxt]], device=device)
+                logits = self.decode_step(torch.tensor([[nxt]], device=device),
+                                          torch.tensor([position], device=device), cache)
         finally:
             self.train(was_training)
 
@@ -489,6 +517,22 @@ def extend_context(model: Transformer, max_seq_len: int, scaling: str, factor: f
     longer.load_state_dict(model.state_dict())  # RoPE's tables are buffers of the config, not weights
     longer.extended_from = trained  # for the training loop's loss-by-position report
     return longer.to(model.tok_embeddings.weight.device)
+
+
+def compile_decoding(model: Transformer, mode: Optional[str] = None) -> Transformer:
+    """Compile the model's decode step with torch.compile: one graph for every position (the KV
+    cache has a fixed size and the position is a tensor), the norms, RoPE and SwiGLU fused around
+    the matmuls; on CUDA mode "reduce-overhead" replays it as a CUDA graph, one launch per token.
+    The first generation of each cache size compiles (seconds to a minute); greedy output is the
+    eager path's."""
+    if (model.cfg.rope_scaling or {}).get("rope_type") == "dynamic":
+        raise ModelError("compiled decoding needs fixed RoPE tables; dynamic scaling recomputes them "
+                         "for every length: decode without compiling")
+    if mode is None:
+        mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
+    model.decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
+    model.compiled_decoding = True
+    return model
 
 
 def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":

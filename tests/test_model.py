@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, sample
+from model import (KVCache, ModelConfig, ModelError, Transformer, compile_decoding, load_state_dict_checked,
+                   read_checkpoint, sample)
 
 TINY = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=80, max_seq_len=64)
 
@@ -52,6 +53,34 @@ def test_generate_greedy_equals_argmax_loop():
         for _ in range(12):
             ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
     assert model.generate(prompt, max_new_tokens=12, temperature=0) == ids[3:]
+
+
+def test_decode_step_at_any_position_matches_full_forward():
+    """The step compile_decoding compiles: one token at a position given as a tensor, the fixed-size
+    cache written there and read whole, masked to the positions so far (stale entries beyond it ignored)."""
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        full = model(tokens)[0][0]
+        cache = model.new_cache(max_len=32)
+        for k in cache.k + cache.v:
+            k.fill_(1e4)  # what an earlier, longer generation could have left behind
+        model(tokens[:, :8], cache=cache, positions=torch.arange(8))
+        steps = [model.decode_step(tokens[:, t:t + 1], torch.tensor([t]), cache) for t in range(8, 20)]
+    assert cache.pos == 0  # positions given: the caller keeps count
+    torch.testing.assert_close(torch.stack(steps), full[8:], atol=1e-5, rtol=0)
+
+
+def test_compiled_decoding_gives_the_eager_greedy_tokens():
+    model = tiny_model()
+    prompts = [[5, 17, 3], list(range(1, 40))]  # cache sizes: exactly the length eager, 256 capped at 64 compiled
+    eager = [model.generate(p, max_new_tokens=20, temperature=0) for p in prompts]
+    compile_decoding(model)
+    assert [model.generate(p, max_new_tokens=20, temperature=0) for p in prompts] == eager
+    assert list(model.decode_caches) == [64]  # one cache (and graph) for both
+    with pytest.raises(ModelError, match="dynamic"):
+        compile_decoding(tiny_model(rope_scaling={"rope_type": "dynamic", "factor": 2.0,
+                                                  "original_max_position_embeddings": 32}))
 
 
 def test_top_k_1_is_greedy_and_seed_reproducible():
