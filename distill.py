@@ -5,12 +5,19 @@ plus a logit-level KL term to a larger teacher that shares the tokenizer.
 
   python distill.py                                   # out/sft/best.pt + data/r1.jsonl -> out/distill
   python distill.py --teacher out/big/best.pt --kd_weight 0.5 --kd_temperature 2
+  python distill.py --answer_only true --out_dir out/answer_only   # the ablation: no think block
 
 Before and after training it reports, on held-out problems, how often the answer has a
 well-formed <think>...</think> block and, where the data gives an "answer", how often the
-text after </think> states it.
+text after </think> states it, overall and per problem type (the records' "type").
+
+--answer_only true trains on the same problems with the <think> block cut from every reply (plain
+SFT on the final answers, same steps): the ablation that shows what the worked traces are worth.
 """
+import json
+import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 from cli import parse_config
 from dataset_sft import read_conversations, render_prompt
 from lora import load_model
+from records import atomic_write
 from tokenizer import Tokenizer, load_tokenizer, special_ids
 from train import Runtime, default_loss, run_main
 from train_sft import SFTConfig, finetune, resolve_tokenizer
@@ -34,9 +42,9 @@ class DistillConfig(SFTConfig):
     out_dir: str = "out/distill"
     batch_size: int = 8            # rows per micro-batch per process: conversations, or packed rows with --pack
     grad_accum: int = 1
-    max_steps: int = 200
-    lr: float = 3e-4
-    min_lr: float = 3e-5
+    max_steps: int = 300           # cpu: 300 packed rows of 256 tokens ~ 1.5 epochs of the 4,000 built-in problems
+    lr: float = 1e-3
+    min_lr: float = 1e-4
     warmup_steps: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -49,15 +57,33 @@ class DistillConfig(SFTConfig):
     kd_temperature: float = 2.0
     eval_problems: int = 50        # held-out problems for the format / accuracy report; 0 = skip
     eval_max_new_tokens: int = 160
+    pack: bool = True              # several problems per row of seq_len (each attending only to itself): ~2x the
+                                   # problems per second of padded rows
+    answer_only: bool = False      # train on the replies without their <think> block (the ablation)
 
 
 PRESETS = {
-    "cpu": dict(batch_size=8, max_steps=200),
+    "cpu": dict(batch_size=8, max_steps=300, lr=1e-3, min_lr=1e-4, pack=True),
     "12gb": dict(batch_size=8, grad_accum=8, max_steps=2000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
                  eval_every=250, eval_batches=50, log_every=20, compile=True, pack=True),
 }
 
 WELL_FORMED = re.compile(r"^\s*<think>(.+?)</think>(.*\S.*)$", re.S)
+THINK_BLOCK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
+
+
+def answer_only_file(path: str, out_dir: str) -> str:
+    """A copy of a chat file (in our conversations format, other keys kept) in out_dir/answer_only/, every
+    assistant reply without its leading <think>...</think> block: the same problems, answers only."""
+    conversations, _ = read_conversations(path, verbose=False)
+    out = os.path.join(out_dir, "answer_only", os.path.basename(path))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with atomic_write(out) as f:
+        for conv in conversations:
+            messages = [dict(m, content=THINK_BLOCK.sub("", m["content"], count=1)) if m["role"] == "assistant"
+                        else m for m in conv.messages]
+            f.write(json.dumps({"conversations": messages, **conv.extra}, ensure_ascii=False) + "\n")
+    return out
 
 
 def teacher_loss(teacher, cfg: DistillConfig):
@@ -96,10 +122,12 @@ def states_answer(text: str, answer: str) -> bool:
 @torch.no_grad()
 def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
     """Greedy answers to the first n problems of a held-out file: the share with a
-    well-formed think block, and the share whose text after </think> states the answer."""
+    well-formed think block, and the share whose text after </think> states the answer (the
+    whole reply when it has no think block), overall and by the records' "type" ("other" without one)."""
     conversations, _ = read_conversations(path, verbose=False)
     im_end = special_ids(tok)["im_end"]
     formed = correct = checkable = 0
+    right, asked = Counter(), Counter()
     prompts = []
     for conv in conversations:
         first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
@@ -115,14 +143,24 @@ def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: i
         if "answer" in conv.extra:
             checkable += 1
             after = match.group(2) if match else text.split("</think>")[-1]
-            correct += states_answer(after, str(conv.extra["answer"]))
+            ok = states_answer(after, str(conv.extra["answer"]))
+            correct += ok
+            kind = str(conv.extra.get("type", "other"))
+            right[kind] += ok
+            asked[kind] += 1
     return {"problems": len(problems), "well_formed": formed / max(1, len(problems)),
-            "accuracy": correct / checkable if checkable else None}
+            "accuracy": correct / checkable if checkable else None, "checkable": checkable, "correct": correct,
+            "by_type": {kind: {"correct": right[kind], "problems": asked[kind]} for kind in sorted(asked)}}
 
 
 def describe(report: dict) -> str:
     acc = "n/a" if report["accuracy"] is None else f"{report['accuracy']:.1%}"
     return f"well-formed <think> {report['well_formed']:.1%}, answer accuracy {acc} on {report['problems']} problems"
+
+
+def describe_types(report: dict) -> str:
+    """Right answers per problem type, which add up to the overall figure: "change 5/9, groups 3/4, ..."."""
+    return ", ".join(f"{kind} {t['correct']}/{t['problems']}" for kind, t in report.get("by_type", {}).items())
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -134,7 +172,14 @@ def distill(cfg: DistillConfig) -> dict:
         loss_fn = teacher_loss(teacher, cfg)
     resolve_tokenizer(cfg)
     tok = load_tokenizer(cfg.tokenizer)
-    report_path = cfg.val_data or cfg.train_data
+    report_path = cfg.val_data or cfg.train_data  # the held-out problems, with their think blocks either way
+    if cfg.answer_only and not cfg.resume:
+        cfg.train_data = answer_only_file(cfg.train_data, cfg.out_dir)
+        cfg.val_data = cfg.val_data and answer_only_file(cfg.val_data, cfg.out_dir)
+        print(f"answer only: training on {cfg.train_data} (no <think> block in any reply)")
+    elif cfg.answer_only:
+        cfg.train_data, cfg.val_data = (os.path.join(cfg.out_dir, "answer_only", os.path.basename(p)) if p else p
+                                        for p in (cfg.train_data, cfg.val_data))
     before = {}
 
     def report(model, result):
@@ -143,6 +188,8 @@ def distill(cfg: DistillConfig) -> dict:
         model.eval()
         after = reasoning_report(model, tok, report_path, cfg.eval_problems, cfg.eval_max_new_tokens)
         print(f"before distillation: {describe(before)}\nafter distillation:  {describe(after)}")
+        if after["by_type"]:
+            print(f"after, right by type: {describe_types(after)} ({after['correct']}/{after['checkable']})")
         result.update(before=before, after=after)
 
     if cfg.eval_problems and not cfg.resume:

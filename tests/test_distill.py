@@ -1,12 +1,19 @@
-"""distill.py's parts: the answer match of the accuracy report, and the teacher loss by hand."""
+"""distill.py's parts: the answer match of the accuracy report, the per-type report, the answer-only ablation's
+training targets, and the teacher loss by hand."""
+import json
 import math
+import random
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import DistillConfig, states_answer, teacher_loss
+import distill
+from dataset_sft import SFTData
+from distill import DistillConfig, describe_types, reasoning_report, states_answer, teacher_loss
 from model import ModelConfig, Transformer
+from tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("text,answer", [
@@ -67,3 +74,82 @@ def test_teacher_loss_mixes_cross_entropy_and_kl_on_trained_positions():
             n += 1
     expected = (1 - cfg.kd_weight) * ce + cfg.kd_weight * kl / n * t * t
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def reasoning_file(path, n, seed=0):
+    """n built-in English reasoning problems (with their "type") as a chat file."""
+    import offline_data as od
+    rng = random.Random(seed)
+    records = [od.english_reasoning(rng) for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return records
+
+
+class ScriptedModel:
+    """Stands in for a model in reasoning_report: its greedy reply to the i-th prompt is replies[i]."""
+
+    def __init__(self, tok, replies):
+        self.cfg = ModelConfig(max_seq_len=4096)
+        self.tok, self.replies = tok, iter(replies)
+
+    def generate(self, ids, **kwargs):
+        return self.tok.encode(next(self.replies))
+
+
+def test_per_type_report_adds_up_to_the_overall_figure(tmp_path, tokenizer_path):
+    records = reasoning_file(tmp_path / "val.jsonl", 40)
+    replies, expected = [], Counter()
+    for i, r in enumerate(records):  # right, wrong, or right without a think block, in turn
+        answer = int(r["answer"])
+        replies.append([f"<think>\nso {answer}\n</think>\nIt is {answer}.", f"<think>\n{answer}\n</think>\nIt is "
+                        f"{answer + 1}.", f"The answer is {answer}."][i % 3])
+        expected[r["type"]] += i % 3 != 1
+    tok = load_tokenizer(tokenizer_path)
+    report = reasoning_report(ScriptedModel(tok, replies), tok, str(tmp_path / "val.jsonl"), 40, 160)
+    by_type = report["by_type"]
+    assert len(by_type) >= 5 and {k: v["correct"] for k, v in by_type.items() if v["correct"]} == +expected
+    assert sum(t["problems"] for t in by_type.values()) == report["checkable"] == report["problems"] == 40
+    assert sum(t["correct"] for t in by_type.values()) == report["correct"] == sum(expected.values())
+    assert report["accuracy"] == report["correct"] / 40
+    assert report["well_formed"] == pytest.approx(27 / 40)  # two of every three replies have a think block
+    line = describe_types(report)
+    assert sum(int(part.split()[-1].split("/")[0]) for part in line.split(", ")) == report["correct"]
+
+
+def trained_ids(path, tokenizer_path):
+    """Every trained target id of a chat file, as train_sft.py and distill.py would train it."""
+    data = SFTData(str(path), tokenizer_path, seq_len=256, batch_size=1)
+    ids = []
+    for i in range(len(data)):
+        targets = data.batch(i)["targets"]
+        ids += targets[targets != -100].tolist()
+    return data, ids
+
+
+def test_the_answer_only_ablation_trains_no_think_block(tmp_path, tokenizer_path, monkeypatch):
+    records = reasoning_file(tmp_path / "r1.jsonl", 30)
+    reasoning_file(tmp_path / "r1_val.jsonl", 5, seed=1)
+    seen = {}
+
+    def fake_finetune(cfg, **kwargs):  # what distill() hands the training loop
+        seen.update(train=cfg.train_data, val=cfg.val_data)
+        return {}
+
+    monkeypatch.setattr(distill, "finetune", fake_finetune)
+    distill.distill(DistillConfig(train_data=str(tmp_path / "r1.jsonl"), val_data=str(tmp_path / "r1_val.jsonl"),
+                                  out_dir=str(tmp_path / "out"), tokenizer=tokenizer_path, answer_only=True,
+                                  eval_problems=0, device="cpu"))
+    assert seen["train"] == str(tmp_path / "out" / "answer_only" / "r1.jsonl")
+    tok = load_tokenizer(tokenizer_path)
+    think = {tok.piece_id("<think>"), tok.piece_id("</think>")}
+    for path in (seen["train"], seen["val"]):
+        data, ids = trained_ids(path, tokenizer_path)
+        assert data.conversations == (30 if path == seen["train"] else 5) and ids
+        assert not think & set(ids), path
+    answer_only = [json.loads(line) for line in open(seen["train"], encoding="utf-8")]
+    for full, short in zip(records, answer_only):  # the same problems and final replies, answers and types kept
+        assert short["conversations"][:-1] == full["conversations"][:-1]
+        assert full["conversations"][-1]["content"].endswith("</think>\n" + short["conversations"][-1]["content"])
+        assert "<think>" not in short["conversations"][-1]["content"]
+        assert (short["answer"], short["type"]) == (full["answer"], full["type"])
+    assert think <= set(trained_ids(tmp_path / "r1.jsonl", tokenizer_path)[1])  # the full traces do train them
