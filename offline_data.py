@@ -836,15 +836,64 @@ def english_numbers(rng) -> str:
             f"The number after {n} is {n + 1}, and the number before {n} is {n - 1}.")
 
 
-def english_document(rng) -> str:
-    r = rng.random()
-    if r < 0.62:
+def sums_drill(rng) -> str:
+    """A line of right sums of the sizes the reasoning problems use: a number and a digit, two numbers up to
+    thirty, or a times-table entry."""
+    sums = []
+    for _ in range(rng.randint(8, 16)):
+        kind = rng.randrange(4)
+        if kind == 0:
+            x, y = rng.randint(1, 40), rng.randint(1, 9)
+        elif kind == 1:
+            x, y = rng.randint(1, 30), rng.randint(1, 30)
+        elif kind == 2:
+            x, y = rng.randint(1, 6), rng.choice([2, 4, 2, 3, 4, 5, 6])
+            sums.append(f"{x} * {y} = {x * y}.")
+            continue
+        else:
+            x, y = rng.randint(1, 12), rng.randint(1, 9)
+        op = "-" if rng.random() < 0.4 else "+"
+        x, y = (max(x, y), min(x, y)) if op == "-" else (x, y)
+        sums.append(f"{x} {op} {y} = {OPERATIONS[op](x, y)}.")
+    return " ".join(sums)
+
+
+def worked_problem(rng, avoid=()) -> str:
+    """A reasoning problem as plain text, worked as in r1's traces: question, one step a line, the answer.
+    Never one whose question is in `avoid` (the held-out problems and the README's example)."""
+    problems, weights = zip(*R1_PROBLEMS)
+    while True:
+        question, steps, reply, _ = rng.choices(problems, weights)[0](rng, Work())
+        if question not in avoid:
+            return "\n".join([question, *steps, reply])
+
+
+def who_has(rng) -> str:
+    """A few children with a few things each, then questions answered from the text: a name and a number to
+    find and copy from earlier in the document."""
+    people, items = [], rng.sample(COLLECT, 4)
+    for i in range(rng.randint(2, 4)):
+        people.append((make_character(rng, avoid={p.name for p, _, _ in people}), rng.randint(1, 20), items[i]))
+    told = [f"{p.name} has {count(n, item)}." for p, n, item in people]
+    asked = []
+    for p, n, item in rng.sample(people, rng.randint(1, len(people))):
+        asked.append(rng.choice([f"How many {item[1]} does {p.name} have? {p.name} has {count(n, item)}.",
+                                 f"Who has the {item[1]}? {p.name} has {count(n, item)}.",
+                                 f"What does {p.name} have? {p.He} has {count(n, item)}."]))
+    return " ".join(told + asked)
+
+
+DOCUMENT_MIX = [(english_story, 26), (english_dialogue, 6), (english_facts, 6), (english_numbers, 4),
+                (who_has, 13), (sums_drill, 45), (worked_problem, 30)]  # shares of the pretraining documents
+
+
+def english_document(rng, avoid=()) -> str:
+    """One pretraining document: a story, dialogue, explanation, line of sums or worked problem."""
+    makers, weights = zip(*DOCUMENT_MIX)
+    make = rng.choices(makers, weights)[0]
+    if make is english_story:
         return english_story(rng)[0]
-    if r < 0.77:
-        return english_dialogue(rng)
-    if r < 0.92:
-        return english_facts(rng)
-    return english_numbers(rng)
+    return make(rng, avoid) if make is worked_problem else make(rng)
 
 
 # Chats (sft): each task returns [(role, content), ...] ending with an assistant turn
@@ -1128,19 +1177,21 @@ class Work:
 def r1_change(rng, work):
     a, item = make_character(rng), rng.choice(COLLECT)
     b = make_character(rng, avoid={a.name})
-    n = start = rng.randint(2, 15)
+    n = start = rng.randint(2, 10)
     moves = []
-    for _ in range(rng.randint(2, 3)):
+    for _ in range(rng.choice([1, 2, 2, 3])):
         if n < 2 or rng.random() < 0.55:
-            k = rng.randint(1, min(12, 99 - n))
+            k = rng.randint(1, 9)
             moves.append((rng.choice(GAIN).format(k=k, b=b), "+", k))
             n += k
         else:
             k = rng.randint(1, n - 1)
             moves.append((rng.choice(LOSE).format(k=k, b=b), "-", k))
             n -= k
-    question = (f"{a.name} has {count(start, item)}. {a.He} {', then '.join(clause for clause, _, _ in moves)}. "
-                f"How many {item[1]} does {a.name} have now?")
+    clauses = ', then '.join(clause for clause, _, _ in moves)
+    told = f"{a.name} has {count(start, item)} and {clauses}." if rng.random() < 0.5 else \
+        f"{a.name} has {count(start, item)}. {a.He} {clauses}."
+    question = f"{told} How many {item[1]} does {rng.choice([a.name, a.he])} have now?"
     steps, n = [f"{a.name} starts with {count(start, item)}."], start
     for clause, op, k in moves:
         equation, n = work.eq(n, op, k)
@@ -1151,12 +1202,12 @@ def r1_change(rng, work):
 
 def r1_groups(rng, work):
     box, item = rng.choice(CONTAINERS), rng.choice(COLLECT)
-    g, k = rng.randint(2, 9), rng.randint(2, 9)
+    g, k = rng.randint(2, 6), rng.randint(2, 6)
     question = f"There are {count(g, box)} with {count(k, item)} in each. How many {item[1]} are there in all?"
     product, total = work.eq(g, "*", k)
     steps = [f"There are {g} {box[1]}, and each {box[0]} has {count(k, item)}.", f"{g} groups of {k} is {product}."]
     if g * k <= 90 and rng.random() < 0.4:
-        extra = rng.randint(1, 99 - g * k)
+        extra = rng.randint(1, 9)
         question = question.replace(" How many", f" There are also {extra} loose {item[1]} on the table. How many")
         addition, total = work.eq(total, "+", extra)
         steps.append(f"Adding the {extra} loose ones: {addition}.")
@@ -1167,7 +1218,7 @@ def r1_groups(rng, work):
 
 def r1_share(rng, work):
     a, item = make_character(rng), rng.choice(COLLECT)
-    k, each = rng.randint(2, 9), rng.randint(1, 9)
+    k, each = rng.randint(2, 6), rng.randint(1, 6)
     total = k * each
     question = f"{a.name} has {count(total, item)} and shares them equally among {k} friends. " \
                f"How many {item[1]} does each friend get?"
@@ -1181,7 +1232,7 @@ def r1_share(rng, work):
 def r1_compare(rng, work):
     a, item = make_character(rng), rng.choice(COLLECT)
     b = make_character(rng, avoid={a.name})
-    x, y = sorted(rng.sample(range(1, 50), 2))
+    x, y = sorted(rng.sample(range(1, 31), 2))
     if rng.random() < 0.5:
         question = f"{a.name} has {count(x, item)}. {b.name} has {count(y, item)}. " \
                    f"How many more {item[1]} does {b.name} have than {a.name}?"
@@ -1189,7 +1240,7 @@ def r1_compare(rng, work):
         more = work.answer(more)
         steps = [f"{b.name} has {y} and {a.name} has {x}.", f"The difference is {subtraction}."]
         return question, steps, f"{b.name} has {more} more {item[1]} than {a.name}.", more
-    k = rng.randint(1, 20)
+    k = rng.randint(1, 9)
     question = f"{a.name} has {count(x, item)}. {b.name} has {k} more than {a.name}. " \
                f"How many {item[1]} do they have together?"
     addition, b_has = work.eq(x, "+", k)
@@ -1202,7 +1253,7 @@ def r1_compare(rng, work):
 def r1_age(rng, work):
     a = make_character(rng)
     b = make_character(rng, avoid={a.name})
-    x, k, m = rng.randint(3, 12), rng.randint(1, 9), rng.randint(1, 10)
+    x, k, m = rng.randint(3, 12), rng.randint(1, 9), rng.randint(1, 9)
     question = f"{a.name} is {x} years old. {b.name} is {k} years older than {a.name}. " \
                f"How old will {b.name} be in {m} years?"
     older, age = work.eq(x, "+", k)
@@ -1214,8 +1265,8 @@ def r1_age(rng, work):
 
 def r1_shop(rng, work):
     a = make_character(rng)
-    (i1, i2), (n1, n2) = rng.sample(SHOP_ITEMS, 2), (rng.randint(1, 5), rng.randint(1, 5))
-    p1, p2 = rng.randint(1, 9), rng.randint(1, 9)
+    (i1, i2), (n1, n2) = rng.sample(SHOP_ITEMS, 2), (rng.randint(1, 3), rng.randint(1, 3))
+    p1, p2 = rng.randint(1, 6), rng.randint(1, 6)
     total = n1 * p1 + n2 * p2
     question = f"{cap(an(i1[0]))} {i1[0]} costs {count(p1, COIN)} and {an(i2[0])} {i2[0]} costs " \
                f"{count(p2, COIN)}. {a.name} buys {count(n1, i1)} and {count(n2, i2)}. " \
@@ -1224,7 +1275,7 @@ def r1_shop(rng, work):
     together, cost = work.eq(cost1, "+", cost2)
     steps = [f"{count(n1, i1)}: {first} coins.", f"{count(n2, i2)}: {second} coins.", f"Together: {together}."]
     if total < 99 and rng.random() < 0.4:
-        paid = rng.randint(total + 1, min(99, total + 20))
+        paid = rng.randint(total + 1, total + 9)
         question = question.replace("How many coins does", f"{a.He} pays with {paid} coins. How much change does")
         question = question.replace(f"{a.name} pay?", f"{a.name} get back?")
         subtraction, change = work.eq(paid, "-", cost)
@@ -1236,7 +1287,7 @@ def r1_shop(rng, work):
 
 def r1_legs(rng, work):
     x, y = rng.sample(FARM_ANIMALS, 2)
-    nx, ny = rng.randint(1, 9), rng.randint(1, 9)
+    nx, ny = rng.randint(1, 6), rng.randint(1, 6)
     lx, ly = ANIMALS[x][2], ANIMALS[y][2]
     px, py = (ANIMALS[x][0] if nx > 1 else x), (ANIMALS[y][0] if ny > 1 else y)
     question = f"On a farm there {'are' if nx > 1 else 'is'} {nx} {px} and {ny} {py}. How many legs are there in all?"
@@ -1248,7 +1299,7 @@ def r1_legs(rng, work):
 
 
 def r1_sum(rng, work):
-    numbers = [rng.randint(1, 20) for _ in range(rng.randint(3, 5))]
+    numbers = [rng.randint(1, 9) for _ in range(rng.randint(3, 4))]
     while sum(numbers) > 99:
         numbers.pop()
     steps, total = [], numbers[0]
@@ -1312,11 +1363,12 @@ R1_PROBLEMS = [(r1_change, 20), (r1_groups, 10), (r1_share, 6), (r1_compare, 10)
 def english_reasoning(rng, work=None) -> dict:
     """A reasoning problem worked by `work` (right when None): an r1 record."""
     problems, weights = zip(*R1_PROBLEMS)
-    question, steps, reply, answer = rng.choices(problems, weights)[0](rng, work or Work())
+    problem = rng.choices(problems, weights)[0]
+    question, steps, reply, answer = problem(rng, work or Work())
     turns = [{"role": "system", "content": rng.choice(R1_SYSTEM_PROMPTS)}] if rng.random() < 0.25 else []
     turns += [{"role": "user", "content": question},
               {"role": "assistant", "content": think_reply("\n".join(steps), reply)}]
-    return {"conversations": turns, "answer": str(answer)}
+    return {"conversations": turns, "answer": str(answer), "type": problem.__name__.removeprefix("r1_")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1375,6 +1427,7 @@ ZH_SEASONS = {"春天": ["天气变暖了", "花儿开了", "小草发芽了"], 
 ZH_CATEGORIES = {"动物": ["小猫", "小狗", "老虎", "兔子", "熊猫", "猴子", "大象", "狮子"],
                  "水果": ["苹果", "香蕉", "葡萄", "西瓜", "橘子", "桃子", "草莓"],
                  "颜色": ["红色", "蓝色", "黄色", "绿色", "白色", "紫色"]}
+ZH_TYPES = ["change", "groups", "compare", "legs", "category"]  # zh_reasoning's kinds, as the English types
 ZH_DAYS = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期天"]
 
 
@@ -1483,7 +1536,7 @@ def zh_dialogue(rng) -> str:
             f"两个人一起{chore}，很快就做完了。然后，他们高高兴兴地玩起了{game}。")
 
 
-def zh_document(rng) -> str:
+def zh_document(rng, avoid=()) -> str:
     r = rng.random()
     return zh_story(rng)[0] if r < 0.65 else zh_dialogue(rng) if r < 0.8 else zh_facts(rng)
 
@@ -1597,21 +1650,22 @@ def zh_reasoning(rng, work=None) -> dict:
     steps.append(f"所以答案是{answer}。")
     turns = [{"role": "user", "content": question},
              {"role": "assistant", "content": think_reply("\n".join(steps), f"{reply}答案是：{answer}。")}]
-    return {"conversations": turns, "answer": str(answer)}
+    return {"conversations": turns, "answer": str(answer), "type": ZH_TYPES[kind]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
+EXAMPLE_QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have now?"  # README quickstart
 FILE_NAMES = ["pretrain", "pretrain_val", "sft", "sft_val", "r1", "r1_val", "dpo", "dpo_val"]
 GENERATORS = {"en": (english_document, english_chat, english_reasoning), "zh": (zh_document, zh_chat, zh_reasoning)}
 
 
-def documents(rng, make_document, n_bytes: int):
-    """Documents until about n_bytes of UTF-8 text."""
+def documents(rng, make_document, n_bytes: int, avoid=()):
+    """Documents until about n_bytes of UTF-8 text (no worked problem asks a question in `avoid`)."""
     size = 0
     while size < n_bytes:
-        text = make_document(rng)
+        text = make_document(rng, avoid)
         size += len(text.encode("utf-8"))
         yield {"text": text}
 
@@ -1674,7 +1728,9 @@ def write_offline_data(out_dir: str, lang: str = "en", seed: int = 0, pretrain_m
         raise UserError(f"--lang must be one of {', '.join(GENERATORS)}, got {lang!r}")
     make_document, make_chat, make_problem = GENERATORS[lang]
     rng = {name: random.Random(f"{seed}:{lang}:{name}") for name in FILE_NAMES}
-    held_out = set()  # r1_val's questions, in no other file: distill.py and train_dpo.py report accuracy on them
+    # r1_val's questions and the README's example, in no other file: distill.py and train_dpo.py report accuracy
+    # on them, and the quickstart's last command asks the example
+    held_out = {EXAMPLE_QUESTION}
     r1_val = list(new_problems(rng["r1_val"], make_problem, n_val, held_out))
     dpo_questions = set(held_out)  # the pairs may reuse r1's problems (DPO after distillation), not r1_val's
 
@@ -1682,8 +1738,8 @@ def write_offline_data(out_dir: str, lang: str = "en", seed: int = 0, pretrain_m
         return reasoning_pair(pair_rng, make_problem)
 
     records = {  # val first: the training records skip its questions
-        "pretrain_val": ({"text": make_document(rng["pretrain_val"])} for _ in range(n_val)),
-        "pretrain": documents(rng["pretrain"], make_document, int(pretrain_mb * 1e6)),
+        "pretrain_val": ({"text": make_document(rng["pretrain_val"], held_out)} for _ in range(n_val)),
+        "pretrain": documents(rng["pretrain"], make_document, int(pretrain_mb * 1e6), held_out),
         "sft_val": (make_chat(rng["sft_val"]) for _ in range(n_val)),
         "sft": (make_chat(rng["sft"]) for _ in range(n_sft)),
         "r1_val": r1_val,

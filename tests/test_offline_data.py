@@ -11,6 +11,7 @@ from conftest import read_jsonl as read
 SMALL = dict(pretrain_mb=0.3, n_sft=400, n_r1=400, n_dpo=300, n_val=50)
 ROLES = {"system", "user", "assistant"}
 EQUATION = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")  # "3 + 4 = 7", "2 + 2 + 2 = 6", "6 * 4 = 24"
+TYPES = {"en": {f.__name__.removeprefix("r1_") for f, _ in od.R1_PROBLEMS}, "zh": set(od.ZH_TYPES)}
 THINK = re.compile(r"<think>\n(.+?)\n</think>\n(.+)", re.S)
 
 
@@ -119,7 +120,8 @@ def test_reasoning_records_are_well_formed_and_correct(data):
     for name in ("r1", "r1_val"):
         for i, r in enumerate(read(paths[name])):
             where = f"{name} {i}"
-            assert set(r) == {"conversations", "answer"} and isinstance(r["answer"], str), where
+            assert list(r) == ["conversations", "answer", "type"] and isinstance(r["answer"], str), where
+            assert r["type"] in TYPES[lang], where
             check_chat(r, where)
             assert len(r["conversations"]) in (2, 3), where
             question, reply = r["conversations"][-2]["content"], r["conversations"][-1]["content"]
@@ -181,6 +183,33 @@ def test_held_out_questions_are_not_trained_on(data):
     r1_val, dpo_val, dpo = questions("r1_val"), questions("dpo_val"), questions("dpo")
     assert all(len(set(q)) == len(q) for q in (r1_val, dpo_val, dpo))
     assert not set(r1_val) & (set(questions("r1")) | set(dpo_val) | set(dpo)) and not set(dpo_val) & set(dpo)
+    pretraining = "\n".join(r["text"] for name in ("pretrain", "pretrain_val") for r in read(paths[name]))
+    assert not [q for q in r1_val if q in pretraining]
+    assert all(od.EXAMPLE_QUESTION not in open(path, encoding="utf-8").read() for path in paths.values())
+
+
+def test_the_readme_example_is_like_the_problems_but_never_one_of_them(tmp_path):
+    """The quickstart asks "Tom has 3 apples and buys 4 more. How many apples does he have now?": problems
+    phrased like it (one move, "and", "he" in the question) are common in training, the question itself is in no
+    file (also checked above), so a right answer is learned, not remembered."""
+    paths = od.write_offline_data(str(tmp_path), "en", seed=0, pretrain_mb=0.01, n_sft=1, n_r1=2000, n_dpo=1,
+                                  n_val=1)
+    like = re.compile(r"^[A-Z]\w+ has \d+ [a-z ]+ and (buys|finds|picks) \d+ more\. How many [a-z ]+ does s?he have now\?$")
+    questions = [r["conversations"][-2]["content"] for r in read(paths["r1"])]
+    assert sum(map(bool, map(like.match, questions))) >= 5 and od.EXAMPLE_QUESTION not in questions
+    assert any(q.startswith("Tom has ") for q in questions) and sum(" apples" in q for q in questions) >= 50
+
+
+def test_pretraining_has_worked_problems_and_sums(data):
+    """Some pretraining documents are reasoning problems worked as in r1 (question, one step a line, the answer)
+    or lines of sums, so copying names and numbers from the question and adding up are learned from the start."""
+    lang, paths = data
+    texts = [r["text"] for r in read(paths["pretrain"])]
+    if lang == "zh":
+        return
+    worked = [t for t in texts if re.search(r"\?\n.+\n", t)]
+    assert 0.15 < len(worked) / len(texts) < 0.4
+    assert sum(bool(re.fullmatch(r"(\d+ [-+*] \d+ = \d+\. ?)+", t)) for t in texts) > 0.03 * len(texts)
 
 
 def test_english_chat_answers_are_right(tmp_path):

@@ -155,7 +155,7 @@ def test_ddp_two_gloo_processes_match_one_process(work, optimizer):
     equal those of one process with batch 8, up to the order of floating-point sums."""
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     common = [*TINY[:-4], "--eval_batches", "2", "--log_every", "1", "--max_steps", "6", "--eval_every", "6",
-              "--grad_accum", "2", "--device", "cpu", "--optimizer", optimizer]
+              "--grad_accum", "2", "--device", "cpu", "--optimizer", optimizer, "--lr", "1e-3"]  # the atol's lr
     run("train.py", *common, "--batch_size", "8", "--out_dir", f"out/one_{optimizer}", cwd=work)
     r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "train.py"),
                         *common, "--batch_size", "4", "--out_dir", f"out/two_{optimizer}"],
