@@ -840,7 +840,7 @@ def sums_drill(rng) -> str:
     """A line of right sums of the sizes the reasoning problems use: a number and a digit, two numbers up to
     thirty, or a times-table entry."""
     sums = []
-    for _ in range(rng.randint(8, 16)):
+    for _ in range(rng.randint(6, 10)):
         kind = rng.randrange(4)
         if kind == 0:
             x, y = rng.randint(1, 40), rng.randint(1, 9)
@@ -883,8 +883,9 @@ def who_has(rng) -> str:
     return " ".join(told + asked)
 
 
-DOCUMENT_MIX = [(english_story, 26), (english_dialogue, 6), (english_facts, 6), (english_numbers, 4),
-                (who_has, 13), (sums_drill, 45), (worked_problem, 30)]  # shares of the pretraining documents
+DOCUMENT_MIX = [(english_story, 30), (english_dialogue, 8), (english_facts, 8), (english_numbers, 5),
+                (who_has, 13), (sums_drill, 6), (worked_problem, 30)]  # shares of the pretraining documents (by bytes:
+# about 21% worked problems, 9% who-has-what, 2% sums; 23% sums measured no better)
 
 
 def english_document(rng, avoid=()) -> str:
