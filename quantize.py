@@ -1,0 +1,273 @@
+"""
+int8 weight-only quantization for inference: every linear layer (attention wq wk wv wo, feed-forward w1 w2 w3
+and the output head) keeps its weight as int8 with one scale per output row, and dequantizes on the fly
+inside the matmul. Batch-1 decoding reads every weight once per token, so a quarter of fp32's bytes is what
+makes it faster; the embedding and the norms stay in the compute dtype.
+
+  python quantize.py --ckpt out/distill/best.pt      # writes out/distill/best_int8.pt, prints the quality report
+
+Symmetric, per output channel: scale = max |w| / 127 for each row, q = round(w / scale) in [-127, 127]. A
+head tied to the embedding gets an int8 copy of its own (the embedding lookups keep the float table; the
+matmul over the whole vocabulary, the largest in the model, reads the int8 one), so the file holds the
+embedding twice, once in float and once in int8.
+
+The quantized checkpoint loads with torch.load(..., weights_only=True) like every checkpoint of this project:
+{"model": int8 state, "config", "quantization": "int8", "tokenizer", "step", "source"}. It is for inference
+only: load_model() below reads it (and any other checkpoint, through lora.load_model).
+
+The report compares the float and the int8 model on held-out text: the mean cross-entropy (and perplexity)
+before and after, greedy-token agreement on continuations of held-out prompts (how long the int8 model's
+continuation stays identical to the float one's, and how many are identical throughout), and batch-1
+decoding speed.
+"""
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from cli import UserError, parse_config, run_guarded
+from dataset import TokenShards
+from model import ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
+from tokenizer import load_tokenizer
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer whose weight is int8 (out, in) times scales (out,): y = (x q^T) * scales.
+    Both are buffers (plain tensors, no gradient): scales follow the model's dtype under model.to(dtype),
+    the int8 weight stays int8."""
+
+    def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        # The CPU kernel's own scales, all 1 (ours are applied after it, in the model's dtype): bfloat16, which
+        # model.to(dtype) would change in a buffer. Not state: it is made again, never saved.
+        self.unit_scales = torch.ones(out_features, dtype=torch.bfloat16)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        if linear.bias is not None:
+            raise ModelError("int8 quantization covers bias-free linear layers (all of this model's)")
+        w = linear.weight.detach().float()
+        layer = cls(linear.in_features, linear.out_features, linear.weight.dtype, linear.weight.device)
+        layer.scales.copy_(w.abs().amax(dim=1) / 127)  # rounded to the model's dtype: q is made against that
+        scales = layer.scales.float().clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # a zero row: q = 0
+        layer.weight.copy_((w / scales).round().clamp(-127, 127))
+        return layer
+
+    def forward(self, x):
+        if x.device.type != "cpu" or self.in_features % 16:
+            # Dequantize: a float copy of the weight per call. On CUDA torch.compile fuses the cast into the
+            # matmul (it never exists whole in memory); eager it is slower than the float model. The CPU
+            # kernel below steps through rows 16 values at a time: other widths would read past a row.
+            return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        # CPU: aten's int8 weight-only matmul (gpt-fast's and torchao's), vectorized only for bfloat16 in this
+        # torch (float32 and float16 run a scalar loop, slower than the float model): x is cast to bfloat16,
+        # products are summed in float32 and the sum rounded to bfloat16, then scaled in the model's dtype.
+        # The cast also gives the kernel a new, aligned tensor: its aligned loads fault on a view that starts
+        # mid-vector.
+        lead = x.shape[:-1]
+        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16, copy=True),
+                                        self.weight, self.unit_scales) * self.scales
+        return out.view(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def replace_linears(model: nn.Module, make) -> nn.Module:
+    """Every nn.Linear of the model (in place) replaced by make(linear)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child))
+    return model
+
+
+def quantize_model(model: Transformer) -> Transformer:
+    """The model (in place, put in eval mode) with int8 weights in every linear layer; the embedding and norms
+    keep their dtype (float32, bfloat16 or float16). A head tied to the embedding gets its own int8 copy."""
+    if is_quantized(model):
+        raise ModelError("the model is int8-quantized already: quantize the float model, once")
+    if lora.is_lora(model):
+        raise ModelError("the model has LoRA adapters: merge them first (lora.merge_lora, or python lora.py)")
+    return replace_linears(model.eval(), Int8Linear.from_float)
+
+
+def quantized_checkpoint(model: Transformer, ckpt: dict, source: str) -> dict:
+    """What quantize.py writes: the int8 state with what inference needs from the float checkpoint."""
+    return {"model": model.state_dict(), "config": asdict(model.cfg), "quantization": "int8",
+            "tokenizer": ckpt.get("tokenizer", ""), "step": ckpt.get("step", 0), "source": source}
+
+
+def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":
+    """(model, checkpoint) for any checkpoint of this project: an int8 one (quantize.py) as an int8 model,
+    any other as lora.load_model reads it."""
+    ckpt = read_checkpoint(path)
+    kind = ckpt.get("quantization")
+    if kind is None:
+        return lora.load_model(path, device)  # reads the file again: a float checkpoint takes well under a second
+    if kind != "int8":
+        raise ModelError(f"{path} holds weights quantized as {kind!r}; this version reads int8 only")
+    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
+    scales_dtype = next((t.dtype for name, t in ckpt["model"].items() if name.endswith(".scales")), torch.float32)
+    replace_linears(model, lambda linear: Int8Linear(linear.in_features, linear.out_features, scales_dtype))
+    load_state_dict_checked(model, ckpt["model"], path)
+    return model.eval().to(device), ckpt
+
+
+# -----------------------------------------------------------------------------
+# the quality report
+
+@torch.no_grad()
+def mean_cross_entropy(model: Transformer, windows: torch.Tensor) -> float:
+    """Mean next-token cross-entropy (nats) over rows of token ids (n, seq_len + 1), a row at a time."""
+    device = model.tok_embeddings.weight.device
+    losses = [model(row[None, :-1].to(device), row[None, 1:].to(device))[1].item() for row in windows]
+    return sum(losses) / len(losses)
+
+
+def greedy_agreement(reference: Transformer, model: Transformer, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """How far `model`'s greedy continuation of each prompt (a row of ids) follows `reference`'s: the mean share
+    of the new_tokens positions before the first differing token, and the share of continuations identical
+    throughout."""
+    prefixes = []
+    for prompt in prompts.tolist():
+        a = reference.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+        b = model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+        prefixes.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) / len(a))
+    return {"prefix_share": sum(prefixes) / len(prefixes),
+            "identical_share": sum(p == 1.0 for p in prefixes) / len(prefixes), "prompts": len(prefixes)}
+
+
+def decode_speed(model: Transformer, prompt: list, new_tokens: int, repeats: int = 3) -> float:
+    """Tokens per second of batch-1 greedy generation, the best of `repeats` runs after a warm-up."""
+    model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+        best = min(best, time.perf_counter() - t0)
+    return len(out) / best
+
+
+def quality_report(float_model: Transformer, int8_model: Transformer, windows: torch.Tensor, prompts: torch.Tensor,
+                   new_tokens: int = 64, speed_tokens: int = 128) -> dict:
+    """The float and the int8 model compared: mean cross-entropy on `windows` (n, seq_len + 1) before and after,
+    greedy agreement on continuations of `prompts` (n, prompt_len), and decode tokens/s (speed_tokens 0: not
+    timed). The two speeds are taken back to back, float first."""
+    report = {"loss_float": mean_cross_entropy(float_model, windows), "loss_int8": mean_cross_entropy(int8_model, windows),
+              "eval_tokens": windows.shape[0] * (windows.shape[1] - 1),
+              **greedy_agreement(float_model, int8_model, prompts, new_tokens), "new_tokens": new_tokens}
+    if speed_tokens:
+        prompt = prompts[0].tolist()
+        report["tokens_per_s_float"] = decode_speed(float_model, prompt, speed_tokens)
+        report["tokens_per_s_int8"] = decode_speed(int8_model, prompt, speed_tokens)
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"held-out loss ({r['eval_tokens']:,} tokens): float {r['loss_float']:.4f} (perplexity "
+             f"{math.exp(r['loss_float']):.3f}), int8 {r['loss_int8']:.4f} (perplexity {math.exp(r['loss_int8']):.3f}): "
+             f"{r['loss_int8'] - r['loss_float']:+.4f}",
+             f"greedy agreement over {r['new_tokens']} new tokens of {r['prompts']} held-out prompts: "
+             f"{r['prefix_share']:.1%} of positions before the first difference, "
+             f"{r['identical_share']:.0%} of continuations identical"]
+    if "tokens_per_s_float" in r:
+        lines.append(f"batch-1 greedy decode: float {r['tokens_per_s_float']:.1f} tokens/s, int8 "
+                     f"{r['tokens_per_s_int8']:.1f} tokens/s ({r['tokens_per_s_int8'] / r['tokens_per_s_float']:.2f}x)")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+@dataclass
+class QuantizeConfig:
+    ckpt: str = field(default="out/distill/best.pt", metadata={"help": "the float checkpoint to quantize"})
+    out: str = field(default="", metadata={"help": "the int8 checkpoint to write (empty: CKPT_int8.pt)"})
+    val_data: str = field(default="data/pretrain_val.bin", metadata={"help": "held-out token shard for the report"})
+    text_file: str = field(default="", metadata={"help": "held-out text instead of --val_data (a UTF-8 file)"})
+    tokenizer: str = field(default="", metadata={
+        "help": "for --text_file: tokenizer.model or tokenizer.json (empty: the one the checkpoint names)"})
+    eval_windows: int = field(default=32, metadata={"help": "windows of seq_len + 1 tokens for the loss"})
+    seq_len: int = field(default=0, metadata={"help": "window length for the loss (0: the model's context)"})
+    prompts: int = field(default=20, metadata={"help": "held-out prompts for greedy agreement"})
+    prompt_tokens: int = 32
+    new_tokens: int = field(default=64, metadata={"help": "greedy tokens compared per prompt"})
+    speed_tokens: int = field(default=128, metadata={"help": "tokens generated to time decoding; 0: not timed"})
+    device: str = "cpu"
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16: the compute dtype"})
+    seed: int = 0
+
+
+def held_out(cfg: QuantizeConfig, tokenizer: str, length: int, count: int, seed: int) -> torch.Tensor:
+    """(count, length) token ids: windows drawn from --val_data (seed picks them), or the first consecutive
+    pieces of --text_file (as many as it holds, up to count)."""
+    if not cfg.text_file:
+        rows = TokenShards(cfg.val_data, length - 1, count, seed=seed).batch(0)
+        return torch.cat([rows["tokens"], rows["targets"][:, -1:]], dim=1)
+    try:
+        with open(cfg.text_file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--text_file {cfg.text_file}: {e}") from None
+    tok = load_tokenizer(tokenizer)
+    ids = [tok.eos_id] + tok.encode(text)  # a document start, as in pretraining
+    if len(ids) < length:
+        raise UserError(f"--text_file {cfg.text_file} has {len(ids)} tokens; one window needs {length}")
+    count = min(count, len(ids) // length)
+    return torch.tensor(ids[:count * length]).view(count, length)
+
+
+def run(cfg: QuantizeConfig):
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {cfg.dtype}: use float32, bfloat16 or float16")
+    if min(cfg.eval_windows, cfg.prompts, cfg.prompt_tokens, cfg.new_tokens) < 1 or cfg.speed_tokens < 0:
+        raise UserError("--eval_windows, --prompts, --prompt_tokens and --new_tokens must be at least 1")
+    float_model, ckpt = load_model(cfg.ckpt, cfg.device)
+    if ckpt.get("quantization"):
+        raise UserError(f"{cfg.ckpt} is quantized already: give the float checkpoint it was made from "
+                        f"({ckpt.get('source') or 'its source'})")
+    out = cfg.out or cfg.ckpt.removesuffix(".pt") + "_int8.pt"
+    save_checkpoint(quantized_checkpoint(quantize_model(copy.deepcopy(float_model)), ckpt, cfg.ckpt), out)
+    int8_model, _ = load_model(out, cfg.device)  # the report is on the file as written
+    dtype = getattr(torch, cfg.dtype)
+    float_model.to(dtype).eval()
+    int8_model.to(dtype)
+    print(f"wrote {out}: {os.path.getsize(out) / 2**20:.1f} MiB, {os.path.getsize(cfg.ckpt) / 2**20:.1f} MiB for "
+          f"{cfg.ckpt} ({os.path.getsize(cfg.ckpt) / os.path.getsize(out):.1f}x smaller; the source holds "
+          f"{'the optimizer state too' if 'optimizer' in ckpt else 'the weights only'})")
+
+    seq_len = cfg.seq_len or float_model.cfg.max_seq_len
+    if cfg.prompt_tokens + cfg.new_tokens > float_model.cfg.max_seq_len or seq_len > float_model.cfg.max_seq_len:
+        raise UserError(f"the model's context is {float_model.cfg.max_seq_len} tokens: lower --seq_len or "
+                        f"--prompt_tokens + --new_tokens")
+    tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
+    windows = held_out(cfg, tokenizer, seq_len + 1, cfg.eval_windows, cfg.seed)
+    prompts = held_out(cfg, tokenizer, cfg.prompt_tokens, cfg.prompts, cfg.seed + 1)
+    if windows.max() >= float_model.cfg.vocab_size:
+        raise UserError(f"the held-out ids reach {int(windows.max())}, beyond the model's vocabulary of "
+                        f"{float_model.cfg.vocab_size}: give text made with its tokenizer")
+    print(format_report(quality_report(float_model, int8_model, windows, prompts, cfg.new_tokens, cfg.speed_tokens)))
+
+
+def main(argv=None):
+    run_guarded(run, parse_config(QuantizeConfig, argv, description=__doc__.strip().splitlines()[0]),
+                errors=(ModelError,))
+
+
+if __name__ == "__main__":
+    main()
