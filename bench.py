@@ -28,6 +28,7 @@ padded to the longest row against packed (--pack), in useful (conversation) toke
   python bench.py --preset cpu --sft_mb 200 --seq_len 1024 --max_seq_len 1024   # needs data/tokenizer.model
 """
 import contextlib
+import copy
 import io
 import itertools
 import json
@@ -44,6 +45,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -52,8 +54,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from cli import UserError, parse_config, run_guarded
 from inference import pick_device
 from lora import add_lora, cast_frozen
-from model import ModelConfig, ModelError, Transformer
+from model import ModelConfig, ModelError, Transformer, compile_decoding
 from offline_data import english_chat
+from quantize import Int8Linear, quantize_model
 from records import atomic_write
 
 
@@ -81,7 +84,7 @@ class BenchConfig:
     lora_rank: int = field(default=0, metadata={"help": "training and memory rows: LoRA adapters of this rank on "
                                                         "the frozen model; 0: every weight trained"})
     memory_only: bool = field(default=False, metadata={"help": "print only the simulated bf16 memory row"})
-    compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd training step"})
+    compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd training step and decode"})
     peak_tflops: float = field(default=0.0, metadata={"help": "for MFU; 0: the GPU table / measured CPU matmuls"})
     memory_cap_gib: float = field(default=0.0, metadata={
         "help": "CUDA: use at most this much GPU memory, e.g. 12 to act as a 12 GB card; 0: all"})
@@ -180,6 +183,44 @@ def decode_ours(model: Transformer, prompt: list, cfg: BenchConfig) -> float:
         out = model.generate(prompt, max_new_tokens=cfg.new_tokens, temperature=0)
         assert len(out) == cfg.new_tokens
     return cfg.new_tokens / best_time(run, cfg.repeats, cfg.device)
+
+
+@torch.no_grad()
+def decode_roofline(model: Transformer, cfg: BenchConfig) -> float:
+    """Tokens per second of the bare chain of matrix-vector products one token needs: every linear layer
+    (int8 ones included) applied once to a one-token vector, the output head too, nothing else. Batch-1
+    decoding reads every weight once per token, so this is its bound on this machine, for this dtype."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+    dtype = model.tok_embeddings.weight.dtype
+    inputs = [torch.randn(1, m.in_features, device=cfg.device, dtype=dtype) for m in layers]
+
+    def chain():
+        for layer, x in zip(layers, inputs):
+            layer(x)
+    return 10 / best_time(lambda: [chain() for _ in range(10)], cfg.repeats, cfg.device)
+
+
+def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
+    """Decode speed eager and compiled (--compile), fp32 (or --dtype) and int8 weights, each next to the
+    roofline of its weights; transformers' generate() on the same weights (--hf)."""
+    rows = []
+    int8 = quantize_model(copy.deepcopy(model))
+    for name, m in (("", model), (", int8 weights", int8)):
+        roofline = decode_roofline(m, cfg)
+        variants = [("", m)] + ([(" compiled", compile_decoding(copy.deepcopy(m)))] if cfg.compile else [])
+        for how, variant in variants:
+            if how:
+                t0 = time.perf_counter()
+                variant.generate(prompt, max_new_tokens=2, temperature=0)
+                print(f"compiled the decode step{name} in {time.perf_counter() - t0:.1f}s")
+            speed = decode_ours(variant, prompt, cfg)
+            rows.append((f"decode, ours{how}{name}", speed, "tokens/s", f"{speed / roofline:.0%} of the roofline"))
+        rows.append((f"decode roofline{name}", roofline, "tokens/s", "the bare matrix-vector products per token"))
+    if cfg.hf:
+        theirs = decode_transformers(model, prompt, cfg)
+        fastest = max(r[1] for r in rows if r[0].startswith("decode, ours") and "int8" not in r[0])
+        rows.append(("decode, transformers", theirs, "tokens/s", f"our fastest (same weights) is {fastest / theirs:.2f}x"))
+    return rows
 
 
 def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> float:
@@ -437,12 +478,7 @@ def run(cfg: BenchConfig):
     print(f"model: {model.num_params() / 1e6:.1f}M parameters, {cfg.device}, "
           f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; "
           f"decode: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, greedy")
-    ours = decode_ours(model, prompt, cfg)
-    rows = [("decode, ours", ours, "tokens/s", "")]
-    if cfg.hf:
-        theirs = decode_transformers(model, prompt, cfg)
-        rows.append(("decode, transformers", theirs, "tokens/s", f"ours is {ours / theirs:.2f}x"))
-    print_table(training_rows(model_cfg, cfg) + [memory_row(model_cfg, cfg)] + rows)
+    print_table(training_rows(model_cfg, cfg) + [memory_row(model_cfg, cfg)] + decode_rows(model, prompt, cfg))
 
 
 def main(argv=None):

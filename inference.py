@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 from cli import UserError, parse_config, run_guarded
-from lora import load_model
-from model import ModelError, extend_context
+from model import ModelError, compile_decoding, extend_context
+from quantize import load_model as load_quantized, quantize_model
 from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 
@@ -46,6 +46,11 @@ class InferenceConfig:
     device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
     dtype: str = field(default="auto", metadata={
         "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
+    quantize: str = field(default="none", metadata={
+        "help": "int8: int8 weights for every linear layer (quantize.py), fewer bytes read per token; none"})
+    compile: bool = field(default=False, metadata={
+        "help": "compile the decode step with torch.compile (CUDA graphs on a GPU): faster tokens after a "
+                "compile of seconds to a minute"})
 
 
 def prompt_ids(tok: Tokenizer, text: str) -> list:
@@ -88,17 +93,32 @@ def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str, 
     """(model, tokenizer, device) for generation. The tokenizer is the one given, else the one
     the checkpoint was trained with; it is refused if its vocabulary does not fit the model. A
     max_seq_len beyond the trained context runs there with dynamic NTK scaling, and says so.
-    quantize "int8": int8 weights for every linear layer; compile: a compiled decode step."""
+    quantize "int8": int8 weights for every linear layer (an int8 checkpoint from quantize.py
+    loads as one whatever this says); compile: the decode step compiled, timed on stderr."""
     if quantize not in ("none", "int8"):
         raise UserError(f"--quantize {quantize}: use none or int8")
     device, dtype = pick_device(device, dtype)
-    model, ckpt = load_model(ckpt_path, device)
+    model, ckpt = load_quantized(ckpt_path, device)
+    if max_seq_len > model.cfg.max_seq_len and ckpt.get("quantization"):
+        raise UserError(f"{ckpt_path} is quantized: extend the context of the float checkpoint it came from "
+                        f"({ckpt.get('source', '?')}) with --quantize int8 instead")
+    if max_seq_len > model.cfg.max_seq_len and compile:
+        raise UserError(f"--max_seq_len {max_seq_len} runs past the trained {model.cfg.max_seq_len} tokens with "
+                        f"dynamic RoPE scaling, whose tables change with the length: it cannot be compiled; "
+                        f"drop --compile or --max_seq_len")
     if max_seq_len > model.cfg.max_seq_len:
         print(f"note: running to {max_seq_len} tokens, beyond the {model.cfg.max_seq_len} the model was trained at, "
               f"with dynamic NTK RoPE scaling and no training for it: expect quality to fall past "
               f"{model.cfg.max_seq_len}", file=sys.stderr)
         model = extend_context(model, max_seq_len, "dynamic")
     model.to(dtype)
+    if quantize == "int8" and not ckpt.get("quantization"):
+        quantize_model(model)
+    if compile:
+        t0 = time.perf_counter()
+        compile_decoding(model)
+        model.generate([0], max_new_tokens=2, temperature=0)  # compiles now, not in the first answer
+        print(f"compiled the decode step in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     tokenizer = tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
     tok = load_tokenizer(tokenizer)
     if tok.vocab_size > model.cfg.vocab_size:
@@ -108,7 +128,8 @@ def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str, 
 
 
 def run(cfg: InferenceConfig):
-    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, cfg.max_seq_len)
+    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, cfg.max_seq_len,
+                                            cfg.quantize, cfg.compile)
     dtype = model.tok_embeddings.weight.dtype
     text = cfg.prompt
     if text is None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import inference
+import quantize
 from model import ModelConfig, Transformer, load_model, save_checkpoint
 from tokenizer import load_tokenizer
 
@@ -105,3 +106,22 @@ def test_corrupt_and_missing_files_are_one_line(ckpt, tmp_path):
 
 def test_prompt_longer_than_context_is_one_line(ckpt):
     assert_one_line_error(cli("--ckpt", ckpt, "--prompt", "Tom found a red ball. " * 20), "max_seq_len")
+
+
+def test_compiled_int8_decoding_gives_the_eager_int8_greedy_tokens(ckpt):
+    eager, tok, _ = inference.load_for_inference(ckpt, "", "cpu", "auto", quantize="int8")
+    compiled, _, _ = inference.load_for_inference(ckpt, "", "cpu", "auto", quantize="int8", compile=True)
+    assert compiled.compiled_decoding and not eager.compiled_decoding
+    prompt = inference.prompt_ids(tok, "Tom found a")
+    assert compiled.generate(prompt, max_new_tokens=24, temperature=0) == \
+        eager.generate(prompt, max_new_tokens=24, temperature=0)
+
+
+def test_quantize_and_compile_settings_are_checked(ckpt, tmp_path):
+    assert_one_line_error(cli("--ckpt", ckpt, "--prompt", "a", "--quantize", "int4"), "--quantize int4")
+    model, source = load_model(ckpt)
+    save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model), source, ckpt), str(tmp_path / "q.pt"))
+    assert_one_line_error(cli("--ckpt", str(tmp_path / "q.pt"), "--prompt", "a", "--max_seq_len", "96"),
+                          "quantized", "--quantize int8")
+    assert_one_line_error(cli("--ckpt", ckpt, "--prompt", "a", "--max_seq_len", "96", "--compile", "true"),
+                          "dynamic")
