@@ -9,8 +9,11 @@ Speed measurements, printed as a table. Each row is one function below.
   python bench.py --dtype bfloat16   # both in bf16 (fast on CPUs with AVX512-BF16 / AMX)
 
 decode: batch-1 greedy generation of --new_tokens tokens after a --prompt_tokens prompt, with
-our generate() and with transformers' LlamaForCausalLM.generate() on the same weights (random
-init: speed does not depend on the values). After a warm-up run, the best of --repeats runs.
+our generate() (eager; compiled with --compile true; with int8 weights, quantize.py) and with
+transformers' LlamaForCausalLM.generate() on the same weights (random init: speed does not depend
+on the values). After a warm-up run, the best of --repeats runs. Beside them the roofline: every
+linear layer applied once to a one-token vector and nothing else, the bound of batch-1 decoding
+(it reads every weight once per token) on this machine in this dtype.
 train: one optimizer step of --grad_accum micro-batches of --batch_size x --seq_len tokens (fp32
 on CPU, bf16 autocast on CUDA), ours eager, ours compiled (--compile true) and transformers, with
 MFU and peak memory (torch.cuda.max_memory_allocated on CUDA; on CPU the live tensor bytes).
