@@ -18,8 +18,10 @@ def row(lines, name):
 
 def test_bench_cpu_preset_prints_every_row_and_column():
     lines = bench("--preset", "cpu", "--new_tokens", "8", "--batch_size", "2", "--seq_len", "64", "--compile", "false")
-    for name in ("train, ours", "train, transformers", "memory, bf16 step", "decode, ours", "decode, transformers"):
+    for name in ("train, ours", "train, transformers", "memory, bf16 step", "decode, ours", "decode, transformers",
+                 "decode roofline", "decode, ours, int8 weights", "decode roofline, int8 weights"):
         assert float(row(lines, name).split()[0]) > 0
+    assert "of the roofline" in row(lines, "decode, ours") and "x" in row(lines, "decode, transformers")
     for name in ("train, ours", "train, transformers"):
         line = row(lines, name)
         assert "tokens/s" in line and "MFU" in line and "peak memory" in line and "GiB" in line
