@@ -1,8 +1,10 @@
 """
-int8 weight-only quantization for inference: every linear layer (attention wq wk wv wo, feed-forward w1 w2 w3
-and the output head) keeps its weight as int8 with one scale per output row, and dequantizes on the fly
-inside the matmul. Batch-1 decoding reads every weight once per token, so a quarter of fp32's bytes is what
-makes it faster; the embedding and the norms stay in the compute dtype.
+Quantize a checkpoint's weights to int8 for faster inference, and report what it costs in quality.
+
+Weight-only: every linear layer (attention wq wk wv wo, feed-forward w1 w2 w3 and the output head) keeps its
+weight as int8 with one scale per output row, dequantized on the fly inside the matmul. Batch-1 decoding
+reads every weight once per token, so a quarter of float32's bytes is what makes it faster; the embedding and
+the norms stay in the compute dtype.
 
   python quantize.py --ckpt out/distill/best.pt      # writes out/distill/best_int8.pt, prints the quality report
 
@@ -47,8 +49,9 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
-        # The CPU kernel's own scales, all 1 (ours are applied after it, in the model's dtype): bfloat16, which
-        # model.to(dtype) would change in a buffer. Not state: it is made again, never saved.
+        # Scales of 1 for the CPU kernel, which takes bfloat16 ones only: ours are applied after it, in the model's
+        # dtype (a cast to bfloat16 in forward is what torch.compile's lowering of the kernel fails on, in torch
+        # 2.13). A plain attribute, as model.to(dtype) would cast a buffer; not state, never saved.
         self.unit_scales = torch.ones(out_features, dtype=torch.bfloat16)
 
     @classmethod
@@ -69,8 +72,8 @@ class Int8Linear(nn.Module):
             # matmul (it never exists whole in memory); eager it is slower than the float model. The CPU
             # kernel below steps through rows 16 values at a time: other widths would read past a row.
             return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        # CPU: aten's int8 weight-only matmul (gpt-fast's and torchao's), vectorized only for bfloat16 in this
-        # torch (float32 and float16 run a scalar loop, slower than the float model): x is cast to bfloat16,
+        # CPU: aten's int8 weight-only matmul (gpt-fast's and torchao's), vectorized on x86 only for bfloat16 in
+        # this torch (float32 and float16 run a scalar loop, slower than the float model): x is cast to bfloat16,
         # products are summed in float32 and the sum rounded to bfloat16, then scaled in the model's dtype.
         # The cast also gives the kernel a new, aligned tensor: its aligned loads fault on a view that starts
         # mid-vector.
@@ -121,9 +124,8 @@ def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":
         return lora.load_model(path, device)  # reads the file again: a float checkpoint takes well under a second
     if kind != "int8":
         raise ModelError(f"{path} holds weights quantized as {kind!r}; this version reads int8 only")
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
-    scales_dtype = next((t.dtype for name, t in ckpt["model"].items() if name.endswith(".scales")), torch.float32)
-    replace_linears(model, lambda linear: Int8Linear(linear.in_features, linear.out_features, scales_dtype))
+    model = Transformer(ModelConfig.from_dict(ckpt["config"]))  # float32, as every loaded model starts
+    replace_linears(model, lambda linear: Int8Linear(linear.in_features, linear.out_features))
     load_state_dict_checked(model, ckpt["model"], path)
     return model.eval().to(device), ckpt
 
@@ -205,10 +207,10 @@ class QuantizeConfig:
     eval_windows: int = field(default=32, metadata={"help": "windows of seq_len + 1 tokens for the loss"})
     seq_len: int = field(default=0, metadata={"help": "window length for the loss (0: the model's context)"})
     prompts: int = field(default=20, metadata={"help": "held-out prompts for greedy agreement"})
-    prompt_tokens: int = 32
+    prompt_tokens: int = field(default=32, metadata={"help": "length of each prompt"})
     new_tokens: int = field(default=64, metadata={"help": "greedy tokens compared per prompt"})
     speed_tokens: int = field(default=128, metadata={"help": "tokens generated to time decoding; 0: not timed"})
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16: the compute dtype"})
     seed: int = 0
 
@@ -247,9 +249,10 @@ def run(cfg: QuantizeConfig):
     dtype = getattr(torch, cfg.dtype)
     float_model.to(dtype).eval()
     int8_model.to(dtype)
-    print(f"wrote {out}: {os.path.getsize(out) / 2**20:.1f} MiB, {os.path.getsize(cfg.ckpt) / 2**20:.1f} MiB for "
-          f"{cfg.ckpt} ({os.path.getsize(cfg.ckpt) / os.path.getsize(out):.1f}x smaller; the source holds "
-          f"{'the optimizer state too' if 'optimizer' in ckpt else 'the weights only'})")
+    float_bytes = float_model.num_params() * 4
+    print(f"wrote {out}: {os.path.getsize(out) / 2**20:.2f} MiB against {float_bytes / 2**20:.2f} MiB of float32 "
+          f"weights ({float_bytes / os.path.getsize(out):.1f}x smaller; {cfg.ckpt} is "
+          f"{os.path.getsize(cfg.ckpt) / 2**20:.2f} MiB{' with its optimizer state' if 'optimizer' in ckpt else ''})")
 
     seq_len = cfg.seq_len or float_model.cfg.max_seq_len
     if cfg.prompt_tokens + cfg.new_tokens > float_model.cfg.max_seq_len or seq_len > float_model.cfg.max_seq_len:
