@@ -75,7 +75,8 @@ class BenchConfig:
     max_seq_len: int = 512
     prompt_tokens: int = 16
     new_tokens: int = 256
-    repeats: int = field(default=3, metadata={"help": "timed runs per row, after one warm-up; the fastest counts"})
+    repeats: int = field(default=3, metadata={
+        "help": "timed runs per row, after one warm-up; the fastest counts (decode rows: taken in turns)"})
     hf: bool = field(default=True, metadata={"help": "also time transformers (needs it installed)"})
     device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
     dtype: str = field(default="auto", metadata={"help": "as inference.py: bf16 (or fp16) on CUDA, fp32 on CPU"})
@@ -165,9 +166,10 @@ def simulated_peak(model_cfg: ModelConfig, cfg: BenchConfig, dtype=torch.bfloat1
         return peak_memory(lambda: train_step_timer(model_cfg, cfg, "cpu", torch.autocast("cpu", dtype=dtype)))
 
 
-def best_time(fn, repeats: int, device: str) -> float:
+def best_time(fn, repeats: int, device: str, warm_up: bool = True) -> float:
     """Seconds of the fastest of `repeats` calls of fn, after one untimed warm-up call."""
-    fn()
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -180,54 +182,84 @@ def best_time(fn, repeats: int, device: str) -> float:
     return min(times)
 
 
-def decode_ours(model: Transformer, prompt: list, cfg: BenchConfig) -> float:
-    """Tokens per second of our batch-1 greedy generate()."""
+def fastest_in_turns(timed: dict, rounds: int, device: str) -> dict:
+    """{name: seconds of its fastest call} for {name: fn}, over `rounds` rounds that call every fn once in turn
+    (after one untimed call each). On a machine whose speed drifts (a shared or throttling CPU) a slow spell then
+    slows every row alike, so their ratios hold; timing one row after another would not."""
+    for fn in timed.values():
+        fn()
+    best = dict.fromkeys(timed, float("inf"))
+    for _ in range(rounds):
+        for name, fn in timed.items():
+            best[name] = min(best[name], best_time(fn, 1, device, warm_up=False))
+    return best
+
+
+def generation(model: Transformer, prompt: list, cfg: BenchConfig):
+    """A call of our batch-1 greedy generate() of cfg.new_tokens tokens."""
     def run():
         out = model.generate(prompt, max_new_tokens=cfg.new_tokens, temperature=0)
         assert len(out) == cfg.new_tokens
-    return cfg.new_tokens / best_time(run, cfg.repeats, cfg.device)
+    return run
+
+
+ROOFLINE_TOKENS = 10  # tokens per call of roofline_chain
 
 
 @torch.no_grad()
-def decode_roofline(model: Transformer, cfg: BenchConfig) -> float:
-    """Tokens per second of the bare chain of matrix-vector products one token needs: every linear layer
-    (int8 ones included) applied once to a one-token vector, the output head too, nothing else. Batch-1
-    decoding reads every weight once per token, so this is its bound on this machine, for this dtype."""
+def roofline_chain(model: Transformer, cfg: BenchConfig):
+    """A call of the bare chain of matrix-vector products that ROOFLINE_TOKENS tokens need: every linear layer
+    (int8 ones included) applied once per token to a one-token vector, the output head too, nothing else.
+    Batch-1 decoding reads every weight once per token, so this is its bound on this machine, for this dtype."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
     dtype = model.tok_embeddings.weight.dtype
     inputs = [torch.randn(1, m.in_features, device=cfg.device, dtype=dtype) for m in layers]
 
+    @torch.no_grad()
     def chain():
-        for layer, x in zip(layers, inputs):
-            layer(x)
-    return 10 / best_time(lambda: [chain() for _ in range(10)], cfg.repeats, cfg.device)
+        for _ in range(ROOFLINE_TOKENS):
+            for layer, x in zip(layers, inputs):
+                layer(x)
+    return chain
 
 
 def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
     """Decode speed eager and compiled (--compile), fp32 (or --dtype) and int8 weights, each next to the
-    roofline of its weights; transformers' generate() on the same weights (--hf)."""
-    rows = []
+    roofline of its weights, and transformers' generate() on the same weights (--hf): all timed in turns."""
     int8 = quantize_model(copy.deepcopy(model))
-    for name, m in (("", model), (", int8 weights", int8)):
-        roofline = decode_roofline(m, cfg)
-        variants = [("", m)] + ([(" compiled", compile_decoding(copy.deepcopy(m)))] if cfg.compile else [])
-        for how, variant in variants:
-            if how:
-                t0 = time.perf_counter()
-                variant.generate(prompt, max_new_tokens=2, temperature=0)
-                print(f"compiled the decode step{name} in {time.perf_counter() - t0:.1f}s")
-            speed = decode_ours(variant, prompt, cfg)
-            rows.append((f"decode, ours{how}{name}", speed, "tokens/s", f"{speed / roofline:.0%} of the roofline"))
-        rows.append((f"decode roofline{name}", roofline, "tokens/s", "the bare matrix-vector products per token"))
+    timed, tokens = {}, {}
+    for weights, m in (("", model), (", int8 weights", int8)):
+        timed[f"decode roofline{weights}"] = roofline_chain(m, cfg)
+        tokens[f"decode roofline{weights}"] = ROOFLINE_TOKENS
+        timed[f"decode, ours{weights}"] = generation(m, prompt, cfg)
+        if cfg.compile:
+            t0 = time.perf_counter()
+            compiled = compile_decoding(copy.deepcopy(m))
+            compiled.generate(prompt, max_new_tokens=2, temperature=0)
+            print(f"compiled the decode step{weights} in {time.perf_counter() - t0:.1f}s")
+            timed[f"decode, ours compiled{weights}"] = generation(compiled, prompt, cfg)
     if cfg.hf:
-        theirs = decode_transformers(model, prompt, cfg)
-        fastest = max(r[1] for r in rows if r[0].startswith("decode, ours") and "int8" not in r[0])
-        rows.append(("decode, transformers", theirs, "tokens/s", f"our fastest (same weights) is {fastest / theirs:.2f}x"))
+        timed["decode, transformers"] = transformers_generation(model, prompt, cfg)
+    seconds = fastest_in_turns(timed, cfg.repeats, cfg.device)
+    speed = {name: tokens.get(name, cfg.new_tokens) / s for name, s in seconds.items()}
+    rows = []
+    for weights in ("", ", int8 weights"):
+        roofline = speed[f"decode roofline{weights}"]
+        for how in ("", " compiled"):
+            if f"decode, ours{how}{weights}" in speed:
+                ours = speed[f"decode, ours{how}{weights}"]
+                rows.append((f"decode, ours{how}{weights}", ours, "tokens/s", f"{ours / roofline:.0%} of the roofline"))
+        rows.append((f"decode roofline{weights}", roofline, "tokens/s", "the bare matrix-vector products per token"))
+    if cfg.hf:
+        theirs = speed["decode, transformers"]
+        fastest = max(v for name, v in speed.items() if name.startswith("decode, ours") and "int8" not in name)
+        rows.append(("decode, transformers", theirs, "tokens/s",
+                     f"our fastest (same weights) is {fastest / theirs:.2f}x"))
     return rows
 
 
-def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> float:
-    """Tokens per second of transformers' generate() on the same weights."""
+def transformers_generation(model: Transformer, prompt: list, cfg: BenchConfig):
+    """A call of transformers' greedy generate() of cfg.new_tokens tokens on the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from convert_hf import hf_config, hf_names
@@ -243,7 +275,7 @@ def decode_transformers(model: Transformer, prompt: list, cfg: BenchConfig) -> f
             out = hf.generate(ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
                               do_sample=False, pad_token_id=0)
         assert out.shape[1] == len(prompt) + cfg.new_tokens
-    return cfg.new_tokens / best_time(run, cfg.repeats, cfg.device)
+    return run
 
 
 def optimizer_step(model, loss_of, cfg: BenchConfig, device, autocast):

@@ -27,10 +27,28 @@ from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 
 @dataclass
-class InferenceConfig:
+class LoadSettings:
+    """How a checkpoint is loaded for generation: the fields inference.py, inference_sft.py and serve.py
+    share (each script's own config extends it, with its own default checkpoint)."""
     ckpt: str = "out/pretrain/best.pt"
     tokenizer: str = field(default="", metadata={
         "help": "tokenizer.model or tokenizer.json (empty: the one the checkpoint names)"})
+    max_seq_len: int = field(default=0, metadata={
+        "help": "run to this many tokens, beyond the context it was trained at, with dynamic NTK RoPE scaling "
+                "(untrained: quality falls past the trained length); 0: the trained context"})
+    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
+    quantize: str = field(default="none", metadata={
+        "help": "int8: int8 weights for every linear layer (embedding and norms unchanged; quantize.py), fewer "
+                "bytes read per token; none"})
+    compile: bool = field(default=False, metadata={
+        "help": "compile the decode step with torch.compile (CUDA graphs on a GPU): faster tokens after a "
+                "compile of seconds to a minute when the model loads"})
+
+
+@dataclass
+class InferenceConfig(LoadSettings):
     prompt: Optional[str] = field(default=None, metadata={"help": "text to continue (not given: read stdin)"})
     max_new_tokens: int = 256
     temperature: float = field(default=0.8, metadata={"help": "0: greedy"})
@@ -40,17 +58,6 @@ class InferenceConfig:
         "help": "> 1 discourages tokens already in the text (transformers' convention); 1: off"})
     num_samples: int = 1
     seed: int = 0
-    max_seq_len: int = field(default=0, metadata={
-        "help": "run to this many tokens, beyond the context it was trained at, with dynamic NTK RoPE scaling "
-                "(untrained: quality falls past the trained length); 0: the trained context"})
-    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
-    quantize: str = field(default="none", metadata={
-        "help": "int8: int8 weights for every linear layer (quantize.py), fewer bytes read per token; none"})
-    compile: bool = field(default=False, metadata={
-        "help": "compile the decode step with torch.compile (CUDA graphs on a GPU): faster tokens after a "
-                "compile of seconds to a minute"})
 
 
 def prompt_ids(tok: Tokenizer, text: str) -> list:
@@ -88,48 +95,47 @@ def stream_completion(model, tok: Tokenizer, ids: list, cfg: InferenceConfig, ge
     return n
 
 
-def load_for_inference(ckpt_path: str, tokenizer: str, device: str, dtype: str, max_seq_len: int = 0,
-                       quantize: str = "none", compile: bool = False):
+def load_for_inference(settings: LoadSettings):
     """(model, tokenizer, device) for generation. The tokenizer is the one given, else the one
     the checkpoint was trained with; it is refused if its vocabulary does not fit the model. A
     max_seq_len beyond the trained context runs there with dynamic NTK scaling, and says so.
     quantize "int8": int8 weights for every linear layer (an int8 checkpoint from quantize.py
     loads as one whatever this says); compile: the decode step compiled, timed on stderr."""
-    if quantize not in ("none", "int8"):
-        raise UserError(f"--quantize {quantize}: use none or int8")
-    device, dtype = pick_device(device, dtype)
-    model, ckpt = load_quantized(ckpt_path, device)
-    if max_seq_len > model.cfg.max_seq_len and ckpt.get("quantization"):
-        raise UserError(f"{ckpt_path} is quantized: extend the context of the float checkpoint it came from "
+    path, longer = settings.ckpt, settings.max_seq_len
+    if settings.quantize not in ("none", "int8"):
+        raise UserError(f"--quantize {settings.quantize}: use none or int8")
+    device, dtype = pick_device(settings.device, settings.dtype)
+    model, ckpt = load_quantized(path, device)
+    if longer > model.cfg.max_seq_len and ckpt.get("quantization"):
+        raise UserError(f"{path} is quantized: extend the context of the float checkpoint it came from "
                         f"({ckpt.get('source', '?')}) with --quantize int8 instead")
-    if max_seq_len > model.cfg.max_seq_len and compile:
-        raise UserError(f"--max_seq_len {max_seq_len} runs past the trained {model.cfg.max_seq_len} tokens with "
+    if longer > model.cfg.max_seq_len and settings.compile:
+        raise UserError(f"--max_seq_len {longer} runs past the trained {model.cfg.max_seq_len} tokens with "
                         f"dynamic RoPE scaling, whose tables change with the length: it cannot be compiled; "
                         f"drop --compile or --max_seq_len")
-    if max_seq_len > model.cfg.max_seq_len:
-        print(f"note: running to {max_seq_len} tokens, beyond the {model.cfg.max_seq_len} the model was trained at, "
+    if longer > model.cfg.max_seq_len:
+        print(f"note: running to {longer} tokens, beyond the {model.cfg.max_seq_len} the model was trained at, "
               f"with dynamic NTK RoPE scaling and no training for it: expect quality to fall past "
               f"{model.cfg.max_seq_len}", file=sys.stderr)
-        model = extend_context(model, max_seq_len, "dynamic")
+        model = extend_context(model, longer, "dynamic")
     model.to(dtype)
-    if quantize == "int8" and not ckpt.get("quantization"):
+    if settings.quantize == "int8" and not ckpt.get("quantization"):
         quantize_model(model)
-    if compile:
+    if settings.compile:
         t0 = time.perf_counter()
         compile_decoding(model)
         model.generate([0], max_new_tokens=2, temperature=0)  # compiles now, not in the first answer
         print(f"compiled the decode step in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    tokenizer = tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
+    tokenizer = settings.tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
     tok = load_tokenizer(tokenizer)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"{tokenizer} has {tok.vocab_size} pieces but {ckpt_path} was trained with "
+        raise UserError(f"{tokenizer} has {tok.vocab_size} pieces but {path} was trained with "
                         f"vocab_size {model.cfg.vocab_size}: pass the tokenizer it was trained with")
     return model, tok, device
 
 
 def run(cfg: InferenceConfig):
-    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, cfg.max_seq_len,
-                                            cfg.quantize, cfg.compile)
+    model, tok, device = load_for_inference(cfg)
     dtype = model.tok_embeddings.weight.dtype
     text = cfg.prompt
     if text is None:

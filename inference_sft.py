@@ -12,14 +12,14 @@ When the history outgrows the context, the oldest turns are dropped first.
 """
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from cli import UserError, parse_config, run_guarded
 from dataset_sft import render_prompt
-from inference import load_for_inference
+from inference import LoadSettings, load_for_inference
 from model import ModelError
 from tokenizer import SPECIAL_PIECES, StreamDecoder, Tokenizer, special_ids
 
@@ -28,10 +28,8 @@ MARKERS = {"reasoning": SPECIAL_PIECES["think"], "answer": SPECIAL_PIECES["end_t
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(LoadSettings):
     ckpt: str = "out/distill/best.pt"
-    tokenizer: str = field(default="", metadata={
-        "help": "tokenizer.model or tokenizer.json (empty: the one the checkpoint names)"})
     prompt: str = ""               # non-empty: answer this one message and exit
     system: str = ""               # optional system prompt
     show_think: bool = True        # show the reasoning (dimmed on a terminal) or hide it
@@ -40,16 +38,7 @@ class ChatConfig:
     top_k: int = 50
     top_p: float = 0.9
     repetition_penalty: float = 1.05
-    max_seq_len: int = field(default=0, metadata={
-        "help": "run to this many tokens, beyond the context it was trained at, with dynamic NTK RoPE scaling "
-                "(untrained: quality falls past the trained length); 0: the trained context"})
     seed: int = 0
-    device: str = "auto"
-    quantize: str = field(default="none", metadata={
-        "help": "int8: int8 weights in every linear layer (embedding and norms unchanged), fewer bytes read per token"})
-    compile: bool = field(default=False, metadata={
-        "help": "compile the decode step with torch.compile (CUDA graphs on a GPU): faster tokens after a "
-                "compile of seconds to a minute on the first answer"})
 
 
 def reply_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
@@ -166,8 +155,7 @@ def interactive(chat: Chat):
 
 
 def run(cfg: ChatConfig):
-    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, "auto", cfg.max_seq_len,
-                                            quantize=cfg.quantize, compile=cfg.compile)
+    model, tok, device = load_for_inference(cfg)
     chat = Chat(cfg, model, tok, device)
     if cfg.prompt:
         chat.reply(cfg.prompt)

@@ -66,6 +66,20 @@ class Int8Linear(nn.Module):
         layer.weight.copy_((w / scales).round().clamp(-127, 127))
         return layer
 
+    @classmethod
+    @torch.no_grad()
+    def stacked(cls, layers: list) -> "Int8Linear":
+        """One layer giving the outputs of `layers` (of the same input) side by side, their rows stacked, for
+        model.fuse_projections; the layers then hold views of those rows, so nothing is stored twice."""
+        first = layers[0]
+        fused = cls(first.in_features, sum(layer.out_features for layer in layers), first.scales.dtype,
+                    first.weight.device)
+        for name in ("weight", "scales", "unit_scales"):
+            setattr(fused, name, torch.cat([getattr(layer, name) for layer in layers]))
+            for layer, view in zip(layers, getattr(fused, name).split([layer.out_features for layer in layers])):
+                setattr(layer, name, view)
+        return fused
+
     def forward(self, x):
         if x.device.type != "cpu" or self.in_features % 16:
             # Dequantize: a float copy of the weight per call. On CUDA torch.compile fuses the cast into the

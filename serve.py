@@ -46,7 +46,7 @@ import torch
 
 from cli import UserError, parse_config, run_guarded
 from dataset_sft import render_prompt
-from inference import load_for_inference, prompt_ids
+from inference import LoadSettings, load_for_inference, prompt_ids
 from inference_sft import Counted, reply_pieces
 from model import ModelError
 from tokenizer import StreamDecoder, Tokenizer, special_ids
@@ -55,10 +55,8 @@ PAGE = Path(__file__).with_name("serve.html")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(LoadSettings):
     ckpt: str = "out/distill/best.pt"
-    tokenizer: str = field(default="", metadata={
-        "help": "tokenizer.model or tokenizer.json (empty: the one the checkpoint names)"})
     model_name: str = field(default="", metadata={
         "help": "the model's id in the API (empty: from the checkpoint path, out/distill/best.pt: distill-best)"})
     host: str = field(default="127.0.0.1", metadata={
@@ -74,17 +72,6 @@ class ServeConfig:
     top_k: int = field(default=50, metadata={"help": "every request samples from the k likeliest tokens; 0: off"})
     repetition_penalty: float = field(default=1.05, metadata={
         "help": "every request: > 1 discourages tokens already in the text; 1: off"})
-    max_seq_len: int = field(default=0, metadata={
-        "help": "run to this many tokens, beyond the context it was trained at, with dynamic NTK RoPE scaling "
-                "(untrained: quality falls past the trained length); 0: the trained context"})
-    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
-    quantize: str = field(default="none", metadata={
-        "help": "int8: int8 weights in every linear layer (embedding and norms unchanged), fewer bytes read per token"})
-    compile: bool = field(default=False, metadata={
-        "help": "compile the decode step with torch.compile (CUDA graphs on a GPU): faster tokens after a "
-                "compile of seconds to a minute on the first request"})
 
 
 class ApiError(Exception):
@@ -465,8 +452,7 @@ class ChatServer(ThreadingHTTPServer):
 
 
 def run(cfg: ServeConfig):
-    model, tok, device = load_for_inference(cfg.ckpt, cfg.tokenizer, cfg.device, cfg.dtype, cfg.max_seq_len,
-                                            quantize=cfg.quantize, compile=cfg.compile)
+    model, tok, device = load_for_inference(cfg)
     try:
         server = ChatServer(model, tok, cfg, device)
     except OSError as e:

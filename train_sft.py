@@ -37,7 +37,7 @@ class SFTConfig(TrainConfig):
     out_dir: str = "out/sft"
     batch_size: int = 8            # rows per micro-batch per process: conversations, or packed rows with --pack
     grad_accum: int = 1
-    max_steps: int = 100           # the cpu quickstart: the template and the chat tasks; distillation does the rest
+    max_steps: int = 60            # the cpu quickstart: the template and the chat tasks; distillation does the rest
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 20
@@ -60,7 +60,7 @@ class SFTConfig(TrainConfig):
 
 
 PRESETS = {
-    "cpu": dict(batch_size=8, max_steps=100),
+    "cpu": dict(batch_size=8, max_steps=60),
     "12gb": dict(batch_size=8, grad_accum=8, max_steps=3000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
                  eval_every=250, eval_batches=50, log_every=20, compile=True, pack=True),
     # LoRA on an imported 1-2B model (convert_hf.py): 4 x 1024 x 16 = 65,536 tokens per step. Estimated peak,

@@ -109,8 +109,9 @@ def test_prompt_longer_than_context_is_one_line(ckpt):
 
 
 def test_compiled_int8_decoding_gives_the_eager_int8_greedy_tokens(ckpt):
-    eager, tok, _ = inference.load_for_inference(ckpt, "", "cpu", "auto", quantize="int8")
-    compiled, _, _ = inference.load_for_inference(ckpt, "", "cpu", "auto", quantize="int8", compile=True)
+    eager, tok, _ = inference.load_for_inference(inference.LoadSettings(ckpt=ckpt, device="cpu", quantize="int8"))
+    compiled, _, _ = inference.load_for_inference(
+        inference.LoadSettings(ckpt=ckpt, device="cpu", quantize="int8", compile=True))
     assert compiled.compiled_decoding and not eager.compiled_decoding
     prompt = inference.prompt_ids(tok, "Tom found a")
     assert compiled.generate(prompt, max_new_tokens=24, temperature=0) == \

@@ -277,11 +277,11 @@ def test_lora_preset_fits_11_gib_up_to_1_7b_simulated_and_the_estimate_agrees(sh
 
 
 def test_inference_loads_a_lora_checkpoint_merged(tmp_path, tokenizer_path):
-    from inference import load_for_inference
+    from inference import LoadSettings, load_for_inference
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)
     finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
     last = str(tmp_path / "lora" / "last.pt")
-    model, tok, _ = load_for_inference(last, "", "cpu", "auto")  # the tokenizer the run recorded
+    model, tok, _ = load_for_inference(LoadSettings(ckpt=last, device="cpu"))  # the tokenizer the run recorded
     assert tok.path == tokenizer_path
     assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     tokens = torch.randint(0, 512, (1, 12))

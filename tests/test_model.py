@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model import (KVCache, ModelConfig, ModelError, Transformer, compile_decoding, load_state_dict_checked,
-                   read_checkpoint, sample)
+from model import (KVCache, ModelConfig, ModelError, Transformer, compile_decoding, fuse_projections,
+                   load_state_dict_checked, read_checkpoint, sample)
 
 TINY = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=80, max_seq_len=64)
 
@@ -81,6 +81,27 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens():
     with pytest.raises(ModelError, match="dynamic"):
         compile_decoding(tiny_model(rope_scaling={"rope_type": "dynamic", "factor": 2.0,
                                                   "original_max_position_embeddings": 32}))
+
+
+def test_fused_projections_keep_the_weights_and_the_outputs():
+    """wq/wk/wv and w1/w3 stacked for generation: the same logits and greedy tokens, the same state_dict (names
+    and values), parameter count and storage (the original layers are views of the stacked rows)."""
+    from quantize import quantize_model
+    for model in (tiny_model(), quantize_model(tiny_model())):
+        state = {name: t.clone() for name, t in model.state_dict().items()}
+        n_params, tokens = model.num_params(), torch.randint(0, 97, (1, 20))
+        with torch.no_grad():
+            logits = model(tokens)[0]
+        greedy = model.generate([5, 17, 3], max_new_tokens=20, temperature=0)
+        fuse_projections(model)
+        attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
+        assert attention.wqkv.out_features == 48 + 24 + 24 and ffn.w13.out_features == 2 * 80
+        assert attention.wk.weight.untyped_storage().data_ptr() == attention.wqkv.weight.untyped_storage().data_ptr()
+        assert model.num_params() == n_params and list(model.state_dict()) == list(state)
+        assert all(torch.equal(t, state[name]) for name, t in model.state_dict().items())
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens)[0], logits, atol=1e-6, rtol=0)
+        assert model.generate([5, 17, 3], max_new_tokens=20, temperature=0) == greedy
 
 
 def test_top_k_1_is_greedy_and_seed_reproducible():

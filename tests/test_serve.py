@@ -21,7 +21,7 @@ import serve
 from cli import UserError
 from conftest import ROOT
 from dataset_sft import render_prompt
-from inference import load_for_inference, prompt_ids
+from inference import LoadSettings, load_for_inference, prompt_ids
 from model import ModelConfig, Transformer, save_checkpoint
 from tokenizer import load_tokenizer, special_ids
 
@@ -108,7 +108,7 @@ def ckpt(tokenizer_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(ckpt):
     """A random-weight model with a 64-token context, served as load_for_inference loads it."""
-    model, tok, _ = load_for_inference(ckpt, "", "cpu", "float32")
+    model, tok, _ = load_for_inference(LoadSettings(ckpt=ckpt, device="cpu", dtype="float32"))
     with serving(model, tok, ckpt=ckpt, repetition_penalty=1.0, max_body_bytes=4000) as url:
         yield SimpleNamespace(url=url, model=model, tok=tok)
 

@@ -28,6 +28,23 @@ def test_specials_are_single_pieces_and_bytes_fall_back(tokenizer_path):
     assert sp.decode(ids) == text
 
 
+def test_numbers_are_whole_pieces_in_the_cpu_preset_and_digits_in_the_12gb_one(tmp_path):
+    corpus = tmp_path / "sums.jsonl"
+    rng = random.Random(0)
+    sums = [f"{x} + {y} = {x + y}." for x, y in ((rng.randint(1, 20), rng.randint(1, 9)) for _ in range(3000))]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_corpus(2000) + sums))
+    pieces = {}
+    for preset, vocab in (("cpu", "800"), ("12gb", "600")):  # the most pieces this text gives either way
+        out = tmp_path / f"{preset}.model"
+        r = run_cli("--preset", preset, "--inputs", str(corpus), "--out", str(out), "--vocab_size", vocab,
+                    "--character_coverage", "1.0")
+        assert r.returncode == 0, r.stderr
+        sp = spm.SentencePieceProcessor(model_file=str(out))
+        pieces[preset] = [p.strip("\u2581") for p in sp.encode("8 + 8 = 16 apples", out_type=str)]
+    assert "16" in pieces["cpu"]
+    assert "16" not in pieces["12gb"] and ["1", "6"] == [p for p in pieces["12gb"] if p.isdigit()][-2:]
+
+
 def test_vocab_too_large_for_uint16_is_refused(tmp_path):
     r = run_cli("--vocab_size", "70000", "--out", str(tmp_path / "t.model"))
     assert r.returncode != 0
