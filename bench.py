@@ -206,7 +206,6 @@ def generation(model: Transformer, prompt: list, cfg: BenchConfig):
 ROOFLINE_TOKENS = 10  # tokens per call of roofline_chain
 
 
-@torch.no_grad()
 def roofline_chain(model: Transformer, cfg: BenchConfig):
     """A call of the bare chain of matrix-vector products that ROOFLINE_TOKENS tokens need: every linear layer
     (int8 ones included) applied once per token to a one-token vector, the output head too, nothing else.
