@@ -48,7 +48,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -57,9 +56,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from cli import UserError, parse_config, run_guarded
 from inference import pick_device
 from lora import add_lora, cast_frozen
-from model import ModelConfig, ModelError, Transformer, compile_decoding
+from model import ModelConfig, ModelError, Transformer, compile_decoding, fuse_projections
 from offline_data import english_chat
-from quantize import Int8Linear, quantize_model
+from quantize import quantize_model
 from records import atomic_write
 
 
@@ -207,10 +206,15 @@ ROOFLINE_TOKENS = 10  # tokens per call of roofline_chain
 
 
 def roofline_chain(model: Transformer, cfg: BenchConfig):
-    """A call of the bare chain of matrix-vector products that ROOFLINE_TOKENS tokens need: every linear layer
-    (int8 ones included) applied once per token to a one-token vector, the output head too, nothing else.
-    Batch-1 decoding reads every weight once per token, so this is its bound on this machine, for this dtype."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+    """A call of the bare chain of matrix-vector products that ROOFLINE_TOKENS tokens need: every weight
+    matrix (int8 ones included) applied once per token to a one-token vector, nothing else. The projections
+    are stacked as in compiled decoding (fuse_projections: 4 products per layer, then the output head), so
+    the chain pays as few per-product costs as decoding can. Batch-1 decoding reads every weight once per
+    token, so this is its bound on this machine, for this dtype."""
+    fused = fuse_projections(copy.deepcopy(model))
+    layers = [m for block in fused.layers for m in (block.attention.wqkv, block.attention.wo,
+                                                   block.feed_forward.w13, block.feed_forward.w2)]
+    layers.append(fused.output)
     dtype = model.tok_embeddings.weight.dtype
     inputs = [torch.randn(1, m.in_features, device=cfg.device, dtype=dtype) for m in layers]
 

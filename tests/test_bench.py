@@ -1,7 +1,12 @@
 import subprocess
 import sys
 
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import ROOFLINE_TOKENS, BenchConfig, roofline_chain
 from conftest import ROOT
+from model import ModelConfig, Transformer
 
 
 def bench(*args):
@@ -27,6 +32,15 @@ def test_bench_cpu_preset_prints_every_row_and_column():
         assert "tokens/s" in line and "MFU" in line and "peak memory" in line and "GiB" in line
         assert float(line.split("peak memory ")[1].split()[0]) > 0
     assert "estimate" in row(lines, "memory, bf16 step")
+
+
+def test_the_roofline_chain_multiplies_every_weight_matrix_once_per_token():
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=32))
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    with FlopCounterMode(display=False) as flops:
+        roofline_chain(model, BenchConfig(device="cpu"))()
+    assert flops.get_total_flops() == 2 * weights * ROOFLINE_TOKENS  # a multiply and an add per weight
+    assert model.layers[0].attention.wqkv is None  # stacked on a copy: the model itself is left as it was
 
 
 def test_bench_memory_only_sizes_the_12gb_preset_in_seconds():
