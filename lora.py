@@ -224,6 +224,9 @@ def load_model(path: str, device="cpu", base: str = "") -> "tuple[Transformer, d
     """(model, checkpoint) for any checkpoint of this project: a full one as model.load_model reads it, a LoRA
     one as its base with the adapters merged in. `base` overrides a LoRA checkpoint's recorded base."""
     ckpt = read_checkpoint(path)
+    if ckpt.get("quantization"):
+        raise ModelError(f"{path} holds {ckpt['quantization']} weights, for inference only (inference.py, "
+                         f"inference_sft.py, serve.py): use the float checkpoint it came from ({ckpt.get('source', '?')})")
     if "lora" in ckpt:
         model = merge_lora(with_adapters(ckpt, path, base))
     else:
