@@ -54,7 +54,7 @@ class DPOConfig(SFTConfig):
     batch_size: int = 8            # pairs per micro-batch per process: 2 x batch_size rows
     grad_accum: int = 1
     max_steps: int = 100
-    lr: float = 1e-4
+    lr: float = 3e-5               # 1e-4 sharpened the preference as much but cost answers (50.7% -> 44.0%; README)
     min_lr: float = 1e-5
     warmup_steps: int = 10
     weight_decay: float = 0.0
