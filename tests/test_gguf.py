@@ -12,6 +12,8 @@ llama-cpp-python source distribution carries both:
 GGUF_CHECK_CKPT=out/distill/best.pt runs the greedy comparison on that checkpoint (and its tokenizer)
 instead of a small random model.
 """
+import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -29,12 +31,48 @@ from offline_data import GENERATORS
 from tokenizer import SPECIAL_PIECES, load_tokenizer
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent"))
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+if importlib.util.find_spec("llama_cpp") is None:
+    pytest.skip("llama-cpp-python is not installed", allow_module_level=True)
 if not (LLAMA_CPP_DIR / "convert_hf_to_gguf.py").is_file():
     pytest.skip("LLAMA_CPP_DIR does not point at a llama.cpp source tree", allow_module_level=True)
 pytest.importorskip("safetensors")
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf-py: TokenType)
+
+
+# llama.cpp runs in a child process: loaded into the pytest process, its library aborted the whole run at
+# interpreter exit (std::terminate, exit status 134) after every test had passed.
+LLAMA_CPP_JOB = r"""
+import json, sys
+import numpy as np
+import llama_cpp
+job = json.load(sys.stdin)
+if job["task"] == "tokenize":
+    llm = llama_cpp.Llama(model_path=job["gguf"], vocab_only=True, verbose=False)
+    out = {"eos": llm.token_eos(),
+           "ids": [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in job["texts"]]}
+else:  # greedy: f32 keys and values, as llama.cpp's default f16 cache alone moves the logits by about 1e-3
+    llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_threads=2, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    out = []
+    for prompt, n in job["prompts"]:
+        llm.reset()
+        llm.eval(prompt)
+        tokens = []
+        for _ in range(n):
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([tokens[-1]])
+        out.append({"tokens": tokens, "scores": llm.scores[:llm.n_tokens - 1].tolist()})
+llm.close()
+json.dump(out, sys.stdout)
+"""
+
+
+def llama_cpp_job(**job) -> dict:
+    r = subprocess.run([sys.executable, "-c", LLAMA_CPP_JOB], input=json.dumps(job), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
 
 
 def to_gguf(hf_dir: Path) -> Path:
@@ -97,30 +135,25 @@ def conversations(n: int) -> list:
 
 def test_llama_cpp_tokenizes_chat_prompts_to_our_ids(exported):
     _, tok, path = exported
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    assert llm.token_eos() == tok.piece_id("<|im_end|>")
-    for messages in conversations(300):
-        for prompt in (messages, messages[:1]):  # the whole chat, and its first turn with the generation prompt
-            ours = render_prompt(tok, prompt, add_generation_prompt=prompt is not messages)
-            text = tok.decode(ours)
-            assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ours, text[:200]
+    prompts = [(messages, prompt) for messages in conversations(300)
+               for prompt in (messages, messages[:1])]  # the whole chat, and its first turn with the generation prompt
+    ours = [render_prompt(tok, prompt, add_generation_prompt=prompt is not messages) for messages, prompt in prompts]
+    texts = [tok.decode(ids) for ids in ours]
+    theirs = llama_cpp_job(task="tokenize", gguf=str(path), texts=texts)
+    assert theirs["eos"] == tok.piece_id("<|im_end|>") and len(theirs["ids"]) == len(texts)
+    for text, our_ids, their_ids in zip(texts, ours, theirs["ids"]):
+        assert their_ids == our_ids, text[:200]
 
 
 def test_llama_cpp_greedy_decoding_equals_ours(exported):
     model, tok, path = exported
-    # f32 keys and values: llama.cpp's default f16 cache alone moves the logits by about 1e-3 of their size
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.cfg.max_seq_len, n_threads=2, logits_all=True,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
-    for messages in conversations(4):
-        prompt = render_prompt(tok, messages[:1])
-        n = min(32, model.cfg.max_seq_len - len(prompt))
-        ours = model.generate(prompt, max_new_tokens=n, temperature=0)
-        llm.reset()
-        llm.eval(prompt)
-        theirs = []
-        for _ in range(len(ours)):
-            theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([theirs[-1]])
-        assert theirs == ours
-        np.testing.assert_allclose(llm.scores[:llm.n_tokens - 1], model(torch.tensor([prompt + ours[:-1]]))[0][0]
+    prompts = [render_prompt(tok, messages[:1]) for messages in conversations(4)]
+    ours = [model.generate(prompt, max_new_tokens=min(32, model.cfg.max_seq_len - len(prompt)), temperature=0)
+            for prompt in prompts]
+    theirs = llama_cpp_job(task="greedy", gguf=str(path), n_ctx=model.cfg.max_seq_len,
+                           prompts=[(prompt, len(tokens)) for prompt, tokens in zip(prompts, ours)])
+    assert len(theirs) == len(prompts)
+    for prompt, our_tokens, run in zip(prompts, ours, theirs):
+        assert run["tokens"] == our_tokens
+        np.testing.assert_allclose(np.array(run["scores"]), model(torch.tensor([prompt + our_tokens[:-1]]))[0][0]
                                    .detach().numpy(), atol=1e-4, rtol=0)  # the logits, position by position
