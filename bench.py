@@ -10,7 +10,7 @@ Speed measurements, printed as a table. Each row is one function below.
 
 decode: batch-1 greedy generation of --new_tokens tokens after a --prompt_tokens prompt, with
 our generate() (eager; compiled with --compile true; with int8 weights, quantize.py) and with
-transformers' LlamaForCausalLM.generate() on the same weights (random init: speed does not depend
+transformers' LlamaForCausalLM.generate() of the same shape (both random init: speed does not depend
 on the values). After a warm-up run, the best of --repeats runs. Beside them the roofline: every
 linear layer applied once to a one-token vector and nothing else, the bound of batch-1 decoding
 (it reads every weight once per token) on this machine in this dtype.
@@ -54,12 +54,12 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cli import UserError, parse_config, run_guarded
-from inference import pick_device
-from lora import add_lora, cast_frozen
+from dataset_sft import SFTData, shard_dir_for
+from lora import add_lora, cast_frozen, lora_params
 from model import ModelConfig, ModelError, Transformer, compile_decoding, fuse_projections
 from offline_data import english_chat
 from quantize import quantize_model
-from records import atomic_write
+from runtime import Runtime, cap_memory, choose_device, choose_dtype, estimate_memory, peak_flops
 
 
 @dataclass
@@ -77,8 +77,8 @@ class BenchConfig:
     repeats: int = field(default=3, metadata={
         "help": "timed runs per row, after one warm-up; the fastest counts (decode rows: taken in turns)"})
     hf: bool = field(default=True, metadata={"help": "also time transformers (needs it installed)"})
-    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
-    dtype: str = field(default="auto", metadata={"help": "as inference.py: bf16 (or fp16) on CUDA, fp32 on CPU"})
+    device: str = field(default="auto", metadata={"help": "auto: cuda, else mps, else cpu (runtime.py's rule)"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 (or fp16) on CUDA and mps, fp32 on CPU"})
     seed: int = 0
     batch_size: int = field(default=8, metadata={"help": "training rows: sequences per step"})
     seq_len: int = field(default=256, metadata={"help": "training rows: tokens per sequence"})
@@ -261,16 +261,19 @@ def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
     return rows
 
 
-def transformers_generation(model: Transformer, prompt: list, cfg: BenchConfig):
-    """A call of transformers' greedy generate() of cfg.new_tokens tokens on the same weights."""
+def transformers_llama(model_cfg: ModelConfig):
+    """transformers' LlamaForCausalLM of the same shape as ours, with its own random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    c = model_cfg
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size, max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings))
 
-    from convert_hf import hf_config, hf_names
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model.cfg, model.tok_embeddings.weight.dtype)))
-    state = model.state_dict()
-    # strict=False: with tied embeddings lm_head.weight is not listed; LlamaForCausalLM ties it itself
-    hf.load_state_dict({theirs: state[ours] for ours, theirs in hf_names(model.cfg).items()}, strict=False)
-    hf.to(device=cfg.device, dtype=model.tok_embeddings.weight.dtype).eval()
+
+def transformers_generation(model: Transformer, prompt: list, cfg: BenchConfig):
+    """A call of transformers' greedy generate() of cfg.new_tokens tokens with a model of the same shape."""
+    hf = transformers_llama(model.cfg).to(device=cfg.device, dtype=model.tok_embeddings.weight.dtype).eval()
     ids = torch.tensor([prompt], device=cfg.device)
 
     def run():
@@ -312,10 +315,7 @@ def train_step_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast,
 
 def train_transformers_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast):
     """The same training step with transformers' LlamaForCausalLM."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from convert_hf import hf_config
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config(model_cfg, torch.float32))).to(device)
+    hf = transformers_llama(model_cfg).to(device)
     if cfg.grad_checkpointing:
         hf.gradient_checkpointing_enable()
     x = torch.randint(0, model_cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
@@ -324,9 +324,8 @@ def train_transformers_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, a
 
 def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:
     """Training tokens/s, MFU and peak memory: ours eager, ours compiled, transformers."""
-    import train
-    rt = train.Runtime(train.TrainConfig(device=cfg.device, dtype="auto"))
-    peak = train.peak_flops(rt, cfg.peak_tflops)
+    rt = Runtime(cfg.device, "auto")
+    peak = peak_flops(rt.device, cfg.peak_tflops)
     tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
     flops = Transformer(model_cfg).flops_per_token(cfg.seq_len) * tokens
     ours = f"train, ours LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "train, ours"
@@ -351,10 +350,10 @@ def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:
 
 def memory_row(model_cfg: ModelConfig, cfg: BenchConfig) -> tuple:
     """Simulated bf16 peak of our training step, next to the training scripts' estimate."""
-    import train
     simulated = simulated_peak(model_cfg, cfg)
-    estimate = sum(train.estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, torch.bfloat16,
-                                         cfg.grad_checkpointing, lora_rank=cfg.lora_rank).values())
+    adapters = lora_params(model_cfg, cfg.lora_rank) if cfg.lora_rank else 0
+    estimate = sum(estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, torch.bfloat16, cfg.grad_checkpointing,
+                                   adapters=adapters).values())
     name = "memory, bf16 step" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
     return (name, simulated / 2**30, "GiB", f"on fake tensors; the training scripts estimate "
             f"{estimate / 2**30:.2f} GiB ({estimate / simulated:.2f}x)")
@@ -368,7 +367,7 @@ def write_chats(path: str, n_bytes: int, spread: bool, seed: int = 0) -> int:
     conversation of a length drawn from a log-normal (a few dozen to a few thousand tokens, as real chat
     data has) instead of the generator's short ones. Returns the number of conversations."""
     rng, size, n = random.Random(seed), 0, 0
-    with atomic_write(path) as f:
+    with open(path, "w", encoding="utf-8") as f:
         while size < n_bytes:
             turns = english_chat(rng)["conversations"]
             if spread:
@@ -417,14 +416,14 @@ def timed_with_peak_memory(command: list) -> tuple:
     return seconds, peak, out
 
 
-def sft_step_rate(data, model_cfg: ModelConfig, cfg: BenchConfig, device, autocast) -> tuple:
+def sft_step_rate(data, model_cfg: ModelConfig, cfg: BenchConfig, rt: Runtime) -> tuple:
     """(useful tokens/s, share of computed positions that are useful) of --sft_steps optimizer steps on
     `data` (optimizer_step: --grad_accum micro-batches, AdamW), after one warm-up step. Useful positions hold
     a conversation's token, not padding."""
-    from train import to_device
     torch.manual_seed(cfg.seed)
+    device = cfg.device
     model = Transformer(model_cfg).to(device)
-    batches = (to_device(data.batch(i), device) for i in itertools.count())
+    batches = (rt.to_device(data.batch(i)) for i in itertools.count())
     counted = []  # (useful, computed) positions of each micro-batch
 
     def loss_of():
@@ -432,7 +431,7 @@ def sft_step_rate(data, model_cfg: ModelConfig, cfg: BenchConfig, device, autoca
         counted.append(((batch["tokens"] != data.pad_id).sum(), batch["tokens"].numel()))
         return model(**batch)[1]
 
-    step = optimizer_step(model, loss_of, cfg, device, autocast)
+    step = optimizer_step(model, loss_of, cfg, device, rt.autocast)
     step()  # warm-up
     counted.clear()
     t0 = time.perf_counter()
@@ -446,9 +445,6 @@ def sft_step_rate(data, model_cfg: ModelConfig, cfg: BenchConfig, device, autoca
 
 
 def sft_rows(cfg: BenchConfig, dtype) -> list:
-    from dataset_sft import SFTData, shard_dir_for
-    from tokenizer import load_tokenizer
-    vocab_size = load_tokenizer(cfg.tokenizer).vocab_size
     workers = cfg.sft_workers or os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
@@ -469,14 +465,14 @@ def sft_rows(cfg: BenchConfig, dtype) -> list:
 
         spread = os.path.join(tmp, "spread.jsonl")
         write_chats(spread, int(cfg.sft_spread_mb * 1e6), spread=True, seed=cfg.seed)
-        model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                                vocab_size=vocab_size, max_seq_len=cfg.seq_len)
-        autocast = torch.autocast("cuda", dtype=dtype) if cfg.device.startswith("cuda") else contextlib.nullcontext()
+        rt = Runtime(cfg.device, str(dtype).removeprefix("torch."))
         rates = {}
         for pack in (False, True):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 data = SFTData(spread, cfg.tokenizer, cfg.seq_len, cfg.batch_size, seed=cfg.seed, pack=pack)
-            rates[pack], share = sft_step_rate(data, model_cfg, cfg, cfg.device, autocast)
+            model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                                    n_kv_heads=cfg.n_kv_heads, vocab_size=data.vocab_size, max_seq_len=cfg.seq_len)
+            rates[pack], share = sft_step_rate(data, model_cfg, cfg, rt)
             lengths = data.lengths - 1
             note = f"{share:.0%} of computed positions are conversation tokens" + ("" if pack else (
                 f"; conversations {lengths.min()}-{lengths.max()} tokens, median {int(np.median(lengths))}"))
@@ -497,10 +493,10 @@ def run(cfg: BenchConfig):
     if cfg.prompt_tokens + cfg.new_tokens > cfg.max_seq_len:
         raise UserError(f"--prompt_tokens + --new_tokens ({cfg.prompt_tokens + cfg.new_tokens}) exceed "
                         f"--max_seq_len {cfg.max_seq_len}")
-    cfg.device, dtype = pick_device(cfg.device, cfg.dtype)
-    if cfg.device.startswith("cuda"):
-        from train import cap_memory
-        cap_memory(torch.device(cfg.device), cfg.memory_cap_gib)
+    device = choose_device(cfg.device)
+    cfg.device, dtype = str(device), choose_dtype(device, cfg.dtype)
+    if device.type == "cuda":
+        cap_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                             vocab_size=cfg.vocab_size, hidden_dim=cfg.hidden_dim, tie_embeddings=cfg.tie_embeddings,

@@ -1,10 +1,13 @@
 """
-Convert between our checkpoints and Hugging Face transformers' Llama format.
+Convert checkpoints: to and from Hugging Face transformers' Llama format, a LoRA run's adapters for PEFT or
+merged into their base, and float weights to int8 for faster inference.
 
   python convert_hf.py --from_hf path/to/llama_folder --out out/base.pt   # then fine-tune it with our scripts
   python convert_hf.py --to_hf out/sft/best.pt --out out/hf               # tokenizer: the one the checkpoint names
   python convert_hf.py --to_hf out/sft/best.pt --out out/hf --tokenizer data/tokenizer.model
   python convert_hf.py --to_peft out/sft_lora/best.pt --out out/adapter  # a LoRA run's adapters, for PEFT
+  python convert_hf.py --merge_lora out/sft_lora/best.pt                  # -> out/sft_lora/best_merged.pt
+  python convert_hf.py --to_int8 out/distill/best.pt                      # -> best_int8.pt, and its quality report
 
 An imported model keeps its own tokenizer: a tokenizer.json is copied beside the checkpoint (into
 CKPT_tokenizer/) with the chat markers <|im_start|> <|im_end|> and the think tags added where it lacks
@@ -23,27 +26,32 @@ Our weights already use HF's rotate-half RoPE layout, so converting is a renamin
 nothing is permuted. Needs the `safetensors` package (pip install safetensors); transformers
 is not needed to convert, only to use the result.
 
+--to_int8 writes quantize.py's int8 checkpoint and reports what it costs on held-out text (--val_data, a token
+shard, or --text_file): the mean cross-entropy before and after, greedy agreement with the float model, and
+batch-1 decoding speed.
+
 Token ids in the export: the tokenizer adds no <s>/</s> by itself, so tokenizer.encode(text)
 equals SentencePiece's. Our pretraining data separates documents with </s>, so for base
 completion put </s> before a prompt (as inference.py does). For chat, eos is <|im_end|>;
 generation_config.json stops at <|im_end|> and </s>.
 """
+import copy
 import json
 import os
 import shutil
-import struct
 import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from cli import UserError, parse_config, run_guarded
-from dataset_sft import CHAT_TEMPLATE_JINJA
-from lora import load_model
+from dataset import TokenShards
+from lora import load_merged, merged_model
 from model import ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
+from quantize import format_report, int8_model, quality_report, quantize_model, quantized_checkpoint
 from records import atomic_path, atomic_write
-from tokenizer import (CHAT_MARKERS, SPECIAL_PIECES, add_chat_pieces, load_tokenizer, special_ids,
-                       without_space_prefix)
+from tokenizer import (CHAT_MARKERS, CHAT_TEMPLATE_JINJA, SPECIAL_PIECES, add_chat_pieces, load_tokenizer,
+                       read_sentencepiece, special_ids, tokenizer_json, without_space_prefix)
 
 # Our per-layer module names -> Hugging Face's (under model.layers.{i}.)
 LAYER_NAMES = {
@@ -256,97 +264,6 @@ def write_json(path: str, obj):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def _varint(buf: bytes, pos: int):
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
-
-
-def _proto_fields(buf: bytes):
-    """Yield (field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise UserError(f"unsupported protobuf wire type {wire}")
-        yield key >> 3, value
-
-
-def read_sentencepiece(path: str) -> dict:
-    """Pieces, scores, piece types and the settings an exact tokenizer.json depends on, read from
-    the .model protobuf directly (sentencepiece's Python API hides piece types, and its proto
-    module needs the protobuf package). Field numbers: sentencepiece_model.proto."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        pieces, trainer, normalizer = [], {}, {}
-        for number, value in _proto_fields(data):
-            if number == 1:
-                piece = dict(_proto_fields(value))
-                pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece.get(2, b"\0\0\0\0"))[0],
-                               piece.get(3, 1)))  # type 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte
-            elif number == 2:
-                trainer = dict(_proto_fields(value))
-            elif number == 3:
-                normalizer = dict(_proto_fields(value))
-    except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error):
-        raise UserError(f"{path}: cannot read the SentencePiece model") from None
-    return {"pieces": pieces, "bpe": trainer.get(3, 1) == 2,
-            "normalizer": normalizer.get(1, b"nmt_nfkc").decode(), "add_dummy_prefix": bool(normalizer.get(3, 1)),
-            "remove_extra_whitespaces": bool(normalizer.get(4, 1)), "byte_fallback": bool(trainer.get(35, 0)),
-            "whitespace_as_suffix": bool(trainer.get(24, 0))}
-
-
-def tokenizer_json(spm_info: dict) -> dict:
-    """A `tokenizers` BPE tokenizer that encodes exactly like the SentencePiece model:
-    spaces become ▁ and nothing else is normalized, special and user-defined pieces are
-    matched first, byte fallback for unknown characters, and merges ranked by piece score
-    (SentencePiece's BPE merges the highest-scoring available pair first). One difference, as
-    in every HF Llama tokenizer: the literal text "</s>" (or <s>, <pad>, <unk>) becomes that
-    special token, where SentencePiece spells it out character by character."""
-    pieces = spm_info["pieces"]
-    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
-    normal = {piece for piece, _, kind in pieces if kind == 1}
-    merges = []  # (rank key, left, right)
-    for i, (piece, score, kind) in enumerate(pieces):
-        if kind != 1:
-            continue
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in normal and right in normal:
-                merges.append(((-score, i, cut), left, right))
-    merges.sort()
-    added = [{"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": kind != 4 or piece in CHAT_MARKERS}
-             for i, (piece, _, kind) in enumerate(pieces) if kind in (2, 3, 4)]
-    unk = next((piece for piece, _, kind in pieces if kind == 2), None)
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-        "pre_tokenizer": None, "post_processor": None,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": spm_info["byte_fallback"],
-                  "ignore_merges": False, "vocab": vocab, "merges": [[left, right] for _, left, right in merges]},
-    }
-
-
 # For ollama, beside the export: `ollama create NAME -f Modelfile` once model.gguf is made (see the README).
 OLLAMA_MODELFILE = """FROM ./model.gguf
 TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}
@@ -437,10 +354,13 @@ def import_tokenizer(model_dir: str, ckpt_path: str, model: Transformer) -> tupl
             roles = {k: v for k, v in json.load(f).items() if k in ("bos_token", "eos_token", "pad_token")}
     write_json(os.path.join(folder, "tokenizer_config.json"), roles)
     path = os.path.join(folder, "tokenizer.json")
-    if without_space_prefix(source, path):
+    with atomic_path(path) as tmp:
+        had_prefix = without_space_prefix(source, tmp)
+    if had_prefix:
         print(f"note: {source} puts a space before every text it encodes (Llama 2 style); the imported copy does "
               f"not, so the chat template encodes piece by piece exactly")
-    added = add_chat_pieces(path, path)
+    with atomic_path(path) as tmp:
+        added = add_chat_pieces(path, tmp)
     model = with_vocab(model, load_tokenizer(path).vocab_size, added)
     return model, path, added
 
@@ -503,6 +423,72 @@ def save_peft(ckpt_path: str, out_dir: str) -> str:
     return meta["base"]
 
 
+# ----------------------------------------------------------------------------- LoRA merged, int8
+
+def merge(ckpt_path: str, out: str, base: str = ""):
+    """A LoRA checkpoint's adapters folded into their base: a plain checkpoint (for any tool that reads ours)."""
+    model, ckpt = load_merged(ckpt_path, base=base)
+    if "lora" not in ckpt:
+        raise UserError(f"{ckpt_path} is not a LoRA checkpoint: nothing to merge")
+    out = out or ckpt_path.removesuffix(".pt") + "_merged.pt"
+    save_checkpoint({"model": model.state_dict(), "config": ckpt["config"], "step": ckpt.get("step", 0),
+                     "tokenizer": ckpt.get("tokenizer", "")}, out)
+    print(f"wrote {out}: {model.num_params() / 1e6:.1f}M parameters, adapters of rank {ckpt['lora']['rank']} merged")
+
+
+def held_out(cfg: "ConvertConfig", tokenizer: str, length: int, count: int, seed: int) -> torch.Tensor:
+    """(count, length) token ids: windows drawn from --val_data (seed picks them), or the first consecutive
+    pieces of --text_file (as many as it holds, up to count)."""
+    if not cfg.text_file:
+        rows = TokenShards(cfg.val_data, length - 1, count, seed=seed).batch(0)
+        return torch.cat([rows["tokens"], rows["targets"][:, -1:]], dim=1)
+    try:
+        with open(cfg.text_file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--text_file {cfg.text_file}: {e}") from None
+    tok = load_tokenizer(tokenizer)
+    ids = [tok.eos_id] + tok.encode(text)  # a document start, as in pretraining
+    if len(ids) < length:
+        raise UserError(f"--text_file {cfg.text_file} has {len(ids)} tokens; one window needs {length}")
+    count = min(count, len(ids) // length)
+    return torch.tensor(ids[:count * length]).view(count, length)
+
+
+def to_int8(cfg: "ConvertConfig"):
+    """--to_int8: the int8 checkpoint, then the quality report on the file as written."""
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {cfg.dtype}: use float32, bfloat16 or float16")
+    if min(cfg.eval_windows, cfg.prompts, cfg.prompt_tokens, cfg.new_tokens) < 1 or cfg.speed_tokens < 0:
+        raise UserError("--eval_windows, --prompts, --prompt_tokens and --new_tokens must be at least 1")
+    ckpt = read_checkpoint(cfg.to_int8)
+    if ckpt.get("quantization"):
+        raise UserError(f"{cfg.to_int8} is quantized already: give the float checkpoint it was made from "
+                        f"({ckpt.get('source') or 'its source'})")
+    float_model = merged_model(ckpt, cfg.to_int8).to(cfg.device)
+    out = cfg.out or cfg.to_int8.removesuffix(".pt") + "_int8.pt"
+    save_checkpoint(quantized_checkpoint(quantize_model(copy.deepcopy(float_model)), ckpt, cfg.to_int8), out)
+    quantized = int8_model(read_checkpoint(out), out).to(cfg.device)  # the report is on the file as written
+    dtype = getattr(torch, cfg.dtype)
+    float_model.to(dtype).eval()
+    quantized.to(dtype)
+    float_bytes, with_optimizer = float_model.num_params() * 4, " with its optimizer state" * ("optimizer" in ckpt)
+    print(f"wrote {out}: {os.path.getsize(out) / 2**20:.2f} MiB against {float_bytes / 2**20:.2f} MiB of float32 "
+          f"weights ({float_bytes / os.path.getsize(out):.1f}x smaller; {cfg.to_int8} is "
+          f"{os.path.getsize(cfg.to_int8) / 2**20:.2f} MiB{with_optimizer})")
+    seq_len = cfg.seq_len or float_model.cfg.max_seq_len
+    if cfg.prompt_tokens + cfg.new_tokens > float_model.cfg.max_seq_len or seq_len > float_model.cfg.max_seq_len:
+        raise UserError(f"the model's context is {float_model.cfg.max_seq_len} tokens: lower --seq_len or "
+                        f"--prompt_tokens + --new_tokens")
+    tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
+    windows = held_out(cfg, tokenizer, seq_len + 1, cfg.eval_windows, cfg.seed)
+    prompts = held_out(cfg, tokenizer, cfg.prompt_tokens, cfg.prompts, cfg.seed + 1)
+    if windows.max() >= float_model.cfg.vocab_size:
+        raise UserError(f"the held-out ids reach {int(windows.max())}, beyond the model's vocabulary of "
+                        f"{float_model.cfg.vocab_size}: give text made with its tokenizer")
+    print(format_report(quality_report(float_model, quantized, windows, prompts, cfg.new_tokens, cfg.speed_tokens)))
+
+
 # ----------------------------------------------------------------------------- command line
 
 @dataclass
@@ -510,15 +496,39 @@ class ConvertConfig:
     from_hf: str = field(default="", metadata={"help": "Hugging Face Llama folder to convert into our checkpoint"})
     to_hf: str = field(default="", metadata={"help": "our checkpoint to export as a Hugging Face folder"})
     to_peft: str = field(default="", metadata={"help": "a LoRA checkpoint whose adapters to export for PEFT"})
-    out: str = field(default="", metadata={"help": "the checkpoint (.pt) or folder to write"})
-    tokenizer: str = field(default="", metadata={"help": "with --to_hf: tokenizer.model or tokenizer.json to "
-                                                         "export (empty: the one recorded in the checkpoint)"})
+    merge_lora: str = field(default="", metadata={"help": "a LoRA checkpoint to merge into its base: a plain one"})
+    base: str = field(default="", metadata={
+        "help": "with --merge_lora: its base checkpoint (empty: the path it records)"})
+    to_int8: str = field(default="", metadata={"help": "a float checkpoint to quantize to int8 (quantize.py)"})
+    out: str = field(default="", metadata={"help": "the checkpoint (.pt) or folder to write (empty with "
+                                                   "--merge_lora: CKPT_merged.pt; --to_int8: CKPT_int8.pt)"})
+    tokenizer: str = field(default="", metadata={
+        "help": "with --to_hf: tokenizer.model or tokenizer.json to export; with --to_int8: the one that reads "
+                "--text_file (empty: the one recorded in the checkpoint)"})
+    # the --to_int8 quality report
+    val_data: str = field(default="data/pretrain_val.bin", metadata={"help": "held-out token shard for the report"})
+    text_file: str = field(default="", metadata={"help": "held-out text instead of --val_data (a UTF-8 file)"})
+    eval_windows: int = field(default=32, metadata={"help": "windows of seq_len + 1 tokens for the loss"})
+    seq_len: int = field(default=0, metadata={"help": "window length for the loss (0: the model's context)"})
+    prompts: int = field(default=20, metadata={"help": "held-out prompts for greedy agreement"})
+    prompt_tokens: int = field(default=32, metadata={"help": "length of each prompt"})
+    new_tokens: int = field(default=64, metadata={"help": "greedy tokens compared per prompt"})
+    speed_tokens: int = field(default=128, metadata={"help": "tokens generated to time decoding; 0: not timed"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16: the compute dtype"})
+    seed: int = 0
 
 
 def convert(cfg: ConvertConfig):
-    if sum(map(bool, (cfg.from_hf, cfg.to_hf, cfg.to_peft))) != 1 or not cfg.out:
-        raise UserError("give one of --from_hf DIR, --to_hf CKPT or --to_peft CKPT, and --out")
-    if cfg.from_hf:
+    if sum(map(bool, (cfg.from_hf, cfg.to_hf, cfg.to_peft, cfg.merge_lora, cfg.to_int8))) != 1 or \
+            not (cfg.out or cfg.merge_lora or cfg.to_int8):
+        raise UserError("give one of --from_hf DIR, --to_hf CKPT or --to_peft CKPT with --out, or --merge_lora CKPT "
+                        "or --to_int8 CKPT")
+    if cfg.merge_lora:
+        merge(cfg.merge_lora, cfg.out, cfg.base)
+    elif cfg.to_int8:
+        to_int8(cfg)
+    elif cfg.from_hf:
         model, _ = load_hf(cfg.from_hf)
         model, tokenizer, added = import_tokenizer(cfg.from_hf, cfg.out, model)
         save_checkpoint({"model": model.state_dict(), "config": asdict(model.cfg), "step": 0,
@@ -536,7 +546,7 @@ def convert(cfg: ConvertConfig):
         base = save_peft(cfg.to_peft, cfg.out)
         print(f"wrote {cfg.out}/: PEFT adapters for {base} (export that base with --to_hf {base})")
     else:
-        model, ckpt = load_model(cfg.to_hf)
+        model, ckpt = load_merged(cfg.to_hf)
         tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or ""
         if tokenizer and not os.path.exists(tokenizer):
             raise UserError(f"{tokenizer}: no such tokenizer (pass --tokenizer)")

@@ -23,9 +23,7 @@ import os
 import re
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing import Pool
 
 import numpy as np
 import torch
@@ -33,7 +31,7 @@ from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
 from records import Skipped, atomic_write, file_sha256, iter_json_records
-from tokenizer import Tokenizer, load_tokenizer, recorded_dtype, token_dtype
+from tokenizer import load_tokenizer, recorded_dtype, token_dtype, tokenize_in_order, worker_tokenizer
 
 DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}
 
@@ -172,27 +170,12 @@ def make_tasks(sources, cfg: DatasetConfig, skipped: Skipped):
 
 
 # -----------------------------------------------------------------------------
-# tokenizing in worker processes
-
-_worker_tokenizer = None  # each worker process loads its own tokenizer once
-
-
-def init_worker(tokenizer_path: str, in_pool: bool):
-    global _worker_tokenizer
-    if in_pool:  # the pool is the parallelism: the tokenizers library's own threads would only compete with it
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
-
-
-def worker_tokenizer() -> Tokenizer:
-    """The tokenizer of this worker process (of tokenize_in_order)."""
-    return _worker_tokenizer
-
+# tokenizing, in worker processes (tokenizer.tokenize_in_order)
 
 def tokenize_chunk(task):
     """(split, texts, bytes) -> (split, ids with eos after every document, documents, bytes)."""
     split, texts, nbytes = task
-    tok = _worker_tokenizer
+    tok = worker_tokenizer()
     docs = tok.encode_batch(texts)
     flat = np.empty(sum(map(len, docs)) + len(docs), dtype=token_dtype(tok.vocab_size))
     pos = 0
@@ -201,24 +184,6 @@ def tokenize_chunk(task):
         flat[pos + len(ids)] = tok.eos_id
         pos += len(ids) + 1
     return split, flat, len(docs), nbytes
-
-
-def tokenize_in_order(tasks, tokenizer_path: str, num_workers: int, work=tokenize_chunk):
-    """work(task) for each task in parallel, yielding results in input order; each worker process has
-    the tokenizer loaded (worker_tokenizer). At most 4 tasks per worker are in flight: Pool.imap would
-    read the whole corpus into its task queue as fast as the disk allows."""
-    if num_workers <= 1:
-        init_worker(tokenizer_path, in_pool=False)
-        yield from map(work, tasks)
-        return
-    with Pool(num_workers, initializer=init_worker, initargs=(tokenizer_path, True)) as pool:
-        pending = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(work, (task,)))
-            if len(pending) >= 4 * num_workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 # -----------------------------------------------------------------------------
@@ -319,7 +284,7 @@ def build_shards(cfg: DatasetConfig) -> dict:
     t0 = time.perf_counter()
     try:
         tasks = make_tasks(sources, cfg, skipped)
-        with contextlib.closing(tokenize_in_order(tasks, cfg.tokenizer, cfg.num_workers)) as results:
+        with contextlib.closing(tokenize_in_order(tasks, cfg.tokenizer, cfg.num_workers, tokenize_chunk)) as results:
             for split, ids, _, nbytes in results:  # closing: an error here still stops the worker pool
                 writers[split].write(ids)
                 bar.update(nbytes)

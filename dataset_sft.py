@@ -1,27 +1,16 @@
 """
-Chat data for fine-tuning: conversations -> token ids, labels and loss weights.
-The one chat template every script shares is here; chat shards, a chat file tokenized once; SFTData,
-the reader train_sft.py and distill.py train on; and PreferenceData, the reader of preference pairs for train_dpo.py.
+Chat data for fine-tuning: conversations -> token ids, labels and loss weights. Chat shards, a chat file
+tokenized once; SFTData, the reader train_sft.py and distill.py train on; PreferenceData, the reader of
+preference pairs for train_dpo.py; and chat_data(), the pair of readers a fine-tuning run trains and validates on.
 
   python dataset_sft.py --data data/sft.jsonl --show 2     # build (or reuse) its shards; two rows, trained part marked
 
 Input: a .jsonl file (one JSON object per line) or a .json file holding one JSON array, each record one
 conversation in any of the four formats of records.py (ours, OpenAI messages, ShareGPT, alpaca), detected
-record by record and reported. Other top-level keys (like the "answer" of data/r1.jsonl) are kept in
-Conversation.extra. A line that is not valid JSON or lacks its fields is warned about and skipped; an
-unknown role, or a first record in no known format, stops with an error: that is a different schema,
-not a damaged line.
-
-Template (ChatML), the same as CHAT_TEMPLATE_JINJA:
-  <|im_start|>{role}\\n{content}<|im_end|>\\n  per turn, then <|im_start|>assistant\\n to ask for a reply,
-  which ends at <|im_end|>.
-Ids, turn by turn: the <|im_start|> id, encode(role + "\\n"), encode(content), the <|im_end|> id,
-encode("\\n"). Text is encoded piece by piece, so it never merges with a marker or with the next piece.
-Markers typed inside content (<think>, even <|im_end|>) become their single ids, as in Hugging Face's tokenizers.
-
-Labels: the id itself for each assistant turn's content and its <|im_end|>; -100 (no loss) for everything
-else: system and user turns, every role header, and the "\\n" after <|im_end|> (so the model learns to
-stop at <|im_end|>). Every assistant turn of a conversation is trained.
+record by record and reported. Other top-level keys (like the "answer" of data/r1.jsonl) are kept. A line that
+is not valid JSON or lacks its fields is warned about and skipped; an unknown role, or a first record in no known
+format, stops with an error: that is a different schema, not a damaged line. Conversations become ids and labels
+through the chat template of tokenizer.py (ChatML; the assistant turns and their <|im_end|> are trained).
 
 Chat shards: the first run on a chat file tokenizes it into {file}.shards/ beside it (or under --shard_dir),
 streaming and in parallel (--num_workers processes, which also parse the JSON): ids.bin (the ids of every
@@ -62,17 +51,10 @@ import torch
 from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
-from dataset import tokenize_in_order, worker_tokenizer
-from records import (BadRecord, Skipped, atomic_write, chat_messages, detect_format, file_sha256, iter_json_records,
-                     json_value, preference_pair)
-from tokenizer import Tokenizer, load_tokenizer, recorded_dtype, special_ids, token_dtype
-
-IGNORE_INDEX = -100  # targets the loss skips (model.py: cross_entropy ignore_index)
-# The template in Jinja, for tokenizer_config.json (convert_hf.py) and transformers' apply_chat_template.
-CHAT_TEMPLATE_JINJA = ("{% for message in messages %}"
-                       "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-                       "{% endfor %}"
-                       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+from records import (BadRecord, Skipped, atomic_write, conversation_of, describe_file, file_sha256,
+                     iter_json_records, json_value, pair_of)
+from tokenizer import (IGNORE_INDEX, Tokenizer, assemble, load_tokenizer, recorded_dtype, reply_rows, special_ids,
+                       template_texts, token_dtype, tokenize_in_order, worker_tokenizer)
 
 
 @dataclass
@@ -87,57 +69,7 @@ class InspectConfig:
 
 
 # -----------------------------------------------------------------------------
-# the template
-
-def render_text(messages, add_generation_prompt: bool = False) -> str:
-    """The template as text: what CHAT_TEMPLATE_JINJA renders and what render_prompt's ids decode to."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-def encode_conversation(tok: Tokenizer, messages, add_generation_prompt: bool = False) -> tuple:
-    """(ids, labels), two lists of ints of the same length: the rendered conversation, and the id
-    where it is trained (assistant content and its <|im_end|>), IGNORE_INDEX elsewhere."""
-    pieces = tok.encode_batch(template_texts(messages, add_generation_prompt))  # one call for all turns
-    return assemble(special_ids(tok), messages, pieces, add_generation_prompt)
-
-
-def template_texts(messages, add_generation_prompt: bool = False) -> list:
-    """The texts the template encodes, piece by piece, between its marker ids."""
-    texts = [t for m in messages for t in (m["role"] + "\n", m["content"], "\n")]
-    return texts + (["assistant\n"] if add_generation_prompt else [])
-
-
-def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = False) -> tuple:
-    """encode_conversation's (ids, labels) from the encoded template_texts and the special ids."""
-    ids, labels = [], []
-    for i, m in enumerate(messages):
-        header, content, newline = pieces[3 * i:3 * i + 3]
-        body = content + [s["im_end"]]
-        ids += [s["im_start"], *header, *body, *newline]
-        labels += [IGNORE_INDEX] * (1 + len(header))
-        labels += body if m["role"] == "assistant" else [IGNORE_INDEX] * len(body)
-        labels += [IGNORE_INDEX] * len(newline)
-    if add_generation_prompt:
-        ids += [s["im_start"], *pieces[-1]]
-        labels += [IGNORE_INDEX] * (1 + len(pieces[-1]))
-    return ids, labels
-
-
-def render_prompt(tok: Tokenizer, messages, add_generation_prompt: bool = True) -> list:
-    """The ids to feed the model for a chat: the conversation so far, then the assistant header."""
-    return encode_conversation(tok, messages, add_generation_prompt)[0]
-
-
-def reply_rows(s: dict, messages, pieces: list) -> list:
-    """(ids, labels) of the prompt followed by each reply, from the encoded template_texts(messages, True) + replies:
-    the ids of encode_conversation(messages + [the reply as an assistant turn]) up to its <|im_end|>, the reply and
-    that <|im_end|> trained (as SFT trains them), the prompt not at all. The "\n" after would train nothing."""
-    n = 3 * len(messages) + 1
-    prompt, _ = assemble(s, messages, pieces[:n], add_generation_prompt=True)
-    return [(prompt + reply + [s["im_end"]], [IGNORE_INDEX] * len(prompt) + reply + [s["im_end"]])
-            for reply in pieces[n:]]
-
+# loss weights
 
 def loss_weights(targets: np.ndarray, think_ids, think_weight: float = 10.0) -> np.ndarray:
     """float32 weights aligned with targets: 1 where a target is trained, think_weight where the trained
@@ -145,85 +77,6 @@ def loss_weights(targets: np.ndarray, think_ids, think_weight: float = 10.0) -> 
     weights = (targets != IGNORE_INDEX).astype(np.float32)
     weights[np.isin(targets, list(think_ids))] = think_weight
     return weights
-
-
-# -----------------------------------------------------------------------------
-# reading chat files
-
-@dataclass
-class Conversation:
-    messages: list  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
-    extra: dict     # the record's other top-level keys, e.g. {"answer": "42"}
-    where: str      # "data/sft.jsonl line 17", for messages about it
-
-
-def record_of(where: str, record, first: bool, convert, unknown: str) -> tuple:
-    """convert(record) (records.chat_messages or preference_pair) of the record at `where`, its first element the
-    format. BadRecord for a damaged record (warned about and skipped); UserError for a different schema: an
-    unknown role, or a file whose first record is in no known format (then it is not such a file at all: one
-    error, not a warning per line). `unknown` says what was expected."""
-    try:
-        result = convert(record)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    if result[0] is None:
-        unknown = f"unknown {unknown.format(keys=', '.join(record) or 'none')}"
-        if first:
-            raise UserError(f"{where}: {unknown}")
-        raise BadRecord(unknown)
-    return result
-
-
-def conversation_of(where: str, record, first: bool) -> tuple:
-    """(format, messages, other keys) of one record of a chat file, as record_of; a preference pair is one line."""
-    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
-        raise UserError(f"{where}: a preference pair (chosen/rejected): train on it with train_dpo.py")
-    return record_of(where, record, first, chat_messages,
-                     "chat format (keys: {keys}); expected conversations, messages or instruction/output")
-
-
-def pair_of(where: str, record, first: bool) -> tuple:
-    """(format, prompt messages, chosen reply, rejected reply, other keys) of one record of a preference file, as
-    record_of; a chat file is one line."""
-    if first and isinstance(record, dict) and "chosen" not in record and "rejected" not in record \
-            and detect_format(record):
-        raise UserError(f"{where}: a chat conversation, not a preference pair (no chosen/rejected): "
-                        f"train on it with train_sft.py")
-    return record_of(where, record, first, preference_pair,
-                     "preference format (keys: {keys}); expected prompt/chosen/rejected, a chat history with "
-                     "chosen/rejected, or HH chosen/rejected transcripts")
-
-
-def describe_file(path: str, formats: Counter, malformed: int, unit: str = "conversations") -> str:
-    """The line that says what a chat (or preference) file held: its formats, conversations (or pairs) and
-    skipped records."""
-    n = sum(formats.values())
-    skipped_note = f", {malformed:,} malformed records skipped" if malformed else ""
-    if not n:
-        raise UserError(f"{path}: no {unit}{skipped_note}")
-    found = " and ".join(f"{f} ({c:,})" for f, c in formats.most_common()) if len(formats) > 1 else next(iter(formats))
-    return f"{path}: {found} format{'s' if len(formats) > 1 else ''}, {n:,} {unit}{skipped_note}"
-
-
-def read_conversations(path: str, verbose: bool = True) -> tuple:
-    """All conversations of a chat file as Python objects (for prompts and reports: training reads
-    chat shards), and stats: {"formats": Counter, "malformed": int}. With verbose, malformed records
-    are warned about on stderr and one line says what was found."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    conversations, formats, skipped = [], Counter(), Skipped(verbose)
-    for n, (where, record, _) in enumerate(iter_json_records(path)):
-        try:
-            fmt, messages, extra = conversation_of(where, record, n == 0)
-        except BadRecord as e:
-            skipped.warn(where, e)
-            continue
-        formats[fmt] += 1
-        conversations.append(Conversation(messages, extra, where))
-    line = describe_file(path, formats, skipped.count)
-    if verbose:
-        print(line)
-    return conversations, {"formats": formats, "malformed": skipped.count}
 
 
 # -----------------------------------------------------------------------------
@@ -641,6 +494,56 @@ class PreferenceData(ShardBatches):
         width = int(self.lengths.reshape(-1, 2)[pairs].max()) - 1
         return {**self.pair_rows(mine, width), "pair_index": torch.from_numpy(mine.astype(np.int64))}
 
+
+# -----------------------------------------------------------------------------
+# the data of a fine-tuning run
+
+def resolve_tokenizer(cfg):
+    """An empty --tokenizer becomes the one the starting checkpoint was trained with (an imported model's own
+    tokenizer.json), read without loading its tensors: fine-tuning with another would train nonsense quietly."""
+    if cfg.tokenizer:
+        return
+    path = os.path.join(cfg.out_dir, "last.pt") if cfg.resume else cfg.init_from
+    try:
+        recorded = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("tokenizer")
+    except Exception:  # missing or damaged: loading the checkpoint itself reports it
+        recorded = None
+    cfg.tokenizer = recorded or "data/tokenizer.model"
+
+
+def chat_data(cfg, model, rt, reader=SFTData, **options) -> tuple:
+    """(training data, validation data or None) of a fine-tuning run: cfg's (train.py's FinetuneConfig) chat
+    files read by `reader` (SFTData, or PreferenceData) with `options`, for the run's rank (rt: runtime.Runtime),
+    checked against the model, and one line saying what will train. Its tokenizer is resolved first."""
+    resolve_tokenizer(cfg)
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise UserError(f"--seq_len {seq_len} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
+    common = dict(tokenizer_path=cfg.tokenizer, seq_len=seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                  rank=rt.rank, world_size=rt.world_size, shard_dir=cfg.shard_dir, num_workers=cfg.num_workers,
+                  **options)
+    if not rt.master:
+        rt.barrier()  # rank 0 tokenizes chat files without shards first; the other ranks then map its shards
+    train_data = reader(cfg.train_data, **common)
+    val_data = reader(cfg.val_data, **common) if cfg.val_data else None
+    if rt.master:
+        rt.barrier()
+    if train_data.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{cfg.tokenizer} has {train_data.vocab_size} pieces but the model's vocab_size is "
+                        f"{model.cfg.vocab_size}: use the tokenizer the model was trained with")
+    if rt.master:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora = f" (LoRA: {trained / 1e6:.2f}M of them trained)" if cfg.lora_rank else ""
+        packed = f" in {len(train_data):,} packed rows" if cfg.pack else ""
+        what = f"{train_data.pairs:,} training pairs" if hasattr(train_data, "pairs") else \
+            f"{train_data.conversations:,} training conversations{packed}"
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters{lora} from {cfg.init_from}, tokenizer "
+              f"{cfg.tokenizer}; {what}")
+    return train_data, val_data
+
+
+# -----------------------------------------------------------------------------
+# the script
 
 def show_row(tok: Tokenizer, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
     """The row as text, its trained spans in green (or between [[ and ]] when not on a terminal)."""

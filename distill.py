@@ -17,25 +17,23 @@ SFT on the final answers, same steps): the ablation that shows what the worked t
 import json
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from cli import parse_config
-from dataset_sft import read_conversations, render_prompt
-from lora import load_model
-from records import atomic_write
-from tokenizer import Tokenizer, load_tokenizer, special_ids
-from train import Runtime, default_loss, run_main
-from train_sft import SFTConfig, finetune, resolve_tokenizer
+from dataset_sft import SFTData, chat_data
+from evaluate import describe, describe_types, reasoning_report
+from records import atomic_write, read_conversations
+from runtime import Runtime, run_main
+from train import FinetuneConfig, default_loss, frozen_copy, resume_or_init, train
 
 
 @dataclass
-class DistillConfig(SFTConfig):
-    """Distillation's own values for every field a user tunes (none is inherited from fine-tuning's);
-    the tokenizer, seq_len and the plumbing of train.py's TrainConfig are shared."""
+class DistillConfig(FinetuneConfig):
+    """Distillation's own values for every field a user tunes (none is inherited from another stage's); the
+    tokenizer, seq_len, LoRA and the plumbing of the loop are train.py's FinetuneConfig."""
     init_from: str = "out/sft/best.pt"
     train_data: str = "data/r1.jsonl"
     val_data: str = "data/r1_val.jsonl"
@@ -63,20 +61,22 @@ class DistillConfig(SFTConfig):
 
 
 PRESETS = {
-    "cpu": dict(batch_size=8, max_steps=500, lr=1e-3, min_lr=1e-4, pack=True),
+    "cpu": {},  # the defaults above
     "12gb": dict(batch_size=8, grad_accum=8, max_steps=2000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
                  eval_every=250, eval_batches=50, log_every=20, compile=True, pack=True),
 }
 
-WELL_FORMED = re.compile(r"^\s*<think>(.+?)</think>(.*\S.*)$", re.S)
 THINK_BLOCK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
 
 
-def answer_only_file(path: str, out_dir: str) -> str:
+def answer_only_file(path: str, out_dir: str, resume: bool = False) -> str:
     """A copy of a chat file (in our conversations format, other keys kept) in out_dir/answer_only/, every
-    assistant reply without its leading <think>...</think> block: the same problems, answers only."""
-    conversations, _ = read_conversations(path, verbose=False)
+    assistant reply without its leading <think>...</think> block: the same problems, answers only. A resumed
+    run reads the copy its first run wrote."""
     out = os.path.join(out_dir, "answer_only", os.path.basename(path))
+    if resume:
+        return out
+    conversations, _ = read_conversations(path, verbose=False)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with atomic_write(out) as f:
         for conv in conversations:
@@ -104,100 +104,31 @@ def teacher_loss(teacher, cfg: DistillConfig):
     return loss_fn
 
 
-NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\d)")
-
-
-def states_answer(text: str, answer: str) -> bool:
-    """Whether a final answer states `answer`. A numeric answer must be the last number in the
-    text, compared as a number: "The sum is 50." and "答案是：50。" state 50, and so does 50.0,
-    but 500, 5.0 and "50, not 49" do not. A word answer must appear as a whole word, any case."""
-    try:
-        expected = float(answer)
-    except ValueError:
-        return re.search(rf"(?<![A-Za-z0-9_]){re.escape(answer)}(?![A-Za-z0-9_])", text, re.I) is not None
-    numbers = NUMBER.findall(text)
-    return bool(numbers) and float(numbers[-1].replace(",", "")) == expected
-
-
-@torch.no_grad()
-def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
-    """Greedy answers to the first n problems of a held-out file: the share with a
-    well-formed think block, and the share whose text after </think> states the answer (the
-    whole reply when it has no think block), overall and by the records' "type" ("other" without one)."""
-    conversations, _ = read_conversations(path, verbose=False)
-    im_end = special_ids(tok)["im_end"]
-    formed = correct = checkable = 0
-    right, asked = Counter(), Counter()
-    prompts = []
-    for conv in conversations:
-        first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
-        ids = render_prompt(tok, conv.messages[:first_reply])
-        if len(ids) <= model.cfg.max_seq_len // 2:  # leave the model room to answer
-            prompts.append((conv, ids))
-    problems = prompts[:n]
-    for conv, ids in problems:
-        ids = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0, stop_ids=[im_end])
-        text = tok.decode([i for i in ids if i != im_end])
-        match = WELL_FORMED.match(text)
-        formed += bool(match)
-        if "answer" in conv.extra:
-            checkable += 1
-            after = match.group(2) if match else text.split("</think>")[-1]
-            ok = states_answer(after, str(conv.extra["answer"]))
-            correct += ok
-            kind = str(conv.extra.get("type", "other"))
-            right[kind] += ok
-            asked[kind] += 1
-    return {"problems": len(problems), "well_formed": formed / max(1, len(problems)),
-            "accuracy": correct / checkable if checkable else None, "checkable": checkable, "correct": correct,
-            "by_type": {kind: {"correct": right[kind], "problems": asked[kind]} for kind in sorted(asked)}}
-
-
-def describe(report: dict) -> str:
-    acc = "n/a" if report["accuracy"] is None else f"{report['accuracy']:.1%}"
-    return f"well-formed <think> {report['well_formed']:.1%}, answer accuracy {acc} on {report['problems']} problems"
-
-
-def describe_types(report: dict) -> str:
-    """Right answers per problem type, which add up to the overall figure: "change 5/9, groups 3/4, ..."."""
-    return ", ".join(f"{kind} {t['correct']}/{t['problems']}" for kind, t in report.get("by_type", {}).items())
-
-
 def distill(cfg: DistillConfig) -> dict:
-    rt = Runtime(cfg)
-    loss_fn = default_loss
-    if cfg.teacher:
-        teacher = load_model(cfg.teacher, rt.device)[0]
-        teacher.eval().requires_grad_(False)
-        loss_fn = teacher_loss(teacher, cfg)
-    resolve_tokenizer(cfg)
-    tok = load_tokenizer(cfg.tokenizer)
-    report_path = cfg.val_data or cfg.train_data  # the held-out problems, with their think blocks either way
-    if cfg.answer_only and not cfg.resume:
-        cfg.train_data = answer_only_file(cfg.train_data, cfg.out_dir)
-        cfg.val_data = cfg.val_data and answer_only_file(cfg.val_data, cfg.out_dir)
-        print(f"answer only: training on {cfg.train_data} (no <think> block in any reply)")
-    elif cfg.answer_only:
-        cfg.train_data, cfg.val_data = (os.path.join(cfg.out_dir, "answer_only", os.path.basename(p)) if p else p
+    rt = Runtime(cfg.device, cfg.dtype, cfg.memory_cap_gib)
+    # ---- the model (and, with --teacher, the frozen teacher whose distribution the loss also follows)
+    model, start = resume_or_init(cfg, init_from=cfg.init_from, lora=cfg.lora())
+    loss_fn = teacher_loss(frozen_copy(cfg.teacher, rt), cfg) if cfg.teacher else default_loss
+    # ---- the data: reasoning traces, the think tags' loss weighted up (--answer_only: the traces cut out)
+    # the held-out problems of the report, with their think blocks either way
+    problems = read_conversations(cfg.val_data or cfg.train_data, verbose=False)[0] if cfg.eval_problems else []
+    if cfg.answer_only:
+        cfg.train_data, cfg.val_data = (answer_only_file(p, cfg.out_dir, cfg.resume) if p else p
                                         for p in (cfg.train_data, cfg.val_data))
-    before = {}
-
-    def report(model, result):
-        if not cfg.eval_problems:
-            return
-        model.eval()
-        after = reasoning_report(model, tok, report_path, cfg.eval_problems, cfg.eval_max_new_tokens)
+        print(f"answer only: training on {cfg.train_data} (no <think> block in any reply)")
+    train_data, val_data = chat_data(cfg, model, rt, SFTData, think_weight=cfg.think_weight, pack=cfg.pack)
+    # ---- report on held-out problems before and after training
+    report = (lambda: reasoning_report(model, train_data.tok, problems, cfg.eval_problems,
+                                       cfg.eval_max_new_tokens)) if cfg.eval_problems and rt.master else None
+    before = report() if report and not cfg.resume else dict(problems=0, well_formed=float("nan"), accuracy=None)
+    result = train(cfg, model, train_data, val_data, rt, loss_fn, cfg.tokenizer, start)
+    if report:
+        after = report()
         print(f"before distillation: {describe(before)}\nafter distillation:  {describe(after)}")
         if after["by_type"]:
             print(f"after, right by type: {describe_types(after)} ({after['correct']}/{after['checkable']})")
         result.update(before=before, after=after)
-
-    if cfg.eval_problems and not cfg.resume:
-        start_model = load_model(cfg.init_from)[0].eval()
-        before.update(reasoning_report(start_model, tok, report_path, cfg.eval_problems, cfg.eval_max_new_tokens))
-    elif cfg.eval_problems:
-        before.update(problems=0, well_formed=float("nan"), accuracy=None)
-    return finetune(cfg, think_weight=cfg.think_weight, loss_fn=loss_fn, after=report, rt=rt)
+    return result
 
 
 if __name__ == "__main__":

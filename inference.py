@@ -21,8 +21,10 @@ from typing import Optional
 import torch
 
 from cli import UserError, parse_config, run_guarded
-from model import ModelError, compile_decoding, extend_context
-from quantize import load_model as load_quantized, quantize_model
+from lora import merged_model
+from model import ModelError, compile_decoding, extend_context, read_checkpoint
+from quantize import int8_model, quantize_model
+from runtime import COMPILES, choose_device, choose_dtype, warn_fallback
 from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 
@@ -36,9 +38,9 @@ class LoadSettings:
     max_seq_len: int = field(default=0, metadata={
         "help": "run to this many tokens, beyond the context it was trained at, with dynamic NTK RoPE scaling "
                 "(untrained: quality falls past the trained length); 0: the trained context"})
-    device: str = field(default="auto", metadata={"help": "auto: cuda if available, else cpu"})
+    device: str = field(default="auto", metadata={"help": "auto: cuda, else mps (Apple Silicon), else cpu"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto: bfloat16 on CUDA (float16 on older cards), float32 on CPU; or float32/bfloat16/float16"})
+        "help": "auto: bfloat16 on CUDA and mps (float16 where it lacks it), float32 on CPU; or float32/bfloat16/float16"})
     quantize: str = field(default="none", metadata={
         "help": "int8: int8 weights for every linear layer (embedding and norms unchanged; quantize.py), fewer "
                 "bytes read per token; none"})
@@ -65,17 +67,16 @@ def prompt_ids(tok: Tokenizer, text: str) -> list:
     return [tok.eos_id] + tok.encode(text)
 
 
-def pick_device(device: str, dtype: str) -> "tuple[str, torch.dtype]":
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {dtype}: use auto, float32, bfloat16 or float16")
-    return device, getattr(torch, dtype)
+class Counted:
+    """A token stream passed through unchanged, counted as it goes: n tokens so far, the last one."""
+
+    def __init__(self, tokens):
+        self.tokens, self.n, self.last = tokens, 0, None
+
+    def __iter__(self):
+        for token in self.tokens:
+            self.n, self.last = self.n + 1, token
+            yield token
 
 
 def stream_completion(model, tok: Tokenizer, ids: list, cfg: InferenceConfig, generator, out=sys.stdout) -> int:
@@ -95,6 +96,14 @@ def stream_completion(model, tok: Tokenizer, ids: list, cfg: InferenceConfig, ge
     return n
 
 
+def load_checkpoint(path: str, device="cpu") -> tuple:
+    """(model, checkpoint) of any checkpoint of this project: whole weights, LoRA adapters (merged into their
+    base) or int8 weights (quantize.py)."""
+    ckpt = read_checkpoint(path)
+    model = int8_model(ckpt, path) if ckpt.get("quantization") else merged_model(ckpt, path)
+    return model.to(device), ckpt
+
+
 def load_for_inference(settings: LoadSettings):
     """(model, tokenizer, device) for generation. The tokenizer is the one given, else the one
     the checkpoint was trained with; it is refused if its vocabulary does not fit the model. A
@@ -104,8 +113,9 @@ def load_for_inference(settings: LoadSettings):
     path, longer = settings.ckpt, settings.max_seq_len
     if settings.quantize not in ("none", "int8"):
         raise UserError(f"--quantize {settings.quantize}: use none or int8")
-    device, dtype = pick_device(settings.device, settings.dtype)
-    model, ckpt = load_quantized(path, device)
+    device = choose_device(settings.device)
+    dtype = choose_dtype(device, settings.dtype)
+    model, ckpt = load_checkpoint(path, device)
     if longer > model.cfg.max_seq_len and ckpt.get("quantization"):
         raise UserError(f"{path} is quantized: extend the context of the float checkpoint it came from "
                         f"({ckpt.get('source', '?')}) with --quantize int8 instead")
@@ -121,7 +131,9 @@ def load_for_inference(settings: LoadSettings):
     model.to(dtype)
     if settings.quantize == "int8" and not ckpt.get("quantization"):
         quantize_model(model)
-    if settings.compile:
+    if settings.compile and not COMPILES[device.type]:
+        warn_fallback("--compile", f"torch.compile's {device.type} backend is a prototype in PyTorch")
+    elif settings.compile:
         t0 = time.perf_counter()
         compile_decoding(model)
         model.generate([0], max_new_tokens=2, temperature=0)  # compiles now, not in the first answer
@@ -158,9 +170,14 @@ def run(cfg: InferenceConfig):
           f"({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
 
 
+def run_script(run, config_class, doc: str, argv=None):
+    """The main of a generation script (this one, inference_sft.py, serve.py): its flags parsed, and a bad
+    checkpoint, prompt or flag reported in one line."""
+    run_guarded(run, parse_config(config_class, argv, description=doc.strip().splitlines()[0]), errors=(ModelError,))
+
+
 def main(argv=None):
-    run_guarded(run, parse_config(InferenceConfig, argv, description=__doc__.strip().splitlines()[0]),
-                errors=(ModelError,))
+    run_script(run, InferenceConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ When the history outgrows the context, the oldest turns are dropped first.
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
-from cli import UserError, parse_config, run_guarded
-from dataset_sft import render_prompt
-from inference import LoadSettings, load_for_inference
-from model import ModelError
-from tokenizer import SPECIAL_PIECES, StreamDecoder, Tokenizer, special_ids
+from cli import UserError
+from inference import Counted, LoadSettings, load_for_inference, run_script
+from tokenizer import SPECIAL_PIECES, Tokenizer, render_prompt, reply_pieces, special_ids
 
 DIM, RESET = "\033[2m", "\033[0m"
 MARKERS = {"reasoning": SPECIAL_PIECES["think"], "answer": SPECIAL_PIECES["end_think"]}  # the piece starting each
@@ -39,39 +36,6 @@ class ChatConfig(LoadSettings):
     top_p: float = 0.9
     repetition_penalty: float = 1.05
     seed: int = 0
-
-
-def reply_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
-    """An assistant turn's text as it is generated, from its token ids (up to <|im_end|>): (part, text) pieces,
-    part "reasoning" between <think> and </think> and "answer" elsewhere, each part's characters whole
-    (StreamDecoder). The markers are not in the text: each yields the part it starts with the text "", so a
-    caller sees where the reasoning begins and ends even when it is empty. Chat.reply and serve.py use it."""
-    s = special_ids(tok)
-    decoders, part = {"reasoning": StreamDecoder(tok), "answer": StreamDecoder(tok)}, "answer"
-    for token in tokens:
-        if token == s["im_end"]:
-            break
-        if token in (s["think"], s["end_think"]):
-            if rest := decoders[part].rest():  # a half character the marker cut off
-                yield part, rest
-            part = "reasoning" if token == s["think"] else "answer"
-            yield part, ""
-        elif text := decoders[part].add(token):
-            yield part, text
-    if rest := decoders[part].rest():
-        yield part, rest
-
-
-class Counted:
-    """A token stream passed through unchanged, counted as it goes: n tokens so far, the last one."""
-
-    def __init__(self, tokens):
-        self.tokens, self.n, self.last = tokens, 0, None
-
-    def __iter__(self):
-        for token in self.tokens:
-            self.n, self.last = self.n + 1, token
-            yield token
 
 
 class Chat:
@@ -165,8 +129,7 @@ def run(cfg: ChatConfig):
 
 
 def main(argv=None):
-    run_guarded(run, parse_config(ChatConfig, argv, description=__doc__.strip().splitlines()[0]),
-                errors=(ModelError,))
+    run_script(run, ChatConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -5,29 +5,29 @@ frozen. A layer's output becomes W x + (alpha / rank) * B A x, with A (rank x in
 (out x rank) zero at the start, so step 0 is exactly the base model.
 
   python train_sft.py --init_from out/base.pt --lora_rank 16          # train_sft.py / distill.py flags
-  python lora.py --ckpt out/sft/best.pt --out out/sft/merged.pt        # fold the adapters into a plain checkpoint
+  python convert_hf.py --merge_lora out/sft/best.pt                    # fold the adapters into a plain checkpoint
 
 Why it fits a 12 GB card: the frozen weights need no gradient and no optimizer state, and on CUDA they
 are kept in the compute dtype (2 bytes a weight, against 16 for full fine-tuning with AdamW).
 
 A LoRA checkpoint holds only the adapters, plus the path and sha256 of the base checkpoint they were
-trained on (megabytes, not gigabytes). load_model() below gives back the base with the adapters merged
+trained on (megabytes, not gigabytes). load_merged() below gives back the base with the adapters merged
 in, so inference and convert_hf.py take a LoRA checkpoint like any other; convert_hf.py --to_peft also
 writes the adapters in PEFT's layout. Tokens that convert_hf.py added to an imported tokenizer (the chat
 markers) start with no meaning, so their embedding and output rows are trained too (trainable copies
 of just those rows, as PEFT's trainable_token_indices).
+
+Imports torch and model.py only: the two files can be copied into another project together.
 """
 import contextlib
+import hashlib
 import os
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError, parse_config, run_guarded
-from model import ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
-from records import file_sha256
+from model import ModelConfig, ModelError, Transformer, model_from_checkpoint, read_checkpoint
 
 # every attention and MLP projection (transformers: q_proj k_proj v_proj o_proj gate_proj down_proj up_proj)
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -172,6 +172,15 @@ def lora_params(model_cfg, rank: int, targets=TARGETS) -> int:
     return c.n_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
+def file_sha256(path: str) -> str:
+    """A file's sha256, read a MiB at a time: a LoRA checkpoint records its base's, to refuse any other base."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def base_entries(model: Transformer, base_path: str) -> dict:
     """What a LoRA checkpoint records to find and check its base."""
     return {**model.lora, "base": base_path, "base_sha256": file_sha256(base_path)}
@@ -187,7 +196,7 @@ def with_adapters(ckpt: dict, path: str, base: str = "") -> Transformer:
     if file_sha256(base) != meta["base_sha256"]:
         raise ModelError(f"{path} holds LoRA adapters trained on {meta['base']} (sha256 {meta['base_sha256'][:12]}), "
                          f"but {base} is a different file: give the base they were trained on")
-    model, _ = load_model(base)
+    model, _ = load_merged(base)
     context = ("max_seq_len", "rope_scaling")  # a run may have extended the base's context (no weights change)
     for name, value in ckpt["config"].items():
         if name not in context and getattr(model.cfg, name) != value:
@@ -220,39 +229,14 @@ def load_adapters(model: Transformer, state: dict, source: str):
         expected[name].copy_(tensor)
 
 
-def load_model(path: str, device="cpu", base: str = "") -> "tuple[Transformer, dict]":
-    """(model, checkpoint) for any checkpoint of this project: a full one as model.load_model reads it, a LoRA
-    one as its base with the adapters merged in. `base` overrides a LoRA checkpoint's recorded base."""
+def merged_model(ckpt: dict, path: str, base: str = "") -> Transformer:
+    """The model of a checkpoint (read_checkpoint's dict, read from path): a LoRA checkpoint's base with its
+    adapters merged in, any other as model.model_from_checkpoint builds it. `base` overrides the recorded base."""
+    return merge_lora(with_adapters(ckpt, path, base)) if "lora" in ckpt else model_from_checkpoint(ckpt, path)
+
+
+def load_merged(path: str, device="cpu", base: str = "") -> "tuple[Transformer, dict]":
+    """(model, checkpoint) of a checkpoint of whole weights or of LoRA adapters (merged into their base); int8
+    weights are refused (they are for inference only: inference.load_checkpoint reads every kind)."""
     ckpt = read_checkpoint(path)
-    if ckpt.get("quantization"):
-        raise ModelError(f"{path} holds {ckpt['quantization']} weights, for inference only (inference.py, "
-                         f"inference_sft.py, serve.py): use the float checkpoint it came from ({ckpt.get('source', '?')})")
-    if "lora" in ckpt:
-        model = merge_lora(with_adapters(ckpt, path, base))
-    else:
-        model = Transformer(ModelConfig.from_dict(ckpt["config"]))
-        load_state_dict_checked(model, ckpt["model"], path)
-    return model.to(device), ckpt
-
-
-@dataclass
-class MergeConfig:
-    ckpt: str = field(default="out/sft/best.pt", metadata={"help": "a LoRA checkpoint (train_sft.py --lora_rank N)"})
-    out: str = field(default="", metadata={"help": "the plain checkpoint to write (empty: CKPT_merged.pt)"})
-    base: str = field(default="", metadata={"help": "its base checkpoint (empty: the path it records)"})
-
-
-def merge_command(cfg: MergeConfig):
-    model, ckpt = load_model(cfg.ckpt, base=cfg.base)
-    if "lora" not in ckpt:
-        raise UserError(f"{cfg.ckpt} is not a LoRA checkpoint: nothing to merge")
-    out = cfg.out or cfg.ckpt.removesuffix(".pt") + "_merged.pt"
-    save_checkpoint({"model": model.state_dict(), "config": ckpt["config"], "step": ckpt.get("step", 0),
-                     "tokenizer": ckpt.get("tokenizer", "")}, out)
-    print(f"wrote {out}: {model.num_params() / 1e6:.1f}M parameters, adapters of rank {ckpt['lora']['rank']} merged")
-
-
-if __name__ == "__main__":
-    run_guarded(merge_command, parse_config(MergeConfig, description="Merge a LoRA checkpoint's adapters into "
-                                                                    "its base: a plain checkpoint."),
-                errors=(ModelError,))
+    return merged_model(ckpt, path, base).to(device), ckpt

@@ -575,12 +575,22 @@ def compile_decoding(model: Transformer, mode: Optional[str] = None) -> Transfor
     return model
 
 
-def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":
-    """Build a Transformer from a checkpoint file; returns (model, checkpoint dict)."""
-    ckpt = read_checkpoint(path)
+def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
+    """The Transformer of a checkpoint of whole float weights (read_checkpoint's dict, read from path). Adapters
+    and int8 weights are refused in one line that says what reads them."""
+    if ckpt.get("quantization"):
+        raise ModelError(f"{path} holds {ckpt['quantization']} weights, for inference only (inference.py, "
+                         f"inference_sft.py, serve.py): use the float checkpoint it came from "
+                         f"({ckpt.get('source', '?')})")
     if "lora" in ckpt:  # written by a LoRA run of this project (lora.py): adapters only
         raise ModelError(f"{path} holds LoRA adapters, not a whole model: merge them into their base first "
-                         f"(python lora.py --ckpt {path})")
+                         f"(python convert_hf.py --merge_lora {path})")
     model = Transformer(ModelConfig.from_dict(ckpt["config"]))
     load_state_dict_checked(model, ckpt["model"], path)
-    return model.to(device), ckpt
+    return model
+
+
+def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":
+    """(model, checkpoint dict) of a checkpoint file of whole float weights."""
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, path).to(device), ckpt

@@ -6,7 +6,7 @@ weight as int8 with one scale per output row, dequantized on the fly inside the 
 reads every weight once per token, so a quarter of float32's bytes is what makes it faster; the embedding and
 the norms stay in the compute dtype.
 
-  python quantize.py --ckpt out/distill/best.pt      # writes out/distill/best_int8.pt, prints the quality report
+  python convert_hf.py --to_int8 out/distill/best.pt   # writes out/distill/best_int8.pt, prints the quality report
 
 Symmetric, per output channel: scale = max |w| / 127 for each row, q = round(w / scale) in [-127, 127]. A
 head tied to the embedding gets an int8 copy of its own (the embedding lookups keep the float table; the
@@ -15,28 +15,24 @@ embedding twice, once in float and once in int8.
 
 The quantized checkpoint loads with torch.load(..., weights_only=True) like every checkpoint of this project:
 {"model": int8 state, "config", "quantization": "int8", "tokenizer", "step", "source"}. It is for inference
-only: load_model() below reads it (and any other checkpoint, through lora.load_model).
+only: int8_model() below builds it (inference.load_checkpoint reads every kind of checkpoint).
 
 The report compares the float and the int8 model on held-out text: the mean cross-entropy (and perplexity)
 before and after, greedy-token agreement on continuations of held-out prompts (how long the int8 model's
 continuation stays identical to the float one's, and how many are identical throughout), and batch-1
-decoding speed.
+decoding speed (quality_report; convert_hf.py --to_int8 prints it).
+
+Imports torch and model.py only: the two files can be copied into another project together.
 """
-import copy
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lora
-from cli import UserError, parse_config, run_guarded
-from dataset import TokenShards
-from model import ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
-from tokenizer import load_tokenizer
+from model import ModelConfig, ModelError, Transformer, load_state_dict_checked
 
 
 class Int8Linear(nn.Module):
@@ -118,8 +114,8 @@ def quantize_model(model: Transformer) -> Transformer:
     keep their dtype (float32, bfloat16 or float16). A head tied to the embedding gets its own int8 copy."""
     if is_quantized(model):
         raise ModelError("the model is int8-quantized already: quantize the float model, once")
-    if lora.is_lora(model):
-        raise ModelError("the model has LoRA adapters: merge them first (lora.merge_lora, or python lora.py)")
+    if getattr(model, "lora", None):
+        raise ModelError("the model has LoRA adapters: merge them first (lora.merge_lora)")
     return replace_linears(model.eval(), Int8Linear.from_float)
 
 
@@ -129,19 +125,16 @@ def quantized_checkpoint(model: Transformer, ckpt: dict, source: str) -> dict:
             "tokenizer": ckpt.get("tokenizer", ""), "step": ckpt.get("step", 0), "source": source}
 
 
-def load_model(path: str, device="cpu") -> "tuple[Transformer, dict]":
-    """(model, checkpoint) for any checkpoint of this project: an int8 one (quantize.py) as an int8 model,
-    any other as lora.load_model reads it."""
-    ckpt = read_checkpoint(path)
+def int8_model(ckpt: dict, path: str) -> Transformer:
+    """The int8 model of a checkpoint quantize_model's weights were saved in (read_checkpoint's dict, from path),
+    in eval mode; float32 like every loaded model (its scales, embedding and norms)."""
     kind = ckpt.get("quantization")
-    if kind is None:
-        return lora.load_model(path, device)  # reads the file again: a float checkpoint takes well under a second
     if kind != "int8":
         raise ModelError(f"{path} holds weights quantized as {kind!r}; this version reads int8 only")
-    model = Transformer(ModelConfig.from_dict(ckpt["config"]))  # float32, as every loaded model starts
+    model = Transformer(ModelConfig.from_dict(ckpt["config"]))
     replace_linears(model, lambda linear: Int8Linear(linear.in_features, linear.out_features))
     load_state_dict_checked(model, ckpt["model"], path)
-    return model.eval().to(device), ckpt
+    return model.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -205,86 +198,3 @@ def format_report(r: dict) -> str:
         lines.append(f"batch-1 greedy decode: float {r['tokens_per_s_float']:.1f} tokens/s, int8 "
                      f"{r['tokens_per_s_int8']:.1f} tokens/s ({r['tokens_per_s_int8'] / r['tokens_per_s_float']:.2f}x)")
     return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# the script
-
-@dataclass
-class QuantizeConfig:
-    ckpt: str = field(default="out/distill/best.pt", metadata={"help": "the float checkpoint to quantize"})
-    out: str = field(default="", metadata={"help": "the int8 checkpoint to write (empty: CKPT_int8.pt)"})
-    val_data: str = field(default="data/pretrain_val.bin", metadata={"help": "held-out token shard for the report"})
-    text_file: str = field(default="", metadata={"help": "held-out text instead of --val_data (a UTF-8 file)"})
-    tokenizer: str = field(default="", metadata={
-        "help": "for --text_file: tokenizer.model or tokenizer.json (empty: the one the checkpoint names)"})
-    eval_windows: int = field(default=32, metadata={"help": "windows of seq_len + 1 tokens for the loss"})
-    seq_len: int = field(default=0, metadata={"help": "window length for the loss (0: the model's context)"})
-    prompts: int = field(default=20, metadata={"help": "held-out prompts for greedy agreement"})
-    prompt_tokens: int = field(default=32, metadata={"help": "length of each prompt"})
-    new_tokens: int = field(default=64, metadata={"help": "greedy tokens compared per prompt"})
-    speed_tokens: int = field(default=128, metadata={"help": "tokens generated to time decoding; 0: not timed"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16: the compute dtype"})
-    seed: int = 0
-
-
-def held_out(cfg: QuantizeConfig, tokenizer: str, length: int, count: int, seed: int) -> torch.Tensor:
-    """(count, length) token ids: windows drawn from --val_data (seed picks them), or the first consecutive
-    pieces of --text_file (as many as it holds, up to count)."""
-    if not cfg.text_file:
-        rows = TokenShards(cfg.val_data, length - 1, count, seed=seed).batch(0)
-        return torch.cat([rows["tokens"], rows["targets"][:, -1:]], dim=1)
-    try:
-        with open(cfg.text_file, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--text_file {cfg.text_file}: {e}") from None
-    tok = load_tokenizer(tokenizer)
-    ids = [tok.eos_id] + tok.encode(text)  # a document start, as in pretraining
-    if len(ids) < length:
-        raise UserError(f"--text_file {cfg.text_file} has {len(ids)} tokens; one window needs {length}")
-    count = min(count, len(ids) // length)
-    return torch.tensor(ids[:count * length]).view(count, length)
-
-
-def run(cfg: QuantizeConfig):
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype}: use float32, bfloat16 or float16")
-    if min(cfg.eval_windows, cfg.prompts, cfg.prompt_tokens, cfg.new_tokens) < 1 or cfg.speed_tokens < 0:
-        raise UserError("--eval_windows, --prompts, --prompt_tokens and --new_tokens must be at least 1")
-    float_model, ckpt = load_model(cfg.ckpt, cfg.device)
-    if ckpt.get("quantization"):
-        raise UserError(f"{cfg.ckpt} is quantized already: give the float checkpoint it was made from "
-                        f"({ckpt.get('source') or 'its source'})")
-    out = cfg.out or cfg.ckpt.removesuffix(".pt") + "_int8.pt"
-    save_checkpoint(quantized_checkpoint(quantize_model(copy.deepcopy(float_model)), ckpt, cfg.ckpt), out)
-    int8_model, _ = load_model(out, cfg.device)  # the report is on the file as written
-    dtype = getattr(torch, cfg.dtype)
-    float_model.to(dtype).eval()
-    int8_model.to(dtype)
-    float_bytes = float_model.num_params() * 4
-    print(f"wrote {out}: {os.path.getsize(out) / 2**20:.2f} MiB against {float_bytes / 2**20:.2f} MiB of float32 "
-          f"weights ({float_bytes / os.path.getsize(out):.1f}x smaller; {cfg.ckpt} is "
-          f"{os.path.getsize(cfg.ckpt) / 2**20:.2f} MiB{' with its optimizer state' if 'optimizer' in ckpt else ''})")
-
-    seq_len = cfg.seq_len or float_model.cfg.max_seq_len
-    if cfg.prompt_tokens + cfg.new_tokens > float_model.cfg.max_seq_len or seq_len > float_model.cfg.max_seq_len:
-        raise UserError(f"the model's context is {float_model.cfg.max_seq_len} tokens: lower --seq_len or "
-                        f"--prompt_tokens + --new_tokens")
-    tokenizer = cfg.tokenizer or ckpt.get("tokenizer") or "data/tokenizer.model"
-    windows = held_out(cfg, tokenizer, seq_len + 1, cfg.eval_windows, cfg.seed)
-    prompts = held_out(cfg, tokenizer, cfg.prompt_tokens, cfg.prompts, cfg.seed + 1)
-    if windows.max() >= float_model.cfg.vocab_size:
-        raise UserError(f"the held-out ids reach {int(windows.max())}, beyond the model's vocabulary of "
-                        f"{float_model.cfg.vocab_size}: give text made with its tokenizer")
-    print(format_report(quality_report(float_model, int8_model, windows, prompts, cfg.new_tokens, cfg.speed_tokens)))
-
-
-def main(argv=None):
-    run_guarded(run, parse_config(QuantizeConfig, argv, description=__doc__.strip().splitlines()[0]),
-                errors=(ModelError,))
-
-
-if __name__ == "__main__":
-    main()

@@ -7,6 +7,8 @@ The project's data files, read and written in one place.
   chat_messages(record)    a chat record in any of the four formats -> (format, messages, other keys)
   preference_pair(record)  a preference record in any of the three formats -> (format, prompt messages,
                            chosen reply, rejected reply, other keys)
+  read_conversations(path) every conversation of a chat file (any format) as a Conversation, the damaged ones
+                           warned about and skipped; conversation_of / pair_of: one record, as the readers take it
   atomic_write(path)       write to a temporary file and rename it into place (atomic_path: the same,
                            for a library that writes the file by name)
 
@@ -34,6 +36,8 @@ import json
 import os
 import re
 import sys
+from collections import Counter
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -243,6 +247,89 @@ def preference_pair(record) -> tuple:
         raise BadRecord("the prompt does not end with a user turn")
     return fmt, messages, chosen, rejected, extra
 
+
+# -----------------------------------------------------------------------------
+# reading a chat or preference file
+
+@dataclass
+class Conversation:
+    messages: list  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    extra: dict     # the record's other top-level keys, e.g. {"answer": "42"}
+    where: str      # "data/sft.jsonl line 17", for messages about it
+
+
+def record_of(where: str, record, first: bool, convert, unknown: str) -> tuple:
+    """convert(record) (records.chat_messages or preference_pair) of the record at `where`, its first element the
+    format. BadRecord for a damaged record (warned about and skipped); UserError for a different schema: an
+    unknown role, or a file whose first record is in no known format (then it is not such a file at all: one
+    error, not a warning per line). `unknown` says what was expected."""
+    try:
+        result = convert(record)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    if result[0] is None:
+        unknown = f"unknown {unknown.format(keys=', '.join(record) or 'none')}"
+        if first:
+            raise UserError(f"{where}: {unknown}")
+        raise BadRecord(unknown)
+    return result
+
+
+def conversation_of(where: str, record, first: bool) -> tuple:
+    """(format, messages, other keys) of one record of a chat file, as record_of; a preference pair is one line."""
+    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
+        raise UserError(f"{where}: a preference pair (chosen/rejected): train on it with train_dpo.py")
+    return record_of(where, record, first, chat_messages,
+                     "chat format (keys: {keys}); expected conversations, messages or instruction/output")
+
+
+def pair_of(where: str, record, first: bool) -> tuple:
+    """(format, prompt messages, chosen reply, rejected reply, other keys) of one record of a preference file, as
+    record_of; a chat file is one line."""
+    if first and isinstance(record, dict) and "chosen" not in record and "rejected" not in record \
+            and detect_format(record):
+        raise UserError(f"{where}: a chat conversation, not a preference pair (no chosen/rejected): "
+                        f"train on it with train_sft.py")
+    return record_of(where, record, first, preference_pair,
+                     "preference format (keys: {keys}); expected prompt/chosen/rejected, a chat history with "
+                     "chosen/rejected, or HH chosen/rejected transcripts")
+
+
+def describe_file(path: str, formats: Counter, malformed: int, unit: str = "conversations") -> str:
+    """The line that says what a chat (or preference) file held: its formats, conversations (or pairs) and
+    skipped records."""
+    n = sum(formats.values())
+    skipped_note = f", {malformed:,} malformed records skipped" if malformed else ""
+    if not n:
+        raise UserError(f"{path}: no {unit}{skipped_note}")
+    found = " and ".join(f"{f} ({c:,})" for f, c in formats.most_common()) if len(formats) > 1 else next(iter(formats))
+    return f"{path}: {found} format{'s' if len(formats) > 1 else ''}, {n:,} {unit}{skipped_note}"
+
+
+def read_conversations(path: str, verbose: bool = True) -> tuple:
+    """All conversations of a chat file as Python objects (for prompts and reports: training reads
+    chat shards), and stats: {"formats": Counter, "malformed": int}. With verbose, malformed records
+    are warned about on stderr and one line says what was found."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    conversations, formats, skipped = [], Counter(), Skipped(verbose)
+    for n, (where, record, _) in enumerate(iter_json_records(path)):
+        try:
+            fmt, messages, extra = conversation_of(where, record, n == 0)
+        except BadRecord as e:
+            skipped.warn(where, e)
+            continue
+        formats[fmt] += 1
+        conversations.append(Conversation(messages, extra, where))
+    line = describe_file(path, formats, skipped.count)
+    if verbose:
+        print(line)
+    return conversations, {"formats": formats, "malformed": skipped.count}
+
+
+
+# -----------------------------------------------------------------------------
+# writing files
 
 @contextlib.contextmanager
 def atomic_path(path: str):

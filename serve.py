@@ -17,7 +17,7 @@ top_k and repetition_penalty are the server's flags. A request without a setting
 The reasoning, between <think> and </think>, comes apart from the answer, in reasoning_content as
 DeepSeek's API has it; content holds only the answer, both without the newlines the template puts
 around them. Stop strings apply to the answer and are cut from it. Messages are rendered with the
-chat template (dataset_sft.render_prompt), a completion prompt as inference.py encodes it; a prompt
+chat template (tokenizer.render_prompt), a completion prompt as inference.py encodes it; a prompt
 that leaves no room in the context is refused, and max_tokens is cut to the room left.
 
 One request generates at a time; the others wait their turn. A client that goes away mid-stream
@@ -44,12 +44,9 @@ from urllib.parse import urlsplit
 
 import torch
 
-from cli import UserError, parse_config, run_guarded
-from dataset_sft import render_prompt
-from inference import LoadSettings, load_for_inference, prompt_ids
-from inference_sft import Counted, reply_pieces
-from model import ModelError
-from tokenizer import StreamDecoder, Tokenizer, special_ids
+from cli import UserError
+from inference import Counted, LoadSettings, load_for_inference, prompt_ids, run_script
+from tokenizer import StreamDecoder, Tokenizer, render_prompt, reply_pieces, special_ids
 
 PAGE = Path(__file__).with_name("serve.html")
 
@@ -467,8 +464,7 @@ def run(cfg: ServeConfig):
 
 
 def main(argv=None):
-    run_guarded(run, parse_config(ServeConfig, argv, description=__doc__.strip().splitlines()[0]),
-                errors=(ModelError,))
+    run_script(run, ServeConfig, __doc__, argv)
 
 
 if __name__ == "__main__":

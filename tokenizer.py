@@ -1,7 +1,7 @@
 """
 The tokenizer, in one place: one interface over the two kinds of tokenizer file, the special
-pieces every script agrees on, decoding a stream of ids into text as it is generated, and the
-dtype token files store ids in.
+pieces every script agrees on, the chat template (rendering, encoding, parsing a reply as it streams),
+decoding a stream of ids into text as it is generated, and the dtype token files store ids in.
 
   tokenizer.model   SentencePiece: ours, made by train_tokenizer.py
   tokenizer.json    Hugging Face's tokenizers library: an imported model's own (SmolLM2, Llama 3.2, ...)
@@ -11,19 +11,32 @@ template), <think> </think> (reasoning), plus the end of a document (eos), bos a
 are always looked up by piece, never hard-coded, so any tokenizer that has them works.
 train_tokenizer.py puts them all in its tokenizer.model (<unk>=0 <s>=1 </s>=2 <pad>=3). A
 tokenizer.json takes eos, bos and pad from the tokenizer_config.json beside it (else from common
-piece names), and add_chat_pieces() appends the markers an imported tokenizer lacks.
+piece names), and add_chat_pieces() appends the markers an imported tokenizer lacks; tokenizer_json() makes
+a tokenizer.json that encodes exactly as a tokenizer.model does (convert_hf.py's export).
+
+The chat template (ChatML), the same as CHAT_TEMPLATE_JINJA:
+  <|im_start|>{role}\\n{content}<|im_end|>\\n  per turn, then <|im_start|>assistant\\n to ask for a reply,
+  which ends at <|im_end|>; reasoning in <think>...</think> at the start of an assistant turn.
+Ids, turn by turn: the <|im_start|> id, encode(role + "\\n"), encode(content), the <|im_end|> id,
+encode("\\n"). Text is encoded piece by piece, so it never merges with a marker or with the next piece.
+Markers typed inside content (<think>, even <|im_end|>) become their single ids, as in Hugging Face's tokenizers.
+Labels: the id itself for each assistant turn's content and its <|im_end|>; IGNORE_INDEX (no loss) for everything
+else: system and user turns, every role header, and the "\\n" after <|im_end|> (so the model learns to stop at
+<|im_end|>). Every assistant turn of a conversation is trained.
 """
 import functools
 import json
 import os
-from typing import Optional
+import struct
+from collections import deque
+from multiprocessing import Pool
+from typing import Iterator, Optional
 
 import numpy as np
 import sentencepiece as spm
 import tokenizers
 
 from cli import UserError
-from records import atomic_path
 
 # name -> piece; train_tokenizer.py adds them to every vocabulary, add_chat_pieces to an imported one
 SPECIAL_PIECES = {"im_start": "<|im_start|>", "im_end": "<|im_end|>", "think": "<think>", "end_think": "</think>"}
@@ -141,7 +154,8 @@ def special_ids(tok: Tokenizer) -> dict:
 
 
 def add_chat_pieces(src: str, dst: str) -> list:
-    """Write a copy of the tokenizer.json src to dst with the special pieces it lacks appended; return
+    """Write a copy of the tokenizer.json src to dst (which may be src; write through records.atomic_path where
+    a half-written file must never stand) with the special pieces it lacks appended; return
     their new ids (the end of the vocabulary, in SPECIAL_PIECES order: a model needs as many more
     embedding rows). The chat markers are special, as in the tokenizers of Qwen and SmolLM2 (hidden by
     decoders that skip special pieces); <think> and </think> are not, so they stay in decoded text."""
@@ -154,15 +168,15 @@ def add_chat_pieces(src: str, dst: str) -> list:
                                           single_word=False)
             (hf.add_special_tokens if special else hf.add_tokens)([token])
             added.append(hf.token_to_id(piece))
-    with atomic_path(dst) as tmp:
-        hf.save(tmp)
+    hf.save(dst)
     return added
 
 
 def without_space_prefix(src: str, dst: str) -> bool:
-    """Copy the tokenizer.json src to dst without the space a Llama 2 style tokenizer puts before every text it
-    encodes (SentencePiece's dummy prefix: a Prepend("▁") normalizer or a Metaspace pre-tokenizer that
-    prepends, and the decoder's Strip that takes it off again); return whether it had one. The template is
+    """Copy the tokenizer.json src to dst (as add_chat_pieces writes it) without the space a Llama 2 style
+    tokenizer puts before every text it encodes (SentencePiece's dummy prefix: a Prepend("▁") normalizer or a
+    Metaspace pre-tokenizer that prepends, and the decoder's Strip that takes it off again); return whether it
+    had one. The template is
     encoded piece by piece, and its pieces follow a newline or a marker, where pretraining text had no prefix."""
     with open(src, encoding="utf-8") as f:
         spec = json.load(f)
@@ -188,10 +202,207 @@ def without_space_prefix(src: str, dst: str) -> bool:
         for step in (spec["decoder"] or {}).get("decoders", [spec["decoder"] or {}]):
             if step.get("type") == "Metaspace":  # it would also drop a real leading space
                 step.update(prepend_scheme="never", add_prefix_space=False)
-    with atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with open(dst, "w", encoding="utf-8") as f:
         json.dump(spec, f, ensure_ascii=False)
     return found
 
+
+# -----------------------------------------------------------------------------
+# tokenizing in worker processes (dataset.py, dataset_sft.py)
+
+_worker_tokenizer = None  # each worker process loads its own tokenizer once
+
+
+def init_worker(tokenizer_path: str, in_pool: bool):
+    global _worker_tokenizer
+    if in_pool:  # the pool is the parallelism: the tokenizers library's own threads would only compete with it
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def worker_tokenizer() -> Tokenizer:
+    """The tokenizer of this worker process (of tokenize_in_order)."""
+    return _worker_tokenizer
+
+
+def tokenize_in_order(tasks, tokenizer_path: str, num_workers: int, work):
+    """work(task) for each task in parallel, yielding results in input order; each worker process has
+    the tokenizer loaded (worker_tokenizer). At most 4 tasks per worker are in flight: Pool.imap would
+    read the whole corpus into its task queue as fast as the disk allows."""
+    if num_workers <= 1:
+        init_worker(tokenizer_path, in_pool=False)
+        yield from map(work, tasks)
+        return
+    with Pool(num_workers, initializer=init_worker, initargs=(tokenizer_path, True)) as pool:
+        pending = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(work, (task,)))
+            if len(pending) >= 4 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# -----------------------------------------------------------------------------
+# a tokenizer.model as a tokenizer.json (for the Hugging Face export)
+
+def _varint(buf: bytes, pos: int):
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _proto_fields(buf: bytes):
+    """Yield (field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise UserError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def read_sentencepiece(path: str) -> dict:
+    """Pieces, scores, piece types and the settings an exact tokenizer.json depends on, read from
+    the .model protobuf directly (sentencepiece's Python API hides piece types, and its proto
+    module needs the protobuf package). Field numbers: sentencepiece_model.proto."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        pieces, trainer, normalizer = [], {}, {}
+        for number, value in _proto_fields(data):
+            if number == 1:
+                piece = dict(_proto_fields(value))
+                pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece.get(2, b"\0\0\0\0"))[0],
+                               piece.get(3, 1)))  # type 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte
+            elif number == 2:
+                trainer = dict(_proto_fields(value))
+            elif number == 3:
+                normalizer = dict(_proto_fields(value))
+    except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error):
+        raise UserError(f"{path}: cannot read the SentencePiece model") from None
+    return {"pieces": pieces, "bpe": trainer.get(3, 1) == 2,
+            "normalizer": normalizer.get(1, b"nmt_nfkc").decode(), "add_dummy_prefix": bool(normalizer.get(3, 1)),
+            "remove_extra_whitespaces": bool(normalizer.get(4, 1)), "byte_fallback": bool(trainer.get(35, 0)),
+            "whitespace_as_suffix": bool(trainer.get(24, 0))}
+
+
+def tokenizer_json(spm_info: dict) -> dict:
+    """A `tokenizers` BPE tokenizer that encodes exactly like the SentencePiece model:
+    spaces become ▁ and nothing else is normalized, special and user-defined pieces are
+    matched first, byte fallback for unknown characters, and merges ranked by piece score
+    (SentencePiece's BPE merges the highest-scoring available pair first). One difference, as
+    in every HF Llama tokenizer: the literal text "</s>" (or <s>, <pad>, <unk>) becomes that
+    special token, where SentencePiece spells it out character by character."""
+    pieces = spm_info["pieces"]
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    normal = {piece for piece, _, kind in pieces if kind == 1}
+    merges = []  # (rank key, left, right)
+    for i, (piece, score, kind) in enumerate(pieces):
+        if kind != 1:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                merges.append(((-score, i, cut), left, right))
+    merges.sort()
+    added = [{"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kind != 4 or piece in CHAT_MARKERS}
+             for i, (piece, _, kind) in enumerate(pieces) if kind in (2, 3, 4)]
+    unk = next((piece for piece, _, kind in pieces if kind == 2), None)
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": spm_info["byte_fallback"],
+                  "ignore_merges": False, "vocab": vocab, "merges": [[left, right] for _, left, right in merges]},
+    }
+
+
+# -----------------------------------------------------------------------------
+# the chat template
+
+IGNORE_INDEX = -100  # targets the loss skips (model.py: cross_entropy ignore_index)
+# The template in Jinja, for tokenizer_config.json (convert_hf.py) and transformers' apply_chat_template.
+CHAT_TEMPLATE_JINJA = ("{% for message in messages %}"
+                       "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                       "{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+
+
+def render_text(messages, add_generation_prompt: bool = False) -> str:
+    """The template as text: what CHAT_TEMPLATE_JINJA renders and what render_prompt's ids decode to."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def encode_conversation(tok: Tokenizer, messages, add_generation_prompt: bool = False) -> tuple:
+    """(ids, labels), two lists of ints of the same length: the rendered conversation, and the id
+    where it is trained (assistant content and its <|im_end|>), IGNORE_INDEX elsewhere."""
+    pieces = tok.encode_batch(template_texts(messages, add_generation_prompt))  # one call for all turns
+    return assemble(special_ids(tok), messages, pieces, add_generation_prompt)
+
+
+def template_texts(messages, add_generation_prompt: bool = False) -> list:
+    """The texts the template encodes, piece by piece, between its marker ids."""
+    texts = [t for m in messages for t in (m["role"] + "\n", m["content"], "\n")]
+    return texts + (["assistant\n"] if add_generation_prompt else [])
+
+
+def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = False) -> tuple:
+    """encode_conversation's (ids, labels) from the encoded template_texts and the special ids."""
+    ids, labels = [], []
+    for i, m in enumerate(messages):
+        header, content, newline = pieces[3 * i:3 * i + 3]
+        body = content + [s["im_end"]]
+        ids += [s["im_start"], *header, *body, *newline]
+        labels += [IGNORE_INDEX] * (1 + len(header))
+        labels += body if m["role"] == "assistant" else [IGNORE_INDEX] * len(body)
+        labels += [IGNORE_INDEX] * len(newline)
+    if add_generation_prompt:
+        ids += [s["im_start"], *pieces[-1]]
+        labels += [IGNORE_INDEX] * (1 + len(pieces[-1]))
+    return ids, labels
+
+
+def render_prompt(tok: Tokenizer, messages, add_generation_prompt: bool = True) -> list:
+    """The ids to feed the model for a chat: the conversation so far, then the assistant header."""
+    return encode_conversation(tok, messages, add_generation_prompt)[0]
+
+
+def reply_rows(s: dict, messages, pieces: list) -> list:
+    """(ids, labels) of the prompt followed by each reply, from the encoded template_texts(messages, True) + replies:
+    the ids of encode_conversation(messages + [the reply as an assistant turn]) up to its <|im_end|>, the reply and
+    that <|im_end|> trained (as SFT trains them), the prompt not at all. The "\n" after would train nothing."""
+    n = 3 * len(messages) + 1
+    prompt, _ = assemble(s, messages, pieces[:n], add_generation_prompt=True)
+    return [(prompt + reply + [s["im_end"]], [IGNORE_INDEX] * len(prompt) + reply + [s["im_end"]])
+            for reply in pieces[n:]]
+
+
+
+# -----------------------------------------------------------------------------
+# token files and streams
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The dtype token files store ids in: uint16 while every id fits (at most 65,536 ids), else uint32,
@@ -231,3 +442,24 @@ class StreamDecoder:
         text = self.text()
         new, self.done = text[self.done:], len(text)
         return new
+
+
+def reply_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
+    """An assistant turn's text as it is generated, from its token ids (up to <|im_end|>): (part, text) pieces,
+    part "reasoning" between <think> and </think> and "answer" elsewhere, each part's characters whole
+    (StreamDecoder). The markers are not in the text: each yields the part it starts with the text "", so a
+    caller sees where the reasoning begins and ends even when it is empty."""
+    s = special_ids(tok)
+    decoders, part = {"reasoning": StreamDecoder(tok), "answer": StreamDecoder(tok)}, "answer"
+    for token in tokens:
+        if token == s["im_end"]:
+            break
+        if token in (s["think"], s["end_think"]):
+            if rest := decoders[part].rest():  # a half character the marker cut off
+                yield part, rest
+            part = "reasoning" if token == s["think"] else "answer"
+            yield part, ""
+        elif text := decoders[part].add(token):
+            yield part, text
+    if rest := decoders[part].rest():
+        yield part, rest

@@ -32,21 +32,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import UserError, parse_config
-from dataset_sft import PreferenceData
-from distill import describe, reasoning_report
-from lora import adapters_off, cast_frozen, is_lora, load_model
-from records import atomic_path, file_sha256
-from tokenizer import load_tokenizer
-from train import Runtime, run_main
-from train_sft import SFTConfig, finetune, resolve_tokenizer
+from dataset_sft import PreferenceData, chat_data
+from evaluate import describe, reasoning_report
+from lora import adapters_off, is_lora
+from records import atomic_path, file_sha256, read_conversations
+from runtime import Runtime, run_main
+from train import FinetuneConfig, frozen_copy, place_model, resume_or_init, train
 
 LOSSES = ("sigmoid", "ipo")
 
 
 @dataclass
-class DPOConfig(SFTConfig):
-    """DPO's own values for every field a user tunes; the rest (tokenizer, seq_len, LoRA, the plumbing of
-    train.py's TrainConfig) as train_sft.py has it."""
+class DPOConfig(FinetuneConfig):
+    """DPO's own values for every field a user tunes (none is inherited from another stage's); the tokenizer,
+    seq_len, LoRA and the plumbing of the loop are train.py's FinetuneConfig."""
     init_from: str = "out/distill/best.pt"
     train_data: str = "data/dpo.jsonl"
     val_data: str = "data/dpo_val.jsonl"
@@ -76,7 +75,7 @@ class DPOConfig(SFTConfig):
 
 
 PRESETS = {
-    "cpu": dict(batch_size=8, max_steps=100),
+    "cpu": {},  # the defaults above
     # 4 x 16 = 64 pairs a step; beta 0.1 as in the DPO paper's dialogue runs (not run on a GPU yet)
     "12gb": dict(batch_size=4, grad_accum=16, max_steps=1000, lr=5e-6, min_lr=5e-7, warmup_steps=50, beta=0.1,
                  eval_every=250, eval_batches=50, log_every=20, compile=True, precompute_reference=True),
@@ -198,10 +197,7 @@ def make_reference(cfg: DPOConfig, model, rt: Runtime) -> tuple:
                 return pair_logps(policy, batch)
         return with_adapters_off, model.lora["base"], f"{model.lora['base']} (the LoRA base: adapters off)"
     path = cfg.reference or cfg.init_from
-    frozen = load_model(path)[0].eval().requires_grad_(False)
-    if rt.dtype != torch.float32:
-        cast_frozen(frozen, rt.dtype)  # never trained: no fp32 copy needed
-    frozen.to(rt.device)
+    frozen = frozen_copy(path, rt)  # never trained: no fp32 copy needed
     return (lambda policy, batch: pair_logps(frozen, batch)), path, f"a frozen copy of {path}"
 
 
@@ -226,52 +222,56 @@ def precompute(cfg: DPOConfig, model, reference, reference_path: str, train_data
     return tables
 
 
-def dpo(cfg: DPOConfig) -> dict:
+def check_settings(cfg: DPOConfig):
     if cfg.loss not in LOSSES:
         raise UserError(f"--loss {cfg.loss!r}: use one of {', '.join(LOSSES)}")
     if cfg.pack:
         raise UserError("--pack is not supported by train_dpo.py: a pair's two replies share one prompt")
     if cfg.beta <= 0 or not 0 <= cfg.label_smoothing < 0.5:
         raise UserError("--beta must be above 0 and --label_smoothing in [0, 0.5)")
-    rt = Runtime(cfg)
-    resolve_tokenizer(cfg)
-    held_out = {}  # the raw validation data and how to score it, for the reports after training
 
-    def report(model, when: str, result: dict):
-        if held_out.get("data") is not None:
-            result[when] = preference_report(model, held_out["data"], held_out["reference"], cfg, rt)
-            print(f"{when} DPO: {describe_preferences(result[when])}")
-        if cfg.eval_problems:
-            result[f"answers_{when}"] = reasoning_report(model.eval(), load_tokenizer(cfg.tokenizer), cfg.eval_data,
-                                                         cfg.eval_problems, cfg.eval_max_new_tokens)
-            model.train()
-            print(f"{when} DPO: {describe(result[f'answers_{when}'])}")
 
-    def prepare(model, train_data, val_data, rt):
-        if is_lora(model) and rt.dtype != torch.float32:
-            cast_frozen(model, rt.dtype)
-        model.to(rt.device)
-        reference, reference_path, name = make_reference(cfg, model, rt)
-        if rt.master:
-            print(f"reference: {name}" + (", its log-probs computed once" if cfg.precompute_reference else ""))
-        if cfg.precompute_reference:  # then the copy is dropped: only the tables stay
-            tables = precompute(cfg, model, reference, reference_path, train_data, val_data, rt)
-            reference = None
-            train_data = WithReference(train_data, tables["train"])
-            if val_data is not None:
-                held_out["reference"] = table_reference(tables["val"])
-                held_out["data"], val_data = val_data, WithReference(val_data, tables["val"])
-        else:
-            held_out.update(data=val_data, reference=reference)
-        if rt.master and not cfg.resume:
-            report(model, "before", held_out)
-        return dpo_loss(cfg, reference), train_data, val_data
+def report(model, data, reference, tok, cfg: DPOConfig, rt: Runtime, when: str) -> dict:
+    """{when: the preference report on held-out pairs, f"answers_{when}": the reasoning report}, each printed;
+    only what the data and settings give."""
+    result = {}
+    if data is not None:
+        result[when] = preference_report(model, data, reference, cfg, rt)
+        print(f"{when} DPO: {describe_preferences(result[when])}")
+    if cfg.eval_problems:
+        problems = read_conversations(cfg.eval_data, verbose=False)[0]
+        result[f"answers_{when}"] = reasoning_report(model, tok, problems, cfg.eval_problems, cfg.eval_max_new_tokens)
+        print(f"{when} DPO: {describe(result[f'answers_{when}'])}")
+    return result
 
-    def after(model, result):
-        report(model, "after", result)
-        result.update({k: v for k, v in held_out.items() if k in ("before", "answers_before")})
 
-    return finetune(cfg, rt=rt, data_class=PreferenceData, prepare=prepare, after=after)
+def dpo(cfg: DPOConfig) -> dict:
+    check_settings(cfg)
+    rt = Runtime(cfg.device, cfg.dtype, cfg.memory_cap_gib)
+    # ---- the model, and the data: preference pairs, each two rows (the chosen reply, then the rejected one)
+    model, start = resume_or_init(cfg, init_from=cfg.init_from, lora=cfg.lora())
+    train_data, val_data = chat_data(cfg, model, rt, PreferenceData)
+    # ---- the frozen reference the model is measured against (the model on its device first)
+    place_model(model, rt)
+    reference, reference_path, name = make_reference(cfg, model, rt)
+    if rt.master:
+        print(f"reference: {name}" + (", its log-probs computed once" if cfg.precompute_reference else ""))
+    # with --precompute_reference every pair carries its reference log-probs instead
+    held_out, held_out_reference = val_data, reference
+    if cfg.precompute_reference:  # then the copy is dropped: only the tables stay
+        tables = precompute(cfg, model, reference, reference_path, train_data, val_data, rt)
+        reference = None
+        train_data = WithReference(train_data, tables["train"])
+        if val_data is not None:
+            held_out_reference = table_reference(tables["val"])
+            val_data = WithReference(val_data, tables["val"])
+    # ---- report, train with the DPO loss, report again
+    tok = train_data.tok
+    before = report(model, held_out, held_out_reference, tok, cfg, rt, "before") if rt.master and not cfg.resume else {}
+    result = train(cfg, model, train_data, val_data, rt, dpo_loss(cfg, reference), cfg.tokenizer, start)
+    if rt.master:
+        result.update(report(model, held_out, held_out_reference, tok, cfg, rt, "after"), **before)
+    return result
 
 
 if __name__ == "__main__":

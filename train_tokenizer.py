@@ -67,7 +67,7 @@ class TokenizerConfig:
 # carries (distilled on the quickstart: 32.7% of 300 held-out problems right against 19.7%, the same steps);
 # the 12gb model, on real text with numbers of every size, gets LLaMA's one piece per digit.
 PRESETS = {
-    "cpu": dict(vocab_en=4096, vocab_zh=10000, split_digits=False),
+    "cpu": {},  # the defaults above
     "12gb": dict(vocab_en=12000, vocab_zh=12000, split_digits=True),
 }
 

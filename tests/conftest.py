@@ -12,6 +12,11 @@ sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: seconds or more (a pipeline, a subprocess, a compile): left out of "
+                                       "the fast tier, python -m pytest -m 'not slow' tests")
+
+
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]

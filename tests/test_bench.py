@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,6 +22,7 @@ def row(lines, name):
     return next(line for line in lines if line.startswith(name + " "))[len(name):]
 
 
+@pytest.mark.slow
 def test_bench_cpu_preset_prints_every_row_and_column():
     lines = bench("--preset", "cpu", "--new_tokens", "8", "--batch_size", "2", "--seq_len", "64", "--compile", "false")
     for name in ("train, ours", "train, transformers", "memory, bf16 step", "decode, ours", "decode, transformers",
@@ -43,12 +45,14 @@ def test_the_roofline_chain_multiplies_every_weight_matrix_once_per_token():
     assert model.layers[0].attention.wqkv is None  # stacked on a copy: the model itself is left as it was
 
 
+@pytest.mark.slow
 def test_bench_memory_only_sizes_the_12gb_preset_in_seconds():
     lines = bench("--preset", "12gb", "--memory_only", "true")
     assert len(lines) == 1
     assert 1 < float(row(lines, "memory, bf16 step").split()[0]) < 7
 
 
+@pytest.mark.slow
 def test_bench_chat_data_rows_build_reuse_and_compare_padded_with_packed(tokenizer_path):
     lines = bench("--preset", "tiny", "--sft_mb", "0.3", "--sft_spread_mb", "0.3", "--sft_steps", "2",
                   "--tokenizer", tokenizer_path, "--seq_len", "128", "--max_seq_len", "128", "--sft_workers", "2")

@@ -7,7 +7,7 @@ import sentencepiece as spm
 import torch
 
 import convert_hf
-from dataset_sft import render_prompt
+from tokenizer import render_prompt
 from tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, load_model, save_checkpoint
 
@@ -281,7 +281,7 @@ def test_a_llama2_style_tokenizer_json_is_imported_without_its_space_prefix(tmp_
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     from conftest import small_corpus
-    from dataset_sft import encode_conversation, render_text
+    from tokenizer import encode_conversation, render_text
     from tokenizer import load_tokenizer
     byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))

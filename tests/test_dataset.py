@@ -156,6 +156,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "dataset.py"), *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_cli_help_success_and_empty_corpus(tmp_path, tokenizer_path):
     r = run_cli("--help")
     assert r.returncode == 0

@@ -7,9 +7,9 @@ import torch
 
 import dataset_sft
 from conftest import SHARED_DATA
-from dataset_sft import (CHAT_TEMPLATE_JINJA, IGNORE_INDEX, SFTData, encode_conversation, loss_weights,
-                         read_conversations, render_prompt, render_text)
-from tokenizer import load_tokenizer
+from dataset_sft import SFTData, loss_weights
+from records import read_conversations
+from tokenizer import CHAT_TEMPLATE_JINJA, IGNORE_INDEX, encode_conversation, load_tokenizer, render_prompt, render_text
 
 M = IGNORE_INDEX
 

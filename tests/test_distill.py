@@ -1,9 +1,10 @@
-"""distill.py's parts: the answer match of the accuracy report, the per-type report, the answer-only ablation's
+"""distill.py's and evaluate.py's parts: the answer match of the accuracy report, the per-type report, the answer-only ablation's
 training targets, and the teacher loss by hand."""
 import json
 import math
 import random
 from collections import Counter
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 
 import distill
 from dataset_sft import SFTData
-from distill import DistillConfig, describe_types, reasoning_report, states_answer, teacher_loss
-from model import ModelConfig, Transformer
+from distill import DistillConfig, teacher_loss
+from evaluate import describe_types, reasoning_report, states_answer
+from model import ModelConfig, Transformer, save_checkpoint
+from records import read_conversations
 from tokenizer import load_tokenizer
 
 
@@ -105,7 +108,8 @@ def test_per_type_report_adds_up_to_the_overall_figure(tmp_path, tokenizer_path)
                         f"{answer + 1}.", f"The answer is {answer}."][i % 3])
         expected[r["type"]] += i % 3 != 1
     tok = load_tokenizer(tokenizer_path)
-    report = reasoning_report(ScriptedModel(tok, replies), tok, str(tmp_path / "val.jsonl"), 40, 160)
+    problems, _ = read_conversations(str(tmp_path / "val.jsonl"), verbose=False)
+    report = reasoning_report(ScriptedModel(tok, replies), tok, problems, 40, 160)
     by_type = report["by_type"]
     assert len(by_type) >= 5 and {k: v["correct"] for k, v in by_type.items() if v["correct"]} == +expected
     assert sum(t["problems"] for t in by_type.values()) == report["checkable"] == report["problems"] == 40
@@ -131,14 +135,17 @@ def test_the_answer_only_ablation_trains_no_think_block(tmp_path, tokenizer_path
     reasoning_file(tmp_path / "r1_val.jsonl", 5, seed=1)
     seen = {}
 
-    def fake_finetune(cfg, **kwargs):  # what distill() hands the training loop
+    def fake_train(cfg, *args, **kwargs):  # what distill() hands the training loop
         seen.update(train=cfg.train_data, val=cfg.val_data)
         return {}
 
-    monkeypatch.setattr(distill, "finetune", fake_finetune)
-    distill.distill(DistillConfig(train_data=str(tmp_path / "r1.jsonl"), val_data=str(tmp_path / "r1_val.jsonl"),
-                                  out_dir=str(tmp_path / "out"), tokenizer=tokenizer_path, answer_only=True,
-                                  eval_problems=0, device="cpu"))
+    monkeypatch.setattr(distill, "train", fake_train)
+    init = tmp_path / "init.pt"
+    start = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=256))
+    save_checkpoint({"model": start.state_dict(), "config": asdict(start.cfg)}, str(init))
+    distill.distill(DistillConfig(init_from=str(init), train_data=str(tmp_path / "r1.jsonl"),
+                                  val_data=str(tmp_path / "r1_val.jsonl"), out_dir=str(tmp_path / "out"),
+                                  tokenizer=tokenizer_path, answer_only=True, eval_problems=0, device="cpu"))
     assert seen["train"] == str(tmp_path / "out" / "answer_only" / "r1.jsonl")
     tok = load_tokenizer(tokenizer_path)
     think = {tok.piece_id("<think>"), tok.piece_id("</think>")}

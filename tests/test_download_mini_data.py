@@ -292,6 +292,7 @@ def test_a_finished_stage_is_not_fetched_again(tmp_path, monkeypatch):
     assert len(read(tmp_path / "r1.jsonl")) == 37
 
 
+@pytest.mark.slow
 def test_the_fetch_is_streamed_in_flat_memory(tmp_path, monkeypatch):
     """Peak Python memory while fetching 2,000 or 20,000 pretraining documents of 1 KB: about the same."""
     peaks = []

@@ -107,10 +107,10 @@ def test_a_frozen_reference_copy_never_changes(tmp_path):
     start = small_model()
     path = str(tmp_path / "start.pt")
     save_checkpoint({"model": start.state_dict(), "config": asdict(start.cfg), "step": 0}, path)
-    from train import Runtime
+    from runtime import Runtime
     cfg = DPOConfig(init_from=path, device="cpu")
-    rt = Runtime(cfg)
-    policy = lora.load_model(path)[0]
+    rt = Runtime(cfg.device, cfg.dtype)
+    policy = lora.load_merged(path)[0]
     reference, reference_path, _ = make_reference(cfg, policy, rt)
     batch = random_pairs()
     with torch.no_grad():
@@ -131,9 +131,9 @@ def test_a_lora_reference_is_the_base_with_adapters_off():
         expected = pair_logps(base, batch)
     policy = lora.add_lora(small_model(), rank=4, alpha=8.0, new_token_ids=[48, 49])
     policy.lora["base"] = "base.pt"
-    from train import Runtime
+    from runtime import Runtime
     cfg = DPOConfig(device="cpu", lora_rank=4)
-    reference, reference_path, _ = make_reference(cfg, policy, Runtime(cfg))
+    reference, reference_path, _ = make_reference(cfg, policy, Runtime(cfg.device, cfg.dtype))
     train_steps(policy, dpo_loss(cfg, reference), batch)
     with torch.no_grad():
         after = reference(policy, batch)
@@ -147,7 +147,7 @@ def test_precomputed_reference_log_probs_equal_the_live_ones(tmp_path, tokenizer
     import json
 
     from dataset_sft import PreferenceData
-    from train import Runtime
+    from runtime import Runtime
     from train_dpo import WithReference, reference_table
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i in range(10):
@@ -157,7 +157,7 @@ def test_precomputed_reference_log_probs_equal_the_live_ones(tmp_path, tokenizer
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=48))
     cfg = DPOConfig(device="cpu")
-    rt = Runtime(cfg)
+    rt = Runtime(cfg.device, cfg.dtype)
     table = reference_table(lambda policy, batch: pair_logps(model, batch), model, data, rt, "test")
     assert table.shape == (10, 2)
     for index in range(4):  # shuffled batches, padded to their own longest row

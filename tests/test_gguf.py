@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import convert_hf
-from dataset_sft import render_prompt
+from tokenizer import render_prompt
 from model import ModelConfig, Transformer, load_model
 from offline_data import GENERATORS
 from tokenizer import SPECIAL_PIECES, load_tokenizer
@@ -36,6 +36,7 @@ if importlib.util.find_spec("llama_cpp") is None:
 if not (LLAMA_CPP_DIR / "convert_hf_to_gguf.py").is_file():
     pytest.skip("LLAMA_CPP_DIR does not point at a llama.cpp source tree", allow_module_level=True)
 pytest.importorskip("safetensors")
+pytestmark = pytest.mark.slow  # llama.cpp's converter and runtime in child processes
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (gguf-py: TokenType)
 

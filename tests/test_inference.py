@@ -79,6 +79,7 @@ def test_streaming_prints_whole_characters(ckpt, tokenizer_path):
     assert all("\ufffd" not in w for w in out.writes)
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded(ckpt):
     args = ("--ckpt", ckpt, "--prompt", "Lily", "--max_new_tokens", "10", "--num_samples", "2")
     a, b, c = cli(*args, "--seed", "1"), cli(*args, "--seed", "1"), cli(*args, "--seed", "2")
@@ -94,6 +95,7 @@ def test_shape_mismatch_is_one_line(ckpt, tmp_path):
     assert_one_line_error(cli("--ckpt", str(bad), "--prompt", "x"), "tok_embeddings.weight", "(512, 32)", "(512, 64)")
 
 
+@pytest.mark.slow
 def test_corrupt_and_missing_files_are_one_line(ckpt, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(Path(ckpt).read_bytes()[:1000])
@@ -108,6 +110,7 @@ def test_prompt_longer_than_context_is_one_line(ckpt):
     assert_one_line_error(cli("--ckpt", ckpt, "--prompt", "Tom found a red ball. " * 20), "max_seq_len")
 
 
+@pytest.mark.slow
 def test_compiled_int8_decoding_gives_the_eager_int8_greedy_tokens(ckpt):
     eager, tok, _ = inference.load_for_inference(inference.LoadSettings(ckpt=ckpt, device="cpu", quantize="int8"))
     compiled, _, _ = inference.load_for_inference(
@@ -118,6 +121,7 @@ def test_compiled_int8_decoding_gives_the_eager_int8_greedy_tokens(ckpt):
         eager.generate(prompt, max_new_tokens=24, temperature=0)
 
 
+@pytest.mark.slow
 def test_quantize_and_compile_settings_are_checked(ckpt, tmp_path):
     assert_one_line_error(cli("--ckpt", ckpt, "--prompt", "a", "--quantize", "int4"), "--quantize int4")
     model, source = load_model(ckpt)

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+import inference
 import inference_sft
+import tokenizer
 from conftest import ROOT
 from tokenizer import load_tokenizer, special_ids
 from model import ModelConfig, Transformer, save_checkpoint
@@ -76,13 +78,13 @@ def test_reply_pieces_split_reasoning_from_answer_in_whole_characters(tok):
     think, answer = "I add 3 and 4.", "Three 🍎."
     ids = reply_ids(tok, answer, think=think)
     assert len(tok.encode("🍎")) == 4  # one character, four byte tokens
-    pieces = list(inference_sft.reply_pieces(tok, ids + tok.encode("not this")))
+    pieces = list(tokenizer.reply_pieces(tok, ids + tok.encode("not this")))
     assert [p for p in pieces if not p[1]] == [("reasoning", ""), ("answer", "")]
     assert joined(pieces) == {"reasoning": think, "answer": answer}
     assert not any("\ufffd" in text for _, text in pieces)
-    plain = inference_sft.reply_pieces(tok, tok.encode("No markers."))
+    plain = tokenizer.reply_pieces(tok, tok.encode("No markers."))
     assert joined(plain) == {"reasoning": "", "answer": "No markers."}
-    tokens = inference_sft.Counted(iter(ids))
+    tokens = inference.Counted(iter(ids))
     assert list(tokens) == ids and tokens.n == len(ids) and tokens.last == ids[-1]
 
 
@@ -111,6 +113,7 @@ def test_reset_forgets_the_conversation(tok, monkeypatch, capsys):
     assert "(conversation cleared)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_default_tokenizer_is_the_checkpoints_and_must_fit_the_model(tokenizer_path, tmp_path):
     """The checkpoint names its tokenizer, which lies elsewhere than data/tokenizer.model."""
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=64, max_seq_len=64)

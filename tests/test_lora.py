@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import lora
+import runtime
 from conftest import ROOT
 from model import ModelConfig, ModelError, Transformer, read_checkpoint, save_checkpoint
-from train_sft import SFTConfig, finetune
+from train_sft import SFTConfig, sft
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=96)
 
@@ -84,7 +85,7 @@ def test_new_token_rows_start_as_the_base_rows(tie):
 def test_lora_run_trains_only_adapters_and_merging_keeps_its_logits(tmp_path, tokenizer_path):
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)
     base_state = read_checkpoint(base_path)["model"]
-    finetune(lora_config(tmp_path, base_path, tokenizer_path))
+    sft(lora_config(tmp_path, base_path, tokenizer_path))
     ckpt = read_checkpoint(str(tmp_path / "lora" / "last.pt"))
     assert ckpt["lora"]["base"] == base_path and ckpt["lora"]["rank"] == 4
     assert set(ckpt["model"]) == {f"layers.{i}.{m}.lora_{ab}" for i in range(2) for m in
@@ -103,7 +104,7 @@ def test_lora_run_trains_only_adapters_and_merging_keeps_its_logits(tmp_path, to
     tokens = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
         unmerged = model(tokens)[0]
-        merged_model, _ = lora.load_model(str(tmp_path / "lora" / "last.pt"))
+        merged_model, _ = lora.load_merged(str(tmp_path / "lora" / "last.pt"))
         merged = merged_model.eval()(tokens)[0]
     assert not any(isinstance(m, (lora.LoRALinear, lora.TrainedRows)) for m in merged_model.modules())
     assert set(merged_model.state_dict()) == set(base_state)
@@ -112,46 +113,49 @@ def test_lora_run_trains_only_adapters_and_merging_keeps_its_logits(tmp_path, to
 
 def test_lora_resume_is_bit_for_bit(tmp_path, tokenizer_path):
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, out="straight"))
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, out="split", stop_at_step=2))
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, out="split", resume=True))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, out="straight"))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, out="split", stop_at_step=2))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, out="split", resume=True))
     straight = read_checkpoint(str(tmp_path / "straight" / "last.pt"))
     split = read_checkpoint(str(tmp_path / "split" / "last.pt"))
     assert straight["model"].keys() == split["model"].keys()
     assert all(torch.equal(straight["model"][k], split["model"][k]) for k in straight["model"])
     assert split["lora"] == straight["lora"]  # the resumed run records its base as the first did
-    lora.load_model(str(tmp_path / "split" / "last.pt"))
+    lora.load_merged(str(tmp_path / "split" / "last.pt"))
 
 
 def test_resume_refuses_other_lora_settings(tmp_path, tokenizer_path):
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
     with pytest.raises(Exception, match="trained LoRA rank=4.*asks for LoRA rank=8"):
-        finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=4, resume=True, lora_rank=8))
+        sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=4, resume=True, lora_rank=8))
     with pytest.raises(Exception, match="asks for every weight"):
-        finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=4, resume=True, lora_rank=0))
+        sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=4, resume=True, lora_rank=0))
 
 
+@pytest.mark.slow
 def test_adapters_on_the_wrong_base_are_one_line(tmp_path, tokenizer_path):
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
     last = str(tmp_path / "lora" / "last.pt")
     other = make_base(tmp_path / "other.pt", 512, tokenizer_path, seed=1)
     with pytest.raises(ModelError, match="trained on .*base.pt .*other.pt is a different file"):
-        lora.load_model(last, base=other)
-    result = subprocess.run([sys.executable, str(ROOT / "lora.py"), "--ckpt", last, "--base", other],
+        lora.load_merged(last, base=other)
+    result = subprocess.run([sys.executable, str(ROOT / "convert_hf.py"), "--merge_lora", last, "--base", other],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "different file" in result.stderr
     os.remove(base_path)
     with pytest.raises(ModelError, match="does not exist"):
-        lora.load_model(last)
+        lora.load_merged(last)
 
 
+@pytest.mark.slow
 def test_merge_command_writes_a_plain_checkpoint(tmp_path, tokenizer_path):
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
     last = str(tmp_path / "lora" / "last.pt")
-    result = subprocess.run([sys.executable, str(ROOT / "lora.py"), "--ckpt", last], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / "convert_hf.py"), "--merge_lora", last], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
     from model import load_model
     merged, ckpt = load_model(str(tmp_path / "lora" / "last_merged.pt"))
@@ -183,7 +187,7 @@ def assert_exports_give_the_same_logits(tmp_path, base_path: str, last: str, tok
 @pytest.mark.parametrize("tie", [True, False])
 def test_hf_export_and_peft_adapters_give_the_lora_models_logits(tmp_path, tokenizer_path, tie):
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path, tie=tie, added_token_ids=[500, 510])
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=3))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=3))
     last = str(tmp_path / "lora" / "last.pt")
     ckpt = read_checkpoint(last)
     assert ckpt["lora"]["new_token_ids"] == [500, 510]
@@ -200,7 +204,7 @@ def test_an_imported_tokenizer_json_model_gets_the_markers_and_fine_tunes_with_l
     import shutil
 
     import convert_hf
-    from dataset_sft import render_prompt
+    from tokenizer import render_prompt
     from records import file_sha256
     from tokenizer import load_tokenizer
     vocab = load_tokenizer(hf_tokenizer_json).vocab_size
@@ -222,7 +226,7 @@ def test_an_imported_tokenizer_json_model_gets_the_markers_and_fine_tunes_with_l
     assert torch.equal(embedding[new_ids], embedding[:vocab].mean(0).expand(4, -1))
     base_sha = file_sha256(base_path)
 
-    finetune(lora_config(tmp_path, base_path, "", max_steps=3))  # no --tokenizer: the one the import names
+    sft(lora_config(tmp_path, base_path, "", max_steps=3))  # no --tokenizer: the one the import names
     last = str(tmp_path / "lora" / "last.pt")
     assert read_checkpoint(last)["tokenizer"] == tokenizer
     rows = read_checkpoint(last)["model"]["tok_embeddings.rows"]
@@ -250,15 +254,16 @@ def test_memory_estimate_of_a_lora_run_is_close_to_the_cpu_loops_peak(tmp_path):
         model = lora.add_lora(Transformer(model_cfg), rank=16, alpha=32.0)
         meter.peak = meter.live  # the base's construction, before training, is not the step's
         train.train(cfg, model, RandomTokens(model_cfg.vocab_size, 4, 256))
-    estimate = sum(train.estimate_memory(model_cfg, 4, 256, torch.float32, lora_rank=16).values())
+    estimate = sum(runtime.estimate_memory(model_cfg, 4, 256, torch.float32,
+                                           adapters=lora.lora_params(model_cfg, 16)).values())
     assert 0.9 < estimate / meter.peak < 1.15, (estimate, meter.peak)
 
 
 @pytest.mark.parametrize("shape, fits", [("smollm2-360m", True), ("tinyllama-1.1b", True), ("llama3.2-1b", True),
                                          ("smollm2-1.7b", True), ("llama3.2-3b", False)])
+@pytest.mark.slow
 def test_lora_preset_fits_11_gib_up_to_1_7b_simulated_and_the_estimate_agrees(shape, fits):
     """The README's table: train_sft.py --preset 12gb_lora on these shapes, a bf16 step on fake tensors."""
-    import train
     from bench import PRESETS, BenchConfig, simulated_peak
     from train_sft import PRESETS as SFT_PRESETS
     p = {k: v for k, v in PRESETS[shape].items() if k in BenchConfig.__dataclass_fields__}
@@ -270,8 +275,8 @@ def test_lora_preset_fits_11_gib_up_to_1_7b_simulated_and_the_estimate_agrees(sh
                             vocab_size=p["vocab_size"], hidden_dim=p["hidden_dim"],
                             tie_embeddings=p.get("tie_embeddings", True), max_seq_len=p["max_seq_len"])
     peak = simulated_peak(model_cfg, bench_cfg)
-    estimate = sum(train.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], torch.bfloat16, True,
-                                         lora_rank=p["lora_rank"]).values())
+    estimate = sum(runtime.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], torch.bfloat16, True,
+                                           adapters=lora.lora_params(model_cfg, p["lora_rank"])).values())
     assert (peak < 11 * 2**30) == fits
     assert 0.9 < estimate / peak < 1.15, (estimate, peak)
 
@@ -279,7 +284,7 @@ def test_lora_preset_fits_11_gib_up_to_1_7b_simulated_and_the_estimate_agrees(sh
 def test_inference_loads_a_lora_checkpoint_merged(tmp_path, tokenizer_path):
     from inference import LoadSettings, load_for_inference
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2))
     last = str(tmp_path / "lora" / "last.pt")
     model, tok, _ = load_for_inference(LoadSettings(ckpt=last, device="cpu"))  # the tokenizer the run recorded
     assert tok.path == tokenizer_path
@@ -292,9 +297,9 @@ def test_inference_loads_a_lora_checkpoint_merged(tmp_path, tokenizer_path):
 
 def test_a_lora_run_can_extend_the_context_resume_and_merge(tmp_path, tokenizer_path):
     base_path = make_base(tmp_path / "base.pt", 512, tokenizer_path)  # trained at 96 tokens
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2, seq_len=128, rope_scaling="yarn"))
-    finetune(lora_config(tmp_path, base_path, tokenizer_path, max_steps=4, seq_len=128, rope_scaling="yarn",
+    sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=2, seq_len=128, rope_scaling="yarn"))
+    sft(lora_config(tmp_path, base_path, tokenizer_path, max_steps=4, seq_len=128, rope_scaling="yarn",
                          resume=True))
-    model, ckpt = lora.load_model(str(tmp_path / "lora" / "last.pt"))
+    model, ckpt = lora.load_merged(str(tmp_path / "lora" / "last.pt"))
     assert ckpt["step"] == 4 and model.cfg.max_seq_len == 128
     assert model.cfg.rope_scaling == {"rope_type": "yarn", "factor": 128 / 96, "original_max_position_embeddings": 96}

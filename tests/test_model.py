@@ -71,6 +71,7 @@ def test_decode_step_at_any_position_matches_full_forward():
     torch.testing.assert_close(torch.stack(steps), full[8:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_decoding_gives_the_eager_greedy_tokens():
     model = tiny_model()
     prompts = [[5, 17, 3], list(range(1, 40))]  # cache sizes: exactly the length eager, 256 capped at 64 compiled

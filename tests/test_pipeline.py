@@ -1,5 +1,6 @@
 """End to end on the offline data: tokenizer -> shards -> pretraining -> SFT -> distillation -> chat,
 plus resume, DDP, memory estimate and gradient checkpointing."""
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,10 @@ import time
 import pytest
 import torch
 
+import runtime
 from conftest import ROOT, RandomTokens
+
+pytestmark = pytest.mark.slow  # each test runs the scripts end to end: seconds to tens of seconds
 
 TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--seq_len", "128",
         "--batch_size", "8", "--eval_batches", "4", "--log_every", "5"]
@@ -241,16 +245,16 @@ def test_yarn_beats_unscaled_rope_past_the_trained_length_before_fine_tuning(pre
     """The model pretrained at 128 tokens, run at 256 with no training: YaRN's loss on positions 128-256 is below
     that of unscaled RoPE (which meets rotations it never saw). After a short fine-tune at 256 the two meet: see
     the README's figures."""
-    import train
+    import evaluate
     from dataset import TokenShards
-    from lora import load_model
+    from lora import load_merged
     from model import extend_context
-    base = load_model(str(pretrained / "out/pretrain/best.pt"))[0]
+    base = load_merged(str(pretrained / "out/pretrain/best.pt"))[0]
     val = TokenShards(str(pretrained / "data/pretrain_val.bin"), 256, 8, seed=0)
-    rt = train.Runtime(train.TrainConfig(device="cpu"))
+    rt = runtime.Runtime("cpu")
     beyond = {}
     for scaling in ("yarn", "none"):
-        report = train.loss_by_position(extend_context(base, 256, scaling), val, 4, 128, rt)
+        report = evaluate.loss_by_position(extend_context(base, 256, scaling), val, 4, 128, rt)
         beyond[scaling] = float(report.split("128-256 ")[1])
     assert beyond["yarn"] < beyond["none"], beyond
 
@@ -285,9 +289,15 @@ def preset_model(name):
     import train
     import train_tokenizer
     from model import ModelConfig
-    p = train.PRESETS[name]
+    p = preset(train.PretrainConfig, train.PRESETS, name)
+    vocab = preset(train_tokenizer.TokenizerConfig, train_tokenizer.PRESETS, name)["vocab_en"]
     return ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
-                       vocab_size=train_tokenizer.PRESETS[name]["vocab_en"], max_seq_len=p["seq_len"])
+                       vocab_size=vocab, max_seq_len=p["seq_len"])
+
+
+def preset(config_class, presets: dict, name: str) -> dict:
+    """A preset's settings: the dataclass defaults (the cpu recipe), then the preset's values."""
+    return {**dataclasses.asdict(config_class()), **presets[name]}
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
@@ -296,15 +306,15 @@ def test_memory_estimate_is_close_to_the_peak_of_the_cpu_training_loop(tmp_path,
     import train
     from bench import PeakMemory
     from model import Transformer
-    p = train.PRESETS["cpu"]
+    p = preset(train.PretrainConfig, train.PRESETS, "cpu")
     cfg = train.TrainConfig(out_dir=str(tmp_path), batch_size=p["batch_size"], grad_accum=2, max_steps=2,
                             warmup_steps=1, eval_every=100, log_every=1, device="cpu",
                             grad_checkpointing=grad_checkpointing)
     model_cfg = preset_model("cpu")
     with PeakMemory() as meter:
         train.train(cfg, Transformer(model_cfg), RandomTokens(model_cfg.vocab_size, p["batch_size"], p["seq_len"]))
-    estimate = sum(train.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], torch.float32,
-                                         grad_checkpointing).values())
+    estimate = sum(runtime.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], torch.float32,
+                                           grad_checkpointing).values())
     assert ESTIMATE_FACTOR[0] < estimate / meter.peak < ESTIMATE_FACTOR[1], (estimate, meter.peak)
 
 
@@ -320,8 +330,8 @@ def test_memory_estimate_is_close_to_a_simulated_12gb_step(dtype, grad_checkpoin
     bench_cfg = BenchConfig(batch_size=p["batch_size"], seq_len=p["seq_len"], grad_accum=2,
                             grad_checkpointing=grad_checkpointing)
     peak = simulated_peak(model_cfg, bench_cfg, dtype)
-    estimate = sum(train.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], dtype,
-                                         grad_checkpointing).values())
+    estimate = sum(runtime.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], dtype,
+                                           grad_checkpointing).values())
     assert ESTIMATE_FACTOR[0] < estimate / peak < ESTIMATE_FACTOR[1], (estimate, peak)
     assert peak < 7 * 2**30
 

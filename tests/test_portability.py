@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import runtime
 import train
 from conftest import ROOT
 from model import ModelConfig, Transformer
@@ -79,7 +81,7 @@ def test_fp16_with_a_gradient_scaler_trains_skips_inf_steps_and_resumes_exactly(
             return torch.full_like(grad, float("inf")) if len(calls) == inf_at else grad
         model.norm.weight.register_hook(overflow)
         cfg = config(out_dir, dtype="float16", **overrides)
-        rt = train.Runtime(cfg)
+        rt = runtime.Runtime(cfg.device, cfg.dtype)
         train.train(cfg, model, CountingTokens(), rt=rt, loss_fn=loss_fn)
         return model, rt
 
@@ -95,7 +97,7 @@ def test_fp16_with_a_gradient_scaler_trains_skips_inf_steps_and_resumes_exactly(
     saved = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     resumed_cfg = config(tmp_path / "split", dtype="float16", resume=True)
     model_b, start = train.resume_or_init(resumed_cfg, TINY)
-    rt_b = train.Runtime(resumed_cfg)
+    rt_b = runtime.Runtime(resumed_cfg.device, resumed_cfg.dtype)
     train.train(resumed_cfg, model_b, CountingTokens(), rt=rt_b, start=start)
     assert saved["scaler"]["scale"] == rt.scaler.get_scale()
     assert rt_b.scaler.state_dict() == rt.scaler.state_dict()
@@ -103,6 +105,7 @@ def test_fp16_with_a_gradient_scaler_trains_skips_inf_steps_and_resumes_exactly(
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_shards_built_under_spawn_equal_those_built_under_fork(tmp_path, tokenizer_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"Document {i}: the red ball rolled {i} steps. 他有三个苹果。"})
@@ -124,6 +127,7 @@ CHINESE_CHATS = [{"conversations": [{"role": "user", "content": "你好，请介
                                     {"role": "assistant", "content": "长城是中国古代的军事防御工程。"}]}] * 3
 
 
+@pytest.mark.slow
 def test_a_console_that_cannot_show_chinese_does_not_stop_a_script(tmp_path, tokenizer_path):
     """stdout in cp1252 (a Windows code page) and Chinese text: replacement characters, exit 0."""
     data = tmp_path / "zh.jsonl"

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import dataset_sft
-from dataset_sft import (IGNORE_INDEX, PreferenceData, SFTData, encode_conversation, read_conversations,
-                         shard_dir_for, stale_because)
-from records import BadRecord, preference_pair
-from tokenizer import load_tokenizer
+from dataset_sft import PreferenceData, SFTData, shard_dir_for, stale_because
+from records import BadRecord, preference_pair, read_conversations
+from tokenizer import IGNORE_INDEX, encode_conversation, load_tokenizer, render_prompt
 
 M = IGNORE_INDEX
 HH_HISTORY = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Where is Tom?\n\nAssistant:"
@@ -98,7 +97,7 @@ def test_a_row_is_the_conversation_with_its_reply_cut_after_the_im_end(tmp_path,
     tok = load_tokenizer(tokenizer)
     for p, record in enumerate(records):
         _, messages, *replies, _ = preference_pair(record)
-        prompt = dataset_sft.render_prompt(tok, messages)
+        prompt = render_prompt(tok, messages)
         for side, reply in enumerate(replies):
             ids, _ = encode_conversation(tok, messages + [msg("assistant", reply)])
             cut = len(ids) - len(tok.encode("\n"))  # the "\n" after the last <|im_end|>
@@ -189,8 +188,8 @@ def test_long_replies_are_cut_and_a_prompt_without_room_skips_its_pair(tmp_path,
     fits = pair("Hi", "Yes.", "No.")
     edge = pair("Tom found a red ball in the park.", "Lily painted the boat. " * 10, "No.")
     over = pair("Tom found a red ball in the park!!", "Yes.", "No.")
-    seq_len = len(dataset_sft.render_prompt(tok, [msg("user", edge["prompt"])]))  # edge: room for one reply token
-    assert len(dataset_sft.render_prompt(tok, [msg("user", over["prompt"])])) > seq_len
+    seq_len = len(render_prompt(tok, [msg("user", edge["prompt"])]))  # edge: room for one reply token
+    assert len(render_prompt(tok, [msg("user", over["prompt"])])) > seq_len
     path = write_jsonl(tmp_path / "t.jsonl", [fits, edge, over])
     data = PreferenceData(path, tokenizer_path, seq_len=seq_len, batch_size=2)
     assert data.pairs == 2 and data.stats["truncated"] == 1 and data.stats["skipped_too_long"] == 1

@@ -1,5 +1,5 @@
 """quantize.py: int8 layers within their error bound, the CPU kernel equal to dequantizing, a save/load round trip,
-greedy agreement of a trained tiny model, one-line errors."""
+greedy agreement of a trained tiny model, one-line errors; convert_hf.py --to_int8, the command that writes them."""
 import copy
 import os
 from dataclasses import asdict
@@ -9,11 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import convert_hf
 import lora
 import quantize
 from conftest import small_corpus
+from inference import load_checkpoint
 from model import ModelConfig, ModelError, Transformer, save_checkpoint
-from quantize import Int8Linear, load_model, quantize_model, quantized_checkpoint
+from quantize import Int8Linear, quantize_model, quantized_checkpoint
 
 
 def float_linear(in_features=64, out_features=48, seed=0):
@@ -72,7 +74,7 @@ def test_save_and_load_give_the_same_int8_tensors_and_logits(tmp_path):
     assert raw["model"]["layers.0.attention.wq.weight"].dtype == torch.int8
     assert raw["model"]["tok_embeddings.weight"].dtype == torch.float32  # the embedding stays float
     assert raw["model"]["output.weight"].dtype == torch.int8  # the tied head: its own int8 copy
-    loaded, ckpt = load_model(str(int8))
+    loaded, ckpt = load_checkpoint(str(int8))
     assert ckpt["step"] == 7 and not loaded.training
     state, loaded_state = q.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()
@@ -84,7 +86,7 @@ def test_save_and_load_give_the_same_int8_tensors_and_logits(tmp_path):
     # The linear layers take a quarter of their float32 bytes (plus a scale per row); the float32 embedding,
     # 8% of this model's weights, keeps its size and the tied head adds its int8 copy: 2.9x smaller here
     assert os.path.getsize(int8) < os.path.getsize(fp32) / 2.5
-    float_model, _ = load_model(str(fp32))  # any other checkpoint loads as lora.load_model reads it
+    float_model, _ = load_checkpoint(str(fp32))  # the one loader reads float checkpoints too
     assert not quantize.is_quantized(float_model)
 
 
@@ -105,6 +107,7 @@ def train_tiny_model(steps=200):
     return model.eval(), data
 
 
+@pytest.mark.slow
 def test_int8_greedy_tokens_follow_the_trained_float_model():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as fast for so small a model, and many times faster on a CPU shared with other jobs
@@ -134,13 +137,13 @@ def test_double_quantization_and_training_from_int8_are_one_line(tmp_path, capsy
     int8 = tmp_path / "int8.pt"
     save_checkpoint(quantized_checkpoint(q, {}, "float.pt"), str(int8))
     with pytest.raises(SystemExit) as e:
-        quantize.main(["--ckpt", str(int8)])
+        convert_hf.main(["--to_int8", str(int8)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "quantized already" in err[0], err
-    # train.py's --init_from (and every other script) reads checkpoints through lora.load_model: it refuses
+    # train.py's --init_from (and every training script) reads checkpoints through lora.load_merged: it refuses
     # the int8 tensors with one line
     with pytest.raises(ModelError) as e:
-        lora.load_model(str(int8))
+        lora.load_merged(str(int8))
     assert "\n" not in str(e.value) and "for inference only" in str(e.value) and "(float.pt)" in str(e.value)
 
 
@@ -152,10 +155,10 @@ def test_the_command_writes_the_int8_checkpoint_and_reports(tmp_path, tokenizer_
                      "tokenizer": tokenizer_path}, str(fp32))
     text = tmp_path / "held_out.txt"
     text.write_text(" ".join(small_corpus(200, seed=1)), encoding="utf-8")
-    quantize.main(["--ckpt", str(fp32), "--text_file", str(text), "--eval_windows", "2", "--seq_len", "64",
+    convert_hf.main(["--to_int8", str(fp32), "--text_file", str(text), "--eval_windows", "2", "--seq_len", "64",
                    "--prompts", "2", "--prompt_tokens", "8", "--new_tokens", "16", "--speed_tokens", "8"])
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'best_int8.pt'}" in out and "held-out loss" in out and "greedy agreement" in out
     assert "tokens/s" in out
-    loaded, ckpt = load_model(str(tmp_path / "best_int8.pt"))
+    loaded, ckpt = load_checkpoint(str(tmp_path / "best_int8.pt"))
     assert quantize.is_quantized(loaded) and ckpt["tokenizer"] == tokenizer_path and ckpt["source"] == str(fp32)

@@ -20,7 +20,7 @@ import torch
 import serve
 from cli import UserError
 from conftest import ROOT
-from dataset_sft import render_prompt
+from tokenizer import render_prompt
 from inference import LoadSettings, load_for_inference, prompt_ids
 from model import ModelConfig, Transformer, save_checkpoint
 from tokenizer import load_tokenizer, special_ids

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import distill
+import runtime
 import train
 import train_dpo
 import train_sft
@@ -73,7 +74,7 @@ def test_pretraining_prints_its_settings_first_and_keeps_them_in_checkpoints(tmp
                                val_data=str(tmp_path / "data/pretrain_val.bin"), tokenizer=tokenizer_path,
                                out_dir=str(tmp_path / "out"), dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
                                seq_len=16, **QUICK)
-    train.run_main(train.pretrain, cfg)
+    runtime.run_main(train.pretrain, cfg)
     assert_settings_printed_and_saved(cfg, capsys.readouterr().out)
 
 
@@ -95,10 +96,10 @@ def test_fine_tuning_prints_its_own_settings_and_keeps_them_in_checkpoints(stage
                   out_dir=str(tmp_path / stage), **QUICK)
     if stage == "sft":
         cfg = train_sft.SFTConfig(**common)
-        train.run_main(train_sft.finetune, cfg)
+        runtime.run_main(train_sft.sft, cfg)
     else:
         cfg = distill.DistillConfig(**common, eval_problems=0)
-        train.run_main(distill.distill, cfg)
+        runtime.run_main(distill.distill, cfg)
     assert_settings_printed_and_saved(cfg, capsys.readouterr().out)
 
 
@@ -111,21 +112,22 @@ def test_a_user_error_in_the_loop_is_one_line(tmp_path, monkeypatch, capsys, err
         raise error("something is wrong")
     monkeypatch.setattr(train, "lr_at", broken)  # called inside the loop, before the first step
     with pytest.raises(SystemExit) as e:
-        train.run_main(lambda cfg: train.train(cfg, Transformer(TINY), RandomTokens(64, 2, 16)),
+        runtime.run_main(lambda cfg: train.train(cfg, Transformer(TINY), RandomTokens(64, 2, 16)),
                        train.TrainConfig(out_dir=str(tmp_path), **QUICK))
     assert e.value.code == 1 and capsys.readouterr().err.splitlines()[-1] == "error: something is wrong"
 
 
 @pytest.mark.parametrize("error", ["ValueError", "KeyError"])
+@pytest.mark.slow
 def test_a_bug_in_the_loop_keeps_its_traceback(tmp_path, error):
     """A bug that happens to raise ValueError is not hidden behind one line."""
     code = f"""
-import model, train
+import model, runtime, train
 from conftest import RandomTokens
 def broken(*args):
     raise {error}("something is wrong")
 train.lr_at = broken
-train.run_main(lambda cfg: train.train(cfg, model.Transformer(model.{TINY!r}), RandomTokens(64, 2, 16)),
+runtime.run_main(lambda cfg: train.train(cfg, model.Transformer(model.{TINY!r}), RandomTokens(64, 2, 16)),
                train.TrainConfig(out_dir={str(tmp_path)!r}, **{QUICK!r}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
@@ -140,3 +142,35 @@ def test_a_bad_flag_of_a_fine_tuning_script_is_one_line(tmp_path):
                         "--out_dir", str(tmp_path / "sft")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr == "error: --seq_len 64 is longer than the model's max_seq_len 32\n"
     assert r.stdout.startswith("settings: ") and "seq_len=64" in r.stdout.split()
+
+
+# (script, its config class, a default's line as written, the same line edited by a user)
+INLINE_EDITS = [
+    ("train.py", "PretrainConfig", "    lr: float = 2e-3 ", "    lr: float = 7e-3 "),
+    ("train_sft.py", "SFTConfig", "    lr: float = 3e-4\n", "    lr: float = 7e-3\n"),
+    ("distill.py", "DistillConfig", "    lr: float = 1e-3\n", "    lr: float = 7e-3\n"),
+    ("train_dpo.py", "DPOConfig", "    lr: float = 3e-5 ", "    lr: float = 7e-3 "),
+    ("train_tokenizer.py", "TokenizerConfig", "vocab_en: int = field(default=4096,", "vocab_en: int = field(default=7000,"),
+    ("download_mini_data.py", "DownloadConfig", "n_sft: int = field(default=4000,", "n_sft: int = field(default=7000,"),
+]
+
+
+@pytest.mark.parametrize("script,cls,line,edited", INLINE_EDITS, ids=[e[0] for e in INLINE_EDITS])
+def test_a_default_edited_in_the_file_is_the_cpu_recipe_with_or_without_preset(script, cls, line, edited, tmp_path):
+    """A user edits the dataclass at the top of a script: `python X.py` and `python X.py --preset cpu` both use
+    the edited value (the cpu preset is the defaults; it repeats none of them)."""
+    import importlib.util
+    from cli import parse_config
+    source = (ROOT / script).read_text(encoding="utf-8")
+    assert source.count(line) == 1, line
+    copy = tmp_path / f"edited_{script}"
+    copy.write_text(source.replace(line, edited), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(copy.stem, copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    field = edited.split(":")[0].strip()
+    value = getattr(getattr(module, cls)(), field)
+    assert str(value) in ("0.007", "7000")
+    config_class = getattr(module, cls)
+    for argv in ([], ["--preset", "cpu"]):
+        assert getattr(parse_config(config_class, argv, presets=module.PRESETS), field) == value, argv

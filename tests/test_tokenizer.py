@@ -9,9 +9,9 @@ import pytest
 
 from conftest import small_corpus
 from dataset import DatasetConfig, TokenShards, build_shards
-from dataset_sft import IGNORE_INDEX, SFTData, encode_conversation, render_text
-from tokenizer import (SPECIAL_PIECES, StreamDecoder, add_chat_pieces, load_tokenizer, special_ids,
-                       token_dtype)
+from dataset_sft import SFTData
+from tokenizer import (IGNORE_INDEX, SPECIAL_PIECES, StreamDecoder, add_chat_pieces, encode_conversation,
+                       load_tokenizer, render_text, special_ids, token_dtype)
 
 TEXTS = ["Tom found a red ball in the park.", "他有三个苹果。今天天气很好。",
          "Mia  counted 42 steps 🐋\n\nby the sea.\t你好"]

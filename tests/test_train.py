@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+import runtime
 import train
 from cli import UserError
 from conftest import RandomTokens
@@ -118,19 +119,19 @@ def test_memory_cap_sets_the_allocator_fraction(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * 2**30}))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Big GPU")
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: calls.append((f, device)))
-    train.cap_memory(torch.device("cuda:0"), 12)
+    runtime.cap_memory(torch.device("cuda:0"), 12)
     assert calls == [(12 / 80, torch.device("cuda:0"))]
-    train.cap_memory(torch.device("cuda:0"), 0)
+    runtime.cap_memory(torch.device("cuda:0"), 0)
     assert len(calls) == 1
     with pytest.raises(UserError, match="--memory_cap_gib 96 is more than the 80.0 GiB of Big GPU"):
-        train.cap_memory(torch.device("cuda:0"), 96)
+        runtime.cap_memory(torch.device("cuda:0"), 96)
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_muon_gets_exactly_the_2d_block_weights_and_adamw_the_rest(tmp_path, tie):
     model = Transformer(ModelConfig(**{**TINY.__dict__, "tie_embeddings": tie}))
     cfg = train.TrainConfig(out_dir=str(tmp_path), device="cpu", optimizer="muon")
-    adamw, muon = train.make_optimizers(model, cfg, train.Runtime(cfg))
+    adamw, muon = train.make_optimizers(model, cfg, runtime.Runtime(cfg.device, cfg.dtype))
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
     name = {id(p): n for n, p in model.named_parameters()}
     to_muon = {name[id(p)] for g in muon.param_groups for p in g["params"]}
@@ -142,13 +143,13 @@ def test_muon_gets_exactly_the_2d_block_weights_and_adamw_the_rest(tmp_path, tie
     assert ("output.weight" in to_adamw) == (not tie) and "tok_embeddings.weight" in to_adamw
     adamw_bytes = sum(8 * p.numel() for g in adamw.param_groups for p in g["params"])
     muon_bytes = sum(4 * p.numel() for g in muon.param_groups for p in g["params"])
-    assert train.estimate_memory(model.cfg, 1, 8, torch.float32, optimizer="muon")["optimizer"] == \
+    assert runtime.estimate_memory(model.cfg, 1, 8, torch.float32, optimizer="muon")["optimizer"] == \
         adamw_bytes + muon_bytes
-    only_adamw = train.make_optimizers(model, train.TrainConfig(device="cpu"), train.Runtime(cfg))
+    only_adamw = train.make_optimizers(model, train.TrainConfig(device="cpu"), runtime.Runtime(cfg.device, cfg.dtype))
     assert len(only_adamw) == 1 and sum(len(g["params"]) for g in only_adamw[0].param_groups) == len(name)
     with pytest.raises(UserError, match="fp16"):
         fp16 = train.TrainConfig(device="cpu", dtype="float16", optimizer="muon")
-        train.make_optimizers(model, fp16, train.Runtime(fp16))
+        train.make_optimizers(model, fp16, runtime.Runtime(fp16.device, fp16.dtype))
 
 
 def test_muon_learns_and_resumes_bit_for_bit(tmp_path):
