@@ -24,6 +24,9 @@ One request generates at a time; the others wait their turn. A client that goes 
 stops its generation at the next token. Errors are OpenAI's JSON ({"error": {"message", "type",
 "param", "code"}}) with their status; a bug is a 500 with its traceback on stderr, and the server
 goes on. One line per request to stderr: method, path, status, tokens, seconds.
+
+The API itself (chat_completion, text_completion, models) takes a request's JSON body and gives OpenAI's
+JSON, or its stream's chunks, as dicts; Handler only carries them over HTTP.
 """
 import hmac
 import ipaddress
@@ -37,6 +40,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -80,6 +84,9 @@ class ApiError(Exception):
 
     def json(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# -- the API: request bodies in, OpenAI's JSON out, as dicts; no HTTP
 
 
 def number(body: dict, name: str, default, low=None, high=None, integer=False):
@@ -183,74 +190,211 @@ def completion_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
     yield "answer", text.rest()
 
 
-class Handler(BaseHTTPRequestHandler):
-    """One connection's requests (each connection has its own thread; the model is shared through self.server)."""
+class ServedModel:
+    """The model behind the API and what its requests share. The model runs on one thread of its own (torch.compile's
+    CUDA graphs keep per-thread state and are not safe across threads: pytorch issue 123177), one request's
+    generation at a time: the lock's holder hands its steps over; the others wait for the lock."""
+
+    def __init__(self, model, tok: Tokenizer, cfg: ServeConfig, device="cpu"):
+        self.model, self.tok, self.cfg, self.device = model, tok, cfg, device
+        self.name = cfg.model_name or "-".join(Path(cfg.ckpt).with_suffix("").parts[-2:])
+        self.created = int(time.time())
+        self.lock = threading.Lock()
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    def close(self):
+        self.model_thread.shutdown()
+
+
+@dataclass
+class Tally:
+    """One request's tokens, counted as it generates (the log line reads them even when it fails midway), and why
+    its generation ended."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def one_choice(body: dict):
+    """n: each request generates one reply."""
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "n: only 1 is supported", param="n")
+
+
+def sampling(served: ServedModel, body: dict, prompt: list, param: str, stop_id: int) -> dict:
+    """model.generate_stream's settings for this request: its own where it gives them, else the server's flags;
+    max_new_tokens cut to the room the context leaves after the prompt (`param`), which must leave some."""
+    cfg, ctx = served.cfg, served.model.cfg.max_seq_len
+    room = ctx - len(prompt)
+    if room < 1:
+        raise ApiError(400, f"the prompt is {len(prompt)} tokens but the model's context is {ctx}, which must "
+                            f"leave room for at least 1 new token: shorten the {param}", param=param,
+                       code="context_length_exceeded")
+    asked = number(body, "max_completion_tokens", None, 1, integer=True) or \
+        number(body, "max_tokens", None, 1, integer=True)
+    generator = torch.Generator(device=served.device)  # per request: a seed gives the same text every time
+    seed = number(body, "seed", None, integer=True)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed % 2 ** 64)
+    return dict(max_new_tokens=min(asked or cfg.max_tokens or room, room), top_k=cfg.top_k,
+                temperature=number(body, "temperature", cfg.temperature, 0, 2),
+                top_p=number(body, "top_p", cfg.top_p, 0, 1), repetition_penalty=cfg.repetition_penalty,
+                stop_ids=[stop_id], generator=generator)
+
+
+def generated_pieces(served: ServedModel, prompt: list, settings: dict, decode, texts: dict,
+                     tally: Tally) -> Iterator[tuple]:
+    """generation's pieces: the model's, taken in turn, and closed (it stops, the next request goes) when the caller
+    stops early; the tally kept up to date."""
+    with served.lock, closing(on_thread(served.model_thread, served.model.generate_stream(prompt, **settings))) \
+            as stream:
+        tokens = Counted(stream)
+        for part, text in decode(tokens):
+            tally.completion_tokens = tokens.n
+            if text := texts[part].add(text):
+                yield part, text
+            if texts["answer"].stopped:
+                break
+        for part, out in texts.items():
+            if text := out.rest():
+                yield part, text
+    tally.completion_tokens = tokens.n
+    ended = texts["answer"].stopped or tokens.last in settings["stop_ids"]
+    tally.finish_reason = "stop" if ended else "length"
+
+
+def generation(served: ServedModel, body: dict, tally: Tally, prompt: list, param: str, stop_id: int, decode,
+               strip: bool) -> Iterator[tuple]:
+    """The reply's (part, text) pieces, from decode(its tokens), with the request's settings checked now (before
+    any answer is sent), generated when iterated, one request at a time."""
+    settings = sampling(served, body, prompt, param, stop_id)
+    texts = {"reasoning": PartText(strip=strip), "answer": PartText(stop_strings(body), strip)}
+    tally.prompt_tokens = len(prompt)
+    return generated_pieces(served, prompt, settings, decode, texts, tally)
+
+
+def usage_chunk(head: dict, kind: str, tally: Tally, body: dict) -> Iterator[dict]:
+    """OpenAI's last chunk, when stream_options.include_usage asks for it: the usage, no choices."""
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        yield {**head, "object": kind, "choices": [], "usage": tally.usage()}
+
+
+def models(served: ServedModel, model_id: str = None) -> dict:
+    """GET /v1/models: the list of the one model; with a model_id, GET /v1/models/{model_id}: that model, if it is
+    this one."""
+    card = {"id": served.name, "object": "model", "created": served.created, "owned_by": "tinychat"}
+    if model_id is None:
+        return {"object": "list", "data": [card]}
+    if model_id != served.name:
+        raise ApiError(404, f"the model {model_id} does not exist: this server has {served.name}",
+                       code="model_not_found")
+    return card
+
+
+def chat_completion(served: ServedModel, body: dict, tally: Tally) -> dict | Iterator[dict]:
+    """POST /v1/chat/completions: the chat.completion, or with stream true an iterator of its chunks, the tally
+    counting its tokens. Refusals (ApiError) come from this call, before any chunk; the reply is generated as the
+    chunks are taken."""
+    one_choice(body)
+    tok = served.tok
+    prompt = render_prompt(tok, chat_messages(body), add_generation_prompt=True)
+    pieces = generation(served, body, tally, prompt, "messages", special_ids(tok)["im_end"],
+                        partial(reply_pieces, tok), strip=True)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+    if body.get("stream"):
+        return chat_chunks(pieces, head, tally, body)
+    texts = {"reasoning": [], "answer": []}
+    with closing(pieces):
+        for part, text in pieces:
+            texts[part].append(text)
+    message = {"role": "assistant", "content": "".join(texts["answer"]),
+               "reasoning_content": "".join(texts["reasoning"]) or None}
+    return {**head, "object": "chat.completion", "choices": [
+        {"index": 0, "message": message, "finish_reason": tally.finish_reason, "logprobs": None}],
+        "usage": tally.usage()}
+
+
+def chat_chunks(pieces, head: dict, tally: Tally, body: dict) -> Iterator[dict]:
+    """A streamed chat completion: the assistant's role first (sent while the request may still wait its turn),
+    then each piece as a content or reasoning_content delta, then the finish reason."""
+    def chunk(delta, finish_reason=None):
+        return {**head, "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+    yield chunk({"role": "assistant", "content": ""})
+    with closing(pieces):
+        for part, text in pieces:
+            yield chunk({"reasoning_content" if part == "reasoning" else "content": text})
+    yield chunk({}, tally.finish_reason)
+    yield from usage_chunk(head, "chat.completion.chunk", tally, body)
+
+
+def text_choice(text: str, finish_reason=None) -> dict:
+    return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+
+def text_completion(served: ServedModel, body: dict, tally: Tally) -> dict | Iterator[dict]:
+    """POST /v1/completions: the prompt's text_completion, or with stream true an iterator of its chunks; refusals
+    as chat_completion's."""
+    one_choice(body)
+    tok, prompt = served.tok, body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:  # a batch of one prompt
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt: expected a string", param="prompt")
+    prompt = prompt_ids(tok, prompt)
+    pieces = generation(served, body, tally, prompt, "prompt", tok.eos_id, partial(completion_pieces, tok),
+                        strip=False)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": served.name}
+    if body.get("stream"):
+        return text_chunks(pieces, head, tally, body)
+    with closing(pieces):
+        continuation = "".join(text for _, text in pieces)
+    return {**head, "choices": [text_choice(continuation, tally.finish_reason)], "usage": tally.usage()}
+
+
+def text_chunks(pieces, head: dict, tally: Tally, body: dict) -> Iterator[dict]:
+    """A streamed text completion: each piece, then the finish reason."""
+    with closing(pieces):
+        for _, text in pieces:
+            yield {**head, "choices": [text_choice(text)]}
+    yield {**head, "choices": [text_choice("", tally.finish_reason)]}
+    yield from usage_chunk(head, "text_completion", tally, body)
+
+
+API_ROUTES = {"/v1/chat/completions": chat_completion, "/v1/completions": text_completion}
+
+
+# -- HTTP: request bodies read, the API's dicts written as JSON bodies and server-sent events
+
+
+def parse_body(data: bytes) -> dict:
+    try:
+        body = json.loads(data)
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """The wire side of a request: its body read whole, the answer written as JSON or as server-sent events, refusals
+    as OpenAI's error JSON. self.status keeps the status sent, for the log line."""
     protocol_version = "HTTP/1.1"  # JSON answers keep the connection open; a stream closes it at its end
     server_version = "tinychat"
     disable_nagle_algorithm = True  # each streamed piece goes out at once
     write_timeout = 60  # seconds: a client that stops reading a stream is dropped, and frees the model
+    streaming = False  # whether a stream's status line has gone out: an error then can only be one more event
 
-    def do_GET(self):
-        self.answer(self.get)
-
-    def do_POST(self):
-        self.answer(self.post)
-
-    def answer(self, route):
-        """Run one request: refusals and bugs become OpenAI's error JSON; one line on stderr."""
-        t0, self.status, self.n_tokens, self.streaming, gone = time.perf_counter(), None, 0, False, ""
-        try:
-            route(urlsplit(self.path).path)
-        except ApiError as e:
-            self.error(e)
-        except (ConnectionError, TimeoutError):  # the client went away (or stopped reading): nothing to tell it
-            self.close_connection, gone = True, " (client gone)"
-        except Exception as e:
-            traceback.print_exc()
-            self.error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
-        print(f"{self.command} {self.path} {self.status} {self.n_tokens} tokens {time.perf_counter() - t0:.2f}s{gone}",
-              file=sys.stderr, flush=True)
-
-    def get(self, path):
-        if path == "/":  # no key asked: the page holds nothing, and asks for the key itself
-            return self.send_body(200, self.server.page, "text/html; charset=utf-8")
-        self.check_key()
-        model = {"id": self.server.name, "object": "model", "created": self.server.created, "owned_by": "tinychat"}
-        if path == "/v1/models":
-            return self.send_json({"object": "list", "data": [model]})
-        if path == f"/v1/models/{self.server.name}":
-            return self.send_json(model)
-        if path.startswith("/v1/models/"):
-            raise ApiError(404, f"the model {path.removeprefix('/v1/models/')} does not exist: this server has "
-                                f"{self.server.name}", code="model_not_found")
-        raise ApiError(404, f"no such route: GET {path}", code="unknown_url")
-
-    def post(self, path):
-        data = self.read_body()  # first, whatever the answer: an unread body would be read as the next request
-        self.check_key()
-        routes = {"/v1/chat/completions": self.chat, "/v1/completions": self.completions}
-        if path not in routes:
-            raise ApiError(404, f"no such route: POST {path}", code="unknown_url")
-        try:
-            body = json.loads(data)
-        except ValueError as e:  # not UTF-8, or not JSON
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "n: only 1 is supported", param="n")
-        routes[path](body)
-
-    def check_key(self):
-        key = self.server.cfg.api_key
-        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if key and not hmac.compare_digest(given.encode(), key.encode()):
-            problem = "incorrect API key" if given else "no API key"
-            raise ApiError(401, f"{problem}: send the header Authorization: Bearer KEY with the server's --api_key",
-                           code="invalid_api_key")
-
-    def read_body(self) -> bytes:
-        limit = self.server.cfg.max_body_bytes
+    def read_body(self, limit: int) -> bytes:
         try:
             length = int(self.headers.get("Content-Length", 0))
         except ValueError:
@@ -268,112 +412,6 @@ class Handler(BaseHTTPRequestHandler):
                                 f"(--max_body_bytes)", code="request_too_large")
         return self.rfile.read(length)
 
-    # -- generation
-
-    def generate(self, body: dict, prompt: list, param: str, stop_id: int, decode, strip: bool) -> Iterator[tuple]:
-        """The reply's (part, text) pieces, from decode(its tokens), with the request's settings checked now (before
-        any answer is sent), generated when iterated, one request at a time. Afterwards self.n_tokens and
-        self.finish_reason say how it went."""
-        cfg, ctx = self.server.cfg, self.server.model.cfg.max_seq_len
-        room = ctx - len(prompt)
-        if room < 1:
-            raise ApiError(400, f"the prompt is {len(prompt)} tokens but the model's context is {ctx}, which must "
-                                f"leave room for at least 1 new token: shorten the {param}", param=param,
-                           code="context_length_exceeded")
-        asked = number(body, "max_completion_tokens", None, 1, integer=True) or \
-            number(body, "max_tokens", None, 1, integer=True)
-        generator = torch.Generator(device=self.server.device)  # per request: a seed gives the same text every time
-        seed = number(body, "seed", None, integer=True)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed % 2 ** 64)
-        settings = dict(max_new_tokens=min(asked or cfg.max_tokens or room, room), top_k=cfg.top_k,
-                        temperature=number(body, "temperature", cfg.temperature, 0, 2),
-                        top_p=number(body, "top_p", cfg.top_p, 0, 1), repetition_penalty=cfg.repetition_penalty,
-                        stop_ids=[stop_id], generator=generator)
-        texts = {"reasoning": PartText(strip=strip), "answer": PartText(stop_strings(body), strip)}
-        return self.pieces(prompt, settings, decode, texts)
-
-    def pieces(self, prompt, settings, decode, texts) -> Iterator[tuple]:
-        """generate's pieces: the model's, taken in turn, and closed (it stops) when the caller stops early."""
-        server = self.server
-        with server.lock, closing(on_thread(server.model_thread, server.model.generate_stream(prompt, **settings))) \
-                as stream:
-            tokens = Counted(stream)
-            for part, text in decode(tokens):
-                self.n_tokens = tokens.n
-                if text := texts[part].add(text):
-                    yield part, text
-                if texts["answer"].stopped:
-                    break
-            for part, out in texts.items():
-                if text := out.rest():
-                    yield part, text
-        self.n_tokens = tokens.n
-        ended = texts["answer"].stopped or tokens.last in settings["stop_ids"]
-        self.finish_reason = "stop" if ended else "length"
-
-    def chat(self, body: dict):
-        tok = self.server.tok
-        prompt = render_prompt(tok, chat_messages(body), add_generation_prompt=True)
-        pieces = self.generate(body, prompt, "messages", special_ids(tok)["im_end"],
-                               lambda tokens: reply_pieces(tok, tokens), strip=True)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.server.name}
-        if not body.get("stream"):
-            texts = {"reasoning": [], "answer": []}
-            with closing(pieces):
-                for part, text in pieces:
-                    texts[part].append(text)
-            message = {"role": "assistant", "content": "".join(texts["answer"]),
-                       "reasoning_content": "".join(texts["reasoning"]) or None}
-            return self.send_json({**head, "object": "chat.completion", "choices": [
-                {"index": 0, "message": message, "finish_reason": self.finish_reason, "logprobs": None}],
-                "usage": self.usage(prompt)})
-
-        def chunk(delta, finish_reason=None):
-            return {**head, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
-        self.start_stream()
-        self.send_event(chunk({"role": "assistant", "content": ""}))
-        with closing(pieces):
-            for part, text in pieces:
-                self.send_event(chunk({"reasoning_content" if part == "reasoning" else "content": text}))
-        self.send_event(chunk({}, self.finish_reason))
-        self.end_stream(body, head, "chat.completion.chunk", prompt)
-
-    def completions(self, body: dict):
-        tok, prompt = self.server.tok, body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:  # a batch of one prompt
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "prompt: expected a string", param="prompt")
-        prompt = prompt_ids(tok, prompt)
-        pieces = self.generate(body, prompt, "prompt", tok.eos_id, lambda tokens: completion_pieces(tok, tokens),
-                               strip=False)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.server.name}
-
-        def choice(text, finish_reason=None):
-            return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        if not body.get("stream"):
-            with closing(pieces):
-                continuation = "".join(text for _, text in pieces)
-            return self.send_json({**head, "choices": [choice(continuation, self.finish_reason)],
-                                   "usage": self.usage(prompt)})
-        self.start_stream()
-        with closing(pieces):
-            for _, text in pieces:
-                self.send_event({**head, "choices": [choice(text)]})
-        self.send_event({**head, "choices": [choice("", self.finish_reason)]})
-        self.end_stream(body, head, "text_completion", prompt)
-
-    def usage(self, prompt) -> dict:
-        return {"prompt_tokens": len(prompt), "completion_tokens": self.n_tokens,
-                "total_tokens": len(prompt) + self.n_tokens}
-
-    # -- writing answers
-
     def send_body(self, status: int, data: bytes, content_type: str):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -386,7 +424,9 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, obj: dict, status: int = 200):
         self.send_body(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
 
-    def start_stream(self):
+    def send_stream(self, chunks: Iterator[dict]):
+        """Server-sent events, each chunk as soon as it is made, then [DONE]. The chunks are closed even when the
+        client has gone: that stops their generation, and frees the model for the next request."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -394,15 +434,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection, self.streaming = True, True
         self.connection.settimeout(self.write_timeout)
+        with closing(chunks):
+            for chunk in chunks:
+                self.send_event(chunk)
+        self.wfile.write(b"data: [DONE]\n\n")
 
     def send_event(self, obj: dict):
         self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
-
-    def end_stream(self, body: dict, head: dict, kind: str, prompt):
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):  # OpenAI's last chunk: usage, no choices
-            self.send_event({**head, "object": kind, "choices": [], "usage": self.usage(prompt)})
-        self.wfile.write(b"data: [DONE]\n\n")
 
     def error(self, e: ApiError):
         """Tell the client: a JSON answer with the status, or, once a stream has started, an event with the error."""
@@ -426,26 +464,75 @@ class Handler(BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     def log_request(self, code="-", size="-"):
-        pass  # answer() logs each request once, with its tokens and time
+        pass  # Handler.answer logs each request once, with its tokens and time
+
+
+class Handler(JsonHandler):
+    """One connection's requests, routed to the API (each connection has its own thread; the model is shared through
+    self.server.served)."""
+
+    def do_GET(self):
+        self.answer(self.get)
+
+    def do_POST(self):
+        self.answer(self.post)
+
+    def answer(self, route):
+        """Run one request: refusals and bugs become OpenAI's error JSON; one line on stderr."""
+        t0, self.status, self.tally, self.streaming, gone = time.perf_counter(), None, Tally(), False, ""
+        try:
+            route(urlsplit(self.path).path)
+        except ApiError as e:
+            self.error(e)
+        except (ConnectionError, TimeoutError):  # the client went away (or stopped reading): nothing to tell it
+            self.close_connection, gone = True, " (client gone)"
+        except Exception as e:
+            traceback.print_exc()
+            self.error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+        print(f"{self.command} {self.path} {self.status} {self.tally.completion_tokens} tokens "
+              f"{time.perf_counter() - t0:.2f}s{gone}", file=sys.stderr, flush=True)
+
+    def get(self, path):
+        if path == "/":  # no key asked: the page holds nothing, and asks for the key itself
+            return self.send_body(200, self.server.page, "text/html; charset=utf-8")
+        self.check_key()
+        if path == "/v1/models":
+            return self.send_json(models(self.server.served))
+        if path.startswith("/v1/models/"):
+            return self.send_json(models(self.server.served, path.removeprefix("/v1/models/")))
+        raise ApiError(404, f"no such route: GET {path}", code="unknown_url")
+
+    def post(self, path):
+        # the body first, whatever the answer: an unread body would be read as the next request
+        data = self.read_body(self.server.cfg.max_body_bytes)
+        self.check_key()
+        if path not in API_ROUTES:
+            raise ApiError(404, f"no such route: POST {path}", code="unknown_url")
+        answer = API_ROUTES[path](self.server.served, parse_body(data), self.tally)
+        if isinstance(answer, dict):
+            return self.send_json(answer)
+        self.send_stream(answer)
+
+    def check_key(self):
+        key = self.server.cfg.api_key
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if key and not hmac.compare_digest(given.encode(), key.encode()):
+            problem = "incorrect API key" if given else "no API key"
+            raise ApiError(401, f"{problem}: send the header Authorization: Bearer KEY with the server's --api_key",
+                           code="invalid_api_key")
 
 
 class ChatServer(ThreadingHTTPServer):
-    """One model behind the API, each connection in a thread of its own. The model runs on one thread of its own
-    (torch.compile's CUDA graphs keep per-thread state and are not safe across threads: pytorch issue 123177),
-    one request's generation at a time: the lock's holder hands its steps over; the others wait for the lock."""
+    """The API over HTTP in front of one ServedModel, each connection in a thread of its own."""
 
     def __init__(self, model, tok: Tokenizer, cfg: ServeConfig, device="cpu"):
-        self.model, self.tok, self.cfg, self.device = model, tok, cfg, device
-        self.name = cfg.model_name or "-".join(Path(cfg.ckpt).with_suffix("").parts[-2:])
-        self.lock = threading.Lock()
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.cfg, self.served = cfg, ServedModel(model, tok, cfg, device)
         self.page = PAGE.read_bytes()
-        self.created = int(time.time())
         super().__init__((cfg.host, cfg.port), Handler)  # last: a port it cannot have calls server_close
 
     def server_close(self):
         super().server_close()
-        self.model_thread.shutdown()
+        self.served.close()
 
 
 def run(cfg: ServeConfig):
@@ -457,7 +544,7 @@ def run(cfg: ServeConfig):
     host, port = server.server_address[:2]
     if not ipaddress.ip_address(host).is_loopback and not cfg.api_key:
         print(f"warning: listening on {host}, reachable from other machines, with no --api_key", file=sys.stderr)
-    print(f"serving {server.name} at http://{host}:{port}/ (API: http://{host}:{port}/v1); Ctrl-C stops",
+    print(f"serving {server.served.name} at http://{host}:{port}/ (API: http://{host}:{port}/v1); Ctrl-C stops",
           file=sys.stderr, flush=True)
     with server:
         server.serve_forever()

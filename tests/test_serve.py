@@ -1,5 +1,6 @@
 """serve.py live on 127.0.0.1, through the official openai client and raw HTTP: chat (reasoning apart from the answer,
-streamed and not), completions, models, stop strings, seeds, errors, a client that goes away, requests in turn."""
+streamed and not), completions, models, stop strings, seeds, errors, a client that goes away, requests in turn; and
+its API without HTTP, request bodies in and OpenAI's dicts out."""
 import http.client
 import json
 import re
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -302,6 +303,81 @@ def test_part_text_streams_exactly_the_text_it_gives_whole(text, stops, expected
                 seen.endswith(s[:k]) for s in stops for k in range(1, len(s))):
             assert "".join(pieces[:i + 1]) == seen.strip()
     assert serve.PartText([", so"], strip=False).add(" a, so b") == " a"
+
+
+def api(model, tok):
+    """The API without HTTP: a ServedModel to hand request bodies to, its model thread shut down on closing."""
+    return closing(serve.ServedModel(model, tok, serve.ServeConfig(model_name="tiny")))
+
+
+def test_the_api_answers_a_body_with_openai_json(tok):
+    reply = reply_ids(tok, "It is 7.", think="I add 3 and 4.")
+    model = ScriptedModel(reply, tok.encode("x")[0])
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    with api(model, tok) as served:
+        tally = serve.Tally()
+        answer = serve.chat_completion(served, {"model": "any", "messages": messages}, tally)
+    prompt = render_prompt(tok, messages)
+    assert answer["id"].startswith("chatcmpl-") and (answer["object"], answer["model"]) == ("chat.completion", "tiny")
+    assert answer["choices"] == [{"index": 0, "finish_reason": "stop", "logprobs": None, "message": {
+        "role": "assistant", "content": "It is 7.", "reasoning_content": "I add 3 and 4."}}]
+    assert answer["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(reply),
+                               "total_tokens": len(prompt) + len(reply)}
+    assert tally.completion_tokens == len(reply) and model.prompts == [prompt]
+
+
+def test_the_api_streams_the_role_then_the_deltas_then_the_finish(tok):
+    model = ScriptedModel(reply_ids(tok, "It is 7.", think="I add 3 and 4."), tok.encode("x")[0])
+    body = {"messages": [{"role": "user", "content": "What is 3 + 4?"}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    with api(model, tok) as served:
+        tally = serve.Tally()
+        chunks = serve.chat_completion(served, body, tally)
+        assert model.prompts == []  # generated as the chunks are taken
+        chunks = list(chunks)
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(deltas) - 1) + ["stop"]
+    pieces = [next(iter(d.items())) for d in deltas[1:-1]]
+    assert all(len(d) == 1 for d in deltas[1:-1])
+    assert [part for part, _ in pieces] == sorted((part for part, _ in pieces), key=lambda p: p == "content")
+    assert "".join(text for part, text in pieces if part == "reasoning_content") == "I add 3 and 4."
+    assert "".join(text for part, text in pieces if part == "content") == "It is 7."
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == tally.usage()  # include_usage's last chunk
+
+
+def test_the_api_stops_generating_when_its_chunks_are_closed(tok):
+    model = ScriptedModel([], tok.encode("x")[0])  # 4,096 tokens if nothing stops it
+    with api(model, tok) as served:
+        chunks = serve.chat_completion(served, {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
+                                       serve.Tally())
+        assert next(chunks)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert next(chunks)["choices"][0]["delta"] == {"content": "x"}
+        chunks.close()  # as the Handler does when the client has gone
+        assert model.closed == 1 and model.yielded[0] < 10 and not served.lock.locked()
+
+
+@pytest.mark.parametrize("endpoint, body, param, code, message", [  # a 32-token context; "Hi" fits
+    ("chat_completion", dict(temperature=2.5), "temperature", None,
+     "temperature: expected a number from 0 to 2, got 2.5"),
+    ("chat_completion", dict(messages=[{"role": "user", "content": "Tom found a red ball. " * 5}]), "messages",
+     "context_length_exceeded", "the prompt is"),
+    ("chat_completion", dict(n=2), "n", None, "n: only 1 is supported"),
+    ("text_completion", dict(prompt=3), "prompt", None, "prompt: expected a string"),
+    ("text_completion", dict(prompt="Tom found a red ball. " * 5), "prompt", "context_length_exceeded",
+     "the prompt is"),
+], ids=["temperature", "chat context", "n", "prompt", "completion context"])
+def test_the_api_refuses_a_request_before_generating(tok, endpoint, body, param, code, message):
+    model = ScriptedModel([], tok.encode("x")[0], max_seq_len=32)
+    with api(model, tok) as served:
+        for stream in (False, True):  # a stream is refused before its first chunk too
+            with pytest.raises(serve.ApiError) as e:
+                getattr(serve, endpoint)(served, {"messages": [{"role": "user", "content": "Hi"}], "prompt": "Hi",
+                                                  **body, "stream": stream}, serve.Tally())
+            assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
+            assert e.value.message.startswith(message)
+    assert model.prompts == []
 
 
 def test_command_line_serves_until_ctrl_c_and_a_busy_port_is_one_line(ckpt):
