@@ -28,10 +28,12 @@ goes on. One line per request to stderr: method, path, status, tokens, seconds.
 The API itself (chat_completion, text_completion, models) takes a request's JSON body and gives OpenAI's
 JSON, or its stream's chunks, as dicts; Handler only carries them over HTTP.
 """
+import contextlib
 import hmac
 import ipaddress
 import json
 import math
+import socket
 import sys
 import threading
 import time
@@ -523,14 +525,28 @@ class Handler(JsonHandler):
 
 
 class ChatServer(ThreadingHTTPServer):
-    """The API over HTTP in front of one ServedModel, each connection in a thread of its own."""
+    """The API over HTTP in front of one ServedModel, each connection in a thread of its own. Closing the server
+    closes the connections still open (a client's keep-alive) and waits for their threads: a thread left to wake up
+    while the interpreter exits would free the tensors it holds then, and that aborts the process."""
+    daemon_threads = False  # server_close() joins them
 
     def __init__(self, model, tok: Tokenizer, cfg: ServeConfig, device="cpu"):
         self.cfg, self.served = cfg, ServedModel(model, tok, cfg, device)
         self.page = PAGE.read_bytes()
+        self.connections = set()  # the sockets of the connections being served
         super().__init__((cfg.host, cfg.port), Handler)  # last: a port it cannot have calls server_close
 
+    def process_request_thread(self, request, client_address):
+        self.connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.discard(request)
+
     def server_close(self):
+        for connection in list(self.connections):  # a thread waiting for the next request wakes up and ends
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
         super().server_close()
         self.served.close()
 

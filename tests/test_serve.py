@@ -396,3 +396,23 @@ def test_command_line_serves_until_ctrl_c_and_a_busy_port_is_one_line(ckpt):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 130
+
+
+def test_closing_the_server_ends_the_threads_of_connections_left_open(tok):
+    """A client's keep-alive connection keeps its thread waiting for the next request: closing the server closes it
+    and waits for the thread, which would otherwise wake up during interpreter exit and abort the process."""
+    def handler_threads():  # of every server in this process: other tests' may still run
+        return {t for t in threading.enumerate() if "process_request_thread" in t.name}
+    others = handler_threads()
+    model = ScriptedModel(reply_ids(tok, "Hi."), tok.encode("x")[0])
+    server = serve.ChatServer(model, tok, serve.ServeConfig(port=0, api_key=KEY))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    connection.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert json.loads(connection.getresponse().read())["choices"][0]["message"]["content"] == "Hi."
+    assert len(server.connections) == 1  # kept open for the next request
+    server.shutdown()
+    server.server_close()
+    assert not server.connections and handler_threads() <= others
+    connection.close()
