@@ -55,8 +55,8 @@ class DistillConfig(FinetuneConfig):
     kd_temperature: float = 2.0
     eval_problems: int = 50        # held-out problems for the format / accuracy report; 0 = skip
     eval_max_new_tokens: int = 160
-    pack: bool = True              # several problems per row of seq_len (each attending only to itself): ~2x the
-                                   # problems per second of padded rows
+    pack: bool = True              # several problems per row of seq_len (each attending only to itself): far
+                                   # more problems per second than padded rows
     answer_only: bool = False      # train on the replies without their <think> block (the ablation)
 
 

@@ -75,7 +75,7 @@ class Tokenizer:
         """The ids of the chat markers, looked up by piece, and pad; checked, as a tokenizer without the
         markers cannot render the template, nor one that puts a space before every text it encodes
         (SentencePiece's dummy prefix, kept by the tokenizer.json of Llama 2 and TinyLlama): the template
-        is encoded piece by piece (dataset_sft.py), and would not decode to itself. Computed on first use
+        is encoded piece by piece (the chat template below), and would not decode to itself. Computed on first use
         (a failed check is not kept, and raises again), then kept: the template asks for it per conversation."""
         ids = {name: self.piece_id(piece) for name, piece in SPECIAL_PIECES.items()}
         for name, i in ids.items():

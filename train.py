@@ -41,8 +41,8 @@ class TrainConfig:
     out_dir: str = "out/pretrain"
     batch_size: int = 8            # sequences per micro-batch per process
     grad_accum: int = 1            # micro-batches per optimizer step
-    max_steps: int = 150           # the cpu quickstart: 1.3 of its 6 minutes; distillation needs more
-    lr: float = 2e-3               # the best of 1e-3 ... 1.6e-2 for the cpu shape (AdamW)
+    max_steps: int = 150           # the cpu quickstart's; distillation gets most of its minutes
+    lr: float = 2e-3               # the best of a search for the cpu shape (AdamW)
     min_lr: float = 2e-4           # the cosine schedule ends here
     warmup_steps: int = 30
     weight_decay: float = 0.1      # applied to 2-D weights only (not norms)
@@ -116,7 +116,7 @@ class PretrainConfig(TrainConfig):
 PRESETS = {
     "cpu": {},  # the defaults above
     # 8 x 1024 x 8 = 65,536 tokens per step; a micro-batch of 8 leaves room on a 12 GB card that also
-    # drives a desktop (5.9 GiB simulated with the 12gb tokenizer's 12,000 pieces; 16 rows: 10.3 GiB).
+    # drives a desktop (its simulated peak: README, Measured).
     "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, seq_len=1024, batch_size=8, grad_accum=8,
                  max_steps=20000, lr=6e-4, min_lr=6e-5, warmup_steps=500, eval_every=500, eval_batches=50,
                  log_every=20, compile=True),

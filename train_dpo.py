@@ -22,7 +22,7 @@ the model itself with its adapters switched off (no copy); with --precompute_ref
 every pair are computed once before training and kept beside the data (out_dir/reference_logps.pt, reused
 by --resume), and no reference model stays in memory. Reported on the held-out pairs before and after:
 rewards, margin, reward accuracy, and how often the model itself gives the chosen reply the higher
-log-probability; and the answer accuracy on held-out reasoning problems (distill.py's report).
+log-probability; and the answer accuracy on held-out reasoning problems (evaluate.py's reasoning report).
 """
 import os
 from dataclasses import dataclass
@@ -53,7 +53,7 @@ class DPOConfig(FinetuneConfig):
     batch_size: int = 8            # pairs per micro-batch per process: 2 x batch_size rows
     grad_accum: int = 1
     max_steps: int = 100
-    lr: float = 3e-5               # 1e-4 sharpened the preference as much but cost answers (50.7% -> 44.0%; README)
+    lr: float = 3e-5               # 1e-4 sharpened the preference as much but cost answers (README: Measured)
     min_lr: float = 1e-5
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -65,7 +65,7 @@ class DPOConfig(FinetuneConfig):
     loss: str = "sigmoid"          # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0   # sigmoid: the share of pairs taken to be mislabelled (conservative DPO)
     # + this x the chosen replies' token NLL (RPO); 0: pure DPO. On the built-in data pure DPO lowered both
-    # replies' likelihood and broke the model's answers (accuracy 14% -> 2%); with 1.0 they held (see README).
+    # replies' likelihood and broke the model's answers; with 1.0 they held (README: Measured).
     sft_weight: float = 1.0
     reference: str = ""            # the frozen reference checkpoint; empty: init_from (LoRA: adapters off)
     precompute_reference: bool = False

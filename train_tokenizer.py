@@ -55,17 +55,12 @@ class TokenizerConfig:
     seed: int = 0
 
 
-# Sizes from characters per token measured on held-out text (English: Sherlock Holmes + alpaca;
-# Chinese: four classic novels; and the built-in data). cpu, dim 256 (+256k params per 1,000
-# pieces on a 4.0M model): English 4096, where the built-in data levels off (3.60 characters per
-# token at 4096 and at 7427); Chinese 10000, which holds the characters of the novels (~5,500
-# pieces) and of Chinese Wikipedia (~7,300-8,300, estimated from character frequencies) with room
-# for merges. 12gb, dim 768: 12000 for both, past the steep part of both curves, where the gain is
-# down to about 1% per 1,000 pieces while each 1,000 pieces cost 12 bytes of log-probabilities per
-# token (the 12gb step's estimate: 5.85 GiB at 12000 pieces with its 8 x 1024 micro-batch).
+# Sizes from characters per token on held-out text (English: Sherlock Holmes + alpaca; Chinese: four classic
+# novels; and the built-in data). cpu: English 4096, where the built-in data levels off; Chinese 10000, which holds
+# the characters of the novels and of Chinese Wikipedia with room for merges. 12gb: 12000 for both, past the
+# steep part of both curves, while each 1,000 pieces cost 12 bytes of log-probabilities per token in training.
 # Digits: the cpu model learns the built-in sums as whole-number facts far sooner than digit by digit with
-# carries (distilled on the quickstart: 32.7% of 300 held-out problems right against 19.7%, the same steps);
-# the 12gb model, on real text with numbers of every size, gets LLaMA's one piece per digit.
+# carries; the 12gb model, on real text with numbers of every size, gets LLaMA's one piece per digit.
 PRESETS = {
     "cpu": {},  # the defaults above
     "12gb": dict(vocab_en=12000, vocab_zh=12000, split_digits=True),
