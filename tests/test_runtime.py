@@ -86,3 +86,12 @@ def test_inference_follows_the_same_rule(machine, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         inference.load_for_inference(inference.LoadSettings())
     assert seen["device"] == torch.device("mps")
+
+
+def test_adamw_is_fused_where_the_table_says():
+    import train
+    model, cfg = torch.nn.Linear(4, 4), train.TrainConfig(device="cpu")
+    for kind in ("cpu", "mps"):  # the mps run's parameters stay on the CPU here, which has the fused kernel too
+        rt = SimpleNamespace(device=torch.device(kind), scaler=torch.amp.GradScaler("cpu", enabled=False))
+        (adamw,) = train.make_optimizers(model, cfg, rt)
+        assert bool(adamw.defaults["fused"]) == runtime.FUSED_ADAMW[kind]
