@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -149,8 +150,10 @@ def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: s
         if cfg.rope_scaling:  # the context extended to --seq_len (model.extend_context)
             if cfg.seq_len <= model.cfg.max_seq_len:
                 raise UserError(f"--rope_scaling {cfg.rope_scaling} extends the context to --seq_len, which must be "
-                                f"above the {model.cfg.max_seq_len} tokens the model was trained at (got {cfg.seq_len})")
-            trained, model = model.cfg.max_seq_len, extend_context(model, cfg.seq_len, cfg.rope_scaling, cfg.rope_factor)
+                                f"above the {model.cfg.max_seq_len} tokens the model was trained at "
+                                f"(got {cfg.seq_len})")
+            trained = model.cfg.max_seq_len
+            model = extend_context(model, cfg.seq_len, cfg.rope_scaling, cfg.rope_factor)
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"context: {trained} -> {cfg.seq_len} tokens, RoPE scaling {model.cfg.rope_scaling}")
         if lora:  # the tokens convert_hf.py added to an imported tokenizer are trained too
@@ -185,8 +188,7 @@ def check_resumable(ckpt: dict, model_cfg: ModelConfig, cfg: TrainConfig, lora: 
 
 
 def place_model(model: Transformer, rt: Runtime) -> Transformer:
-    """The model on the run's device, its frozen matrices (a LoRA base; all of a teacher's) cast to the compute
-    dtype first: weights that never change need no fp32 copy, and the device never holds one."""
+    """The model on the run's device, its frozen matrices (a LoRA base, a teacher) first cast to the compute dtype."""
     if rt.dtype != torch.float32:
         cast_frozen(model, rt.dtype)
     return model.to(rt.device)
@@ -340,16 +342,15 @@ def prepare(cfg: TrainConfig, model: Transformer, train_data, loss_fn, start: di
 
 def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: Runtime = None,
           loss_fn=default_loss, tokenizer: str = "", start: dict = None) -> dict:
-    """The training loop: cfg.max_steps optimizer steps of loss_fn(model, batch) on train_data.batch(0), batch(1),
-    ... (dicts of tensors; the default loss is model(**batch)'s), continuing `start` (a checkpoint) when resuming.
-    The data also tells batch_size, seq_len (its longest row), num_tokens and tokens_per_row (for report_epochs).
-    Only rank 0 prints and writes. Returns {"step", "val_loss", "best_val_loss", "last_path"}."""
+    """The training loop: cfg.max_steps optimizer steps of loss_fn(model, batch) over train_data.batch(i), continuing
+    `start` (a checkpoint) when resuming; the data also tells batch_size, seq_len (its longest row), num_tokens and
+    tokens_per_row. Only rank 0 prints and writes. Returns {step, val_loss, best_val_loss, last_path}."""
     rt = rt or Runtime(cfg.device, cfg.dtype, cfg.memory_cap_gib)
     optimizers, step_model = prepare(cfg, model, train_data, loss_fn, start, rt)
     step, val_loss, best_val = (start or {}).get("step", 0), None, (start or {}).get("best_val_loss", math.inf)
     last_path, best_path, metrics = (os.path.join(cfg.out_dir, f) for f in ("last.pt", "best.pt", "metrics.jsonl"))
-    validate = (lambda: validation_loss(step_model, val_data, cfg.eval_batches, rt, loss_fn)) if val_data is not None \
-        else None
+    validate = partial(validation_loss, step_model, val_data, cfg.eval_batches, rt, loss_fn) \
+        if val_data is not None else None
     extended_from = getattr(model, "extended_from", 0)  # a context being extended: its loss by position
     by_position = (lambda: loss_by_position(step_model, val_data, cfg.eval_batches, extended_from, rt)) \
         if extended_from and val_data is not None else None
