@@ -12,6 +12,11 @@ place that decides it: see prompt_ids().
 
 Generation stops at </s> (the end of the document), after --max_new_tokens, or when the
 context is full. The speed (tokens/s) goes to stderr, the text to stdout.
+
+The loader the generation scripts share (inference_sft.py, serve.py) is here: load_checkpoint() reads any
+checkpoint of this project (whole weights, LoRA adapters merged into their base, int8), load_for_inference()
+puts it on runtime.py's device in its dtype, quantized or compiled as asked, with its tokenizer; run_script() is
+their main.
 """
 import sys
 import time
