@@ -1,8 +1,9 @@
 """
 Where and how a run executes, one rule for training and inference alike: the device and its precision, the
-process group of a torchrun launch, autocast and the fp16 gradient scaler, the GPU memory cap and the training
-step's memory estimate, the hardware's peak FLOP/s (for MFU), the torch.compile fallback, and the main wrapper
-of the training scripts.
+process group of a torchrun launch, autocast and the fp16 gradient scaler, batches prefetched to the device, the
+run's state between steps (its throughput, its random generators, Ctrl-C as a flag), the GPU memory cap and the
+training step's memory estimate, the hardware's peak FLOP/s (for MFU), the torch.compile fallback, and the main
+wrapper of the training scripts.
 
 --device auto picks CUDA, then Apple Silicon (mps), then the CPU. --dtype auto and the fast paths follow what
 PyTorch documents for each kind of device:
