@@ -116,8 +116,7 @@ class PretrainConfig(TrainConfig):
 
 PRESETS = {
     "cpu": {},  # the defaults above
-    # 8 x 1024 x 8 = 65,536 tokens per step; a micro-batch of 8 leaves room on a 12 GB card that also
-    # drives a desktop (its simulated peak: README, Measured).
+    # 8 x 1024 x 8 = 65,536 tokens a step; micro-batches of 8 leave room on a 12 GB card that drives a desktop
     "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, seq_len=1024, batch_size=8, grad_accum=8,
                  max_steps=20000, lr=6e-4, min_lr=6e-5, warmup_steps=500, eval_every=500, eval_batches=50,
                  log_every=20, compile=True),
@@ -128,9 +127,8 @@ PRESETS = {
 # the model to train
 
 def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: str = "", lora: dict = None):
-    """The model to train and, with --resume, the checkpoint to continue from. A fresh run
-    starts from `init_from` (fine-tuning) or from new weights of `model_cfg` (pretraining).
-    `lora` (rank, alpha, dropout, targets) trains adapters on the frozen init_from (lora.py)."""
+    """The model to train and, with --resume, the checkpoint to continue from. A fresh run starts from `init_from`
+    (fine-tuning) or new weights of `model_cfg` (pretraining); `lora` trains adapters on the frozen init_from."""
     last = os.path.join(cfg.out_dir, "last.pt")
     if cfg.resume:
         start = read_checkpoint(last)
@@ -299,15 +297,19 @@ def stop_if_diverged(model: Transformer, window_loss: float, step: int, last_pat
                                  f"({last_path}). Try a lower --lr.")
 
 
-def checkpoint(model: Transformer, optimizers: list, rt: Runtime, cfg: TrainConfig, tokenizer: str, step: int,
-               val_loss, best_val: float) -> dict:
-    """What last.pt and best.pt hold. The data position is not saved: batch i is a pure function of the seed
-    and i, so the step gives it. A LoRA run stores its adapters and which base they belong to."""
+def save_checkpoints(paths: list, model: Transformer, optimizers: list, rt: Runtime, cfg: TrainConfig, tokenizer: str,
+                     step: int, val_loss, best_val: float):
+    """This step's checkpoint, made once, written to each path by rank 0. No data position: batch i is a pure function
+    of the seed and i, so the step gives it. A LoRA run stores its adapters and which base they belong to."""
+    if not rt.master:
+        return
     weights = {"model": adapter_state(model), "lora": model.lora} if is_lora(model) else {"model": model.state_dict()}
-    return {**weights, "config": asdict(model.cfg), "step": step,
+    ckpt = {**weights, "config": asdict(model.cfg), "step": step,
             "optimizer": [o.state_dict() for o in optimizers], "scaler": rt.scaler.state_dict(),
             "rng": capture_rng(), "train_config": asdict(cfg), "tokenizer": tokenizer,
             "val_loss": val_loss, "best_val_loss": best_val}
+    for path in paths:
+        save_checkpoint(ckpt, path)
 
 
 # -----------------------------------------------------------------------------
@@ -332,8 +334,7 @@ def prepare(cfg: TrainConfig, model: Transformer, train_data, loss_fn, start: di
             optimizer.load_state_dict(state)
         rt.scaler.load_state_dict(start["scaler"])
         restore_rng(start["rng"])
-    step_model = compiled_or_eager(model, rt.to_device(train_data.batch(0)), loss_fn, rt) \
-        if cfg.compile else model
+    step_model = compiled_or_eager(model, rt.to_device(train_data.batch(0)), loss_fn, rt) if cfg.compile else model
     if rt.ddp:
         step_model = DistributedDataParallel(step_model,
                                              device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -409,8 +410,7 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
                     paths.insert(0, best_path)
             if paths:
                 stop_if_diverged(model, window.mean_loss(), step, last_path)  # every rank: it may all-reduce
-                for path in paths if rt.master else []:
-                    save_checkpoint(checkpoint(model, optimizers, rt, cfg, tokenizer, step, val_loss, best_val), path)
+                save_checkpoints(paths, model, optimizers, rt, cfg, tokenizer, step, val_loss, best_val)
             if stopping:
                 rt.say(f"stopped at step {step} as asked: saved {last_path}; continue with --resume true")
                 break
