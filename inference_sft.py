@@ -4,24 +4,30 @@ Chat with a fine-tuned model in the terminal.
   python inference_sft.py                                   # out/distill/best.pt, interactive
   python inference_sft.py --ckpt out/sft/best.pt --system "You are terse."
   python inference_sft.py --prompt "What is 3 + 4?"         # one answer, then exit (for scripts)
+  python inference_sft.py --thinking off                   # answer without reasoning (on: always reason)
 
-Commands while chatting: /reset forgets the conversation, /exit quits (so do Ctrl-D and Ctrl-C).
+Commands while chatting: /reset forgets the conversation (and any /think or /no_think), /exit quits (so do Ctrl-D
+and Ctrl-C). A message ending in /think or /no_think turns reasoning on or off for it and the messages after it
+(Qwen3's soft switch; the tag is not sent to the model); /think or /no_think alone only switches.
 The reasoning between <think> and </think> is shown dimmed with --show_think true (default)
-and hidden with --show_think false; it is not kept in the history (only the answer is).
+and hidden with --show_think false; it is not kept in the history (only the answer is, after an
+empty think block when the reply had one, as the training chats have it).
 When the history outgrows the context, the oldest turns are dropped first.
 """
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from cli import UserError
 from inference import Counted, LoadSettings, load_for_inference, run_script
-from tokenizer import SPECIAL_PIECES, Tokenizer, render_prompt, reply_pieces, special_ids
+from tokenizer import (EMPTY_THINK, SPECIAL_PIECES, Tokenizer, render_prompt, reply_pieces, special_ids,
+                       thinking_switch)
 
 DIM, RESET = "\033[2m", "\033[0m"
 MARKERS = {"reasoning": SPECIAL_PIECES["think"], "answer": SPECIAL_PIECES["end_think"]}  # the piece starting each
+THINKING = {"auto": None, "on": True, "off": False}  # --thinking: the template's enable_thinking
 
 
 @dataclass
@@ -30,6 +36,9 @@ class ChatConfig(LoadSettings):
     prompt: str = ""               # non-empty: answer this one message and exit
     system: str = ""               # optional system prompt
     show_think: bool = True        # show the reasoning (dimmed on a terminal) or hide it
+    thinking: str = field(default="auto", metadata={
+        "help": "auto: the model decides whether to reason; on: it always reasons; off: it answers at once (an "
+                "empty think block follows the prompt, as Qwen3's enable_thinking=False); /think, /no_think switch"})
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_k: int = 50
@@ -40,16 +49,17 @@ class ChatConfig(LoadSettings):
 
 class Chat:
     """A conversation with a model: the history, the prompt that fits the context, and the
-    streamed answers (reasoning shown or hidden, never kept in the history)."""
+    streamed answers (reasoning shown or hidden, never kept in the history). thinking: the template's
+    enable_thinking for the next message, --thinking's until a message switches it."""
 
     def __init__(self, cfg: ChatConfig, model, tok: Tokenizer, device="cpu"):
         self.cfg, self.model, self.tok = cfg, model, tok
         self.im_end = special_ids(tok)["im_end"]
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.history = []
+        self.reset()
 
     def reset(self):
-        self.history = []
+        self.history, self.thinking = [], THINKING[self.cfg.thinking]
 
     def prompt_ids(self, user_message: str) -> list:
         """The rendered conversation plus the new message, dropping the oldest exchanges
@@ -61,7 +71,7 @@ class Chat:
         budget = max(ctx - self.cfg.max_new_tokens, ctx // 2)
         turns = self.history + [{"role": "user", "content": user_message}]
         while True:
-            ids = render_prompt(self.tok, system + turns, add_generation_prompt=True)
+            ids = render_prompt(self.tok, system + turns, add_generation_prompt=True, enable_thinking=self.thinking)
             if len(ids) <= budget or len(turns) == 1:
                 break
             turns = turns[2:]  # one user message and its answer
@@ -72,16 +82,21 @@ class Chat:
         return ids
 
     def reply(self, user_message: str, out=sys.stdout) -> str:
-        """Stream one answer to `out`; return the answer text without the reasoning."""
+        """Stream one answer to `out`; return the answer text without the reasoning. A trailing /think or
+        /no_think sets thinking from this message on, and is cut from it."""
         c = self.cfg
         dim = out.isatty()
+        user_message, switch = thinking_switch(user_message)
+        if switch is not None:
+            self.thinking = switch
         t0 = time.perf_counter()
         tokens = Counted(self.model.generate_stream(
             self.prompt_ids(user_message), max_new_tokens=c.max_new_tokens, temperature=c.temperature,
             top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
             stop_ids=[self.im_end], generator=self.generator))
-        answer, part = [], "answer"
-        for part, text in reply_pieces(self.tok, tokens):
+        answer, part, opened = [], "answer", self.thinking is not None  # the prompt opened a think block
+        for part, text in reply_pieces(self.tok, tokens, in_think=self.thinking is True):
+            opened |= part == "reasoning"
             if part == "answer":
                 answer.append(text)
             if c.show_think and not text:  # a marker: <think> starts the dimmed reasoning, </think> ends it
@@ -92,13 +107,16 @@ class Chat:
                 out.flush()
         out.write((RESET if dim and part == "reasoning" else "") + "\n")
         answer = "".join(answer).strip()
-        self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": answer}]
+        # reasoning dropped; a reply that had a think block keeps it empty, as every trained chat turn has it
+        kept = EMPTY_THINK + answer if opened else answer
+        self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": kept}]
         self.last_speed = tokens.n / (time.perf_counter() - t0)
         return answer
 
 
 def interactive(chat: Chat):
-    print("chat: /reset forgets the conversation, /exit quits", file=sys.stderr)
+    print("chat: /reset forgets the conversation, /exit quits; /think or /no_think at the end of a message turns "
+          "reasoning on or off", file=sys.stderr)
     while True:
         try:
             message = input("> ").strip()
@@ -111,6 +129,11 @@ def interactive(chat: Chat):
             chat.reset()
             print("(conversation cleared)", file=sys.stderr)
             continue
+        text, switch = thinking_switch(message)
+        if switch is not None and not text:  # only the switch: nothing to answer yet
+            chat.thinking = switch
+            print(f"(reasoning {'on' if switch else 'off'} from the next message)", file=sys.stderr)
+            continue
         if message:
             try:
                 chat.reply(message)
@@ -119,6 +142,8 @@ def interactive(chat: Chat):
 
 
 def run(cfg: ChatConfig):
+    if cfg.thinking not in THINKING:  # before the model loads
+        raise UserError(f"--thinking {cfg.thinking}: use auto, on or off")
     model, tok, device = load_for_inference(cfg)
     chat = Chat(cfg, model, tok, device)
     if cfg.prompt:

@@ -11,7 +11,10 @@ Serve one checkpoint over an OpenAI-compatible HTTP API, with a chat page at /.
 
 Any OpenAI client works (base_url http://127.0.0.1:8000/v1). Understood: messages (system, developer,
 user, assistant; content a string or a list of text parts), max_tokens (or max_completion_tokens),
-temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only); model is ignored;
+temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only), and
+chat_template_kwargs.enable_thinking as vLLM and SGLang take it (false: an answer without reasoning; true:
+reasoning first; absent or null: the /think or /no_think ending the latest user message that has one, Qwen3's
+soft switch, else the model decides; the tags are cut before the model reads the messages); model is ignored;
 top_k and repetition_penalty are the server's flags. A request without a setting gets the flag's.
 
 The reasoning, between <think> and </think>, comes apart from the answer, in reasoning_content as
@@ -52,7 +55,7 @@ import torch
 
 from cli import UserError
 from inference import Counted, LoadSettings, load_for_inference, prompt_ids, run_script
-from tokenizer import StreamDecoder, Tokenizer, render_prompt, reply_pieces, special_ids
+from tokenizer import StreamDecoder, Tokenizer, render_prompt, reply_pieces, special_ids, thinking_switch
 
 PAGE = Path(__file__).with_name("serve.html")
 
@@ -131,6 +134,26 @@ def chat_messages(body: dict) -> list:
                                 f"only)", param=f"{where}.content")
         out.append({"role": ROLES[m["role"]], "content": content})
     return out
+
+
+def thinking(body: dict, messages: list) -> tuple:
+    """(the messages with the /think or /no_think ending a user message cut, the template's enable_thinking): the
+    request's chat_template_kwargs.enable_thinking where it is given, else the latest of those switches (Qwen3's
+    soft switch holds until the next), else None (the model decides)."""
+    kwargs = body.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "chat_template_kwargs: expected an object", param="chat_template_kwargs")
+    asked = kwargs.get("enable_thinking")  # the other keys are for templates of other models
+    if not isinstance(asked, (bool, type(None))):
+        raise ApiError(400, f"chat_template_kwargs.enable_thinking: expected true or false, got {json.dumps(asked)}",
+                       param="chat_template_kwargs.enable_thinking")
+    out, switched = [], None
+    for m in messages:
+        content, switch = thinking_switch(m["content"]) if m["role"] == "user" else (m["content"], None)
+        out.append({**m, "content": content})
+        switched = switched if switch is None else switch
+    return out, switched if asked is None else asked
 
 
 def stop_strings(body: dict) -> list:
@@ -306,9 +329,10 @@ def chat_completion(served: ServedModel, body: dict, tally: Tally) -> dict | Ite
     chunks are taken."""
     one_choice(body)
     tok = served.tok
-    prompt = render_prompt(tok, chat_messages(body), add_generation_prompt=True)
+    messages, enable_thinking = thinking(body, chat_messages(body))
+    prompt = render_prompt(tok, messages, add_generation_prompt=True, enable_thinking=enable_thinking)
     pieces = generation(served, body, tally, prompt, "messages", special_ids(tok)["im_end"],
-                        partial(reply_pieces, tok), strip=True)
+                        partial(reply_pieces, tok, in_think=enable_thinking is True), strip=True)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
     if body.get("stream"):
         return chat_chunks(pieces, head, tally, body)

@@ -17,6 +17,8 @@ a tokenizer.json that encodes exactly as a tokenizer.model does (convert_hf.py's
 The chat template (ChatML), the same as CHAT_TEMPLATE_JINJA:
   <|im_start|>{role}\\n{content}<|im_end|>\\n  per turn, then <|im_start|>assistant\\n to ask for a reply,
   which ends at <|im_end|>; reasoning in <think>...</think> at the start of an assistant turn.
+  enable_thinking (Qwen3's switch) puts after that header: False, EMPTY_THINK, the empty block an ordinary reply
+  opens with; True, an open <think>\\n (it must reason); None, the default, nothing (the model decides).
 Ids, turn by turn: the <|im_start|> id, encode(role + "\\n"), encode(content), the <|im_end|> id,
 encode("\\n"). Text is encoded piece by piece, so it never merges with a marker or with the next piece.
 Markers typed inside content (<think>, even <|im_end|>) become their single ids, as in Hugging Face's tokenizers.
@@ -341,35 +343,68 @@ def tokenizer_json(spm_info: dict) -> dict:
 # the chat template
 
 IGNORE_INDEX = -100  # targets the loss skips (model.py: cross_entropy ignore_index)
-# The template in Jinja, for tokenizer_config.json (convert_hf.py) and transformers' apply_chat_template.
+# Qwen3's empty think block: how an ordinary reply (no reasoning) opens in the training data
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+# What follows the generation prompt, by enable_thinking: None, nothing (the model decides whether to reason); False,
+# the empty block (it answers at once, as Qwen3's template has it); True, an open block (it must reason).
+THINKING_PREFILL = {None: "", False: EMPTY_THINK, True: "<think>\n"}
+# The prefill is encoded with this word after it, which is then cut off (template_texts, assemble), so its ids are
+# the ones it has at the start of a trained reply, where the answer follows it. Encoded alone its trailing newlines
+# can differ: GPT-2's byte-level pre-tokenizer (SmolLM2's) makes "\n\n" one token at the end of a text, two before a
+# word. The cut is exact where no token joins a newline to the letter after it: our tokenizer.model (trained line by
+# line: a newline is always its byte piece) and the pre-tokenizers of GPT-2, Llama 3 and Qwen all split there.
+PREFILL_FOLLOWER = "Hello"
+# Qwen3's soft switch: a user message ending in one of these asks for reasoning, or for none (thinking_switch)
+THINKING_SWITCHES = {"/think": True, "/no_think": False}
+# The template in Jinja, for tokenizer_config.json (convert_hf.py) and transformers' apply_chat_template, whose
+# enable_thinking=False / True (chat_template_kwargs in vLLM and SGLang) renders as render_text's.
 CHAT_TEMPLATE_JINJA = ("{% for message in messages %}"
                        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
                        "{% endfor %}"
-                       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+                       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                       "{% if enable_thinking is defined and enable_thinking is false %}"
+                       "{{ '<think>\\n\\n</think>\\n\\n' }}"
+                       "{% elif enable_thinking is defined and enable_thinking is true %}{{ '<think>\\n' }}{% endif %}"
+                       "{% endif %}")
 
 
+def thinking_switch(message: str) -> tuple:
+    """(the message without a trailing /think or /no_think, True for /think, False for /no_think, None without
+    either): Qwen3's soft switch, typed at the end of a user message (alone, or after a space or a newline)."""
+    stripped = message.rstrip()
+    for tag, thinking in THINKING_SWITCHES.items():
+        rest = stripped.removesuffix(tag)
+        if rest != stripped and (not rest or rest[-1].isspace()):
+            return rest.rstrip(), thinking
+    return message, None
 
 
-def render_text(messages, add_generation_prompt: bool = False) -> str:
+def render_text(messages, add_generation_prompt: bool = False, enable_thinking: Optional[bool] = None) -> str:
     """The template as text: what CHAT_TEMPLATE_JINJA renders and what render_prompt's ids decode to."""
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+    return text + ("<|im_start|>assistant\n" + THINKING_PREFILL[enable_thinking] if add_generation_prompt else "")
 
 
-def encode_conversation(tok: Tokenizer, messages, add_generation_prompt: bool = False) -> tuple:
+def encode_conversation(tok: Tokenizer, messages, add_generation_prompt: bool = False,
+                        enable_thinking: Optional[bool] = None) -> tuple:
     """(ids, labels), two lists of ints of the same length: the rendered conversation, and the id
     where it is trained (assistant content and its <|im_end|>), IGNORE_INDEX elsewhere."""
-    pieces = tok.encode_batch(template_texts(messages, add_generation_prompt))  # one call for all turns
-    return assemble(special_ids(tok), messages, pieces, add_generation_prompt)
+    pieces = tok.encode_batch(template_texts(messages, add_generation_prompt, enable_thinking))  # one call, all turns
+    return assemble(special_ids(tok), messages, pieces, add_generation_prompt, enable_thinking)
 
 
-def template_texts(messages, add_generation_prompt: bool = False) -> list:
-    """The texts the template encodes, piece by piece, between its marker ids."""
+def template_texts(messages, add_generation_prompt: bool = False, enable_thinking: Optional[bool] = None) -> list:
+    """The texts the template encodes, piece by piece, between its marker ids; a thinking prefill as two texts,
+    itself followed by PREFILL_FOLLOWER, then PREFILL_FOLLOWER alone (assemble keeps the difference)."""
     texts = [t for m in messages for t in (m["role"] + "\n", m["content"], "\n")]
-    return texts + (["assistant\n"] if add_generation_prompt else [])
+    if not add_generation_prompt:
+        return texts
+    prefill = THINKING_PREFILL[enable_thinking]
+    return texts + ["assistant\n"] + ([prefill + PREFILL_FOLLOWER, PREFILL_FOLLOWER] if prefill else [])
 
 
-def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = False) -> tuple:
+def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = False,
+             enable_thinking: Optional[bool] = None) -> tuple:
     """encode_conversation's (ids, labels) from the encoded template_texts and the special ids."""
     ids, labels = [], []
     for i, m in enumerate(messages):
@@ -380,14 +415,21 @@ def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = Fals
         labels += body if m["role"] == "assistant" else [IGNORE_INDEX] * len(body)
         labels += [IGNORE_INDEX] * len(newline)
     if add_generation_prompt:
-        ids += [s["im_start"], *pieces[-1]]
-        labels += [IGNORE_INDEX] * (1 + len(pieces[-1]))
+        n = 3 * len(messages)
+        header, prefill = pieces[n], []
+        if THINKING_PREFILL[enable_thinking]:  # encoded followed by PREFILL_FOLLOWER, then that alone
+            followed, follower = pieces[n + 1:n + 3]
+            prefill = followed[:len(followed) - len(follower)]
+        ids += [s["im_start"], *header, *prefill]
+        labels += [IGNORE_INDEX] * (1 + len(header) + len(prefill))
     return ids, labels
 
 
-def render_prompt(tok: Tokenizer, messages, add_generation_prompt: bool = True) -> list:
-    """The ids to feed the model for a chat: the conversation so far, then the assistant header."""
-    return encode_conversation(tok, messages, add_generation_prompt)[0]
+def render_prompt(tok: Tokenizer, messages, add_generation_prompt: bool = True,
+                  enable_thinking: Optional[bool] = None) -> list:
+    """The ids to feed the model for a chat: the conversation so far, then the assistant header (and the thinking
+    prefill enable_thinking asks for)."""
+    return encode_conversation(tok, messages, add_generation_prompt, enable_thinking)[0]
 
 
 def reply_rows(s: dict, messages, pieces: list) -> list:
@@ -444,13 +486,17 @@ class StreamDecoder:
         return new
 
 
-def reply_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
+def reply_pieces(tok: Tokenizer, tokens, in_think: bool = False) -> Iterator[tuple]:
     """An assistant turn's text as it is generated, from its token ids (up to <|im_end|>): (part, text) pieces,
     part "reasoning" between <think> and </think> and "answer" elsewhere, each part's characters whole
     (StreamDecoder). The markers are not in the text: each yields the part it starts with the text "", so a
-    caller sees where the reasoning begins and ends even when it is empty."""
+    caller sees where the reasoning begins and ends even when it is empty. in_think: the prompt opened the think
+    block (enable_thinking=True), so the turn starts in the reasoning, yielded first as its <think> would be."""
     s = special_ids(tok)
-    decoders, part = {"reasoning": StreamDecoder(tok), "answer": StreamDecoder(tok)}, "answer"
+    decoders = {"reasoning": StreamDecoder(tok), "answer": StreamDecoder(tok)}
+    part = "reasoning" if in_think else "answer"
+    if in_think:
+        yield part, ""
     for token in tokens:
         if token == s["im_end"]:
             break

@@ -1,5 +1,6 @@
 """inference_sft.Chat with a scripted model: reasoning kept out of the history, the history trimmed
-to the context oldest first, /reset, and the tokenizer taken from the checkpoint."""
+to the context oldest first, /reset, the thinking switch (--thinking, /think, /no_think), and the tokenizer taken
+from the checkpoint."""
 import builtins
 import io
 import subprocess
@@ -13,7 +14,7 @@ import inference
 import inference_sft
 import tokenizer
 from conftest import ROOT
-from tokenizer import load_tokenizer, special_ids
+from tokenizer import EMPTY_THINK, load_tokenizer, render_prompt, special_ids
 from model import ModelConfig, Transformer, save_checkpoint
 
 
@@ -53,7 +54,7 @@ def test_reasoning_is_shown_or_hidden_and_never_kept_in_history(tok):
         assert chat.reply("What is 3 + 4?", out) == "It is 7."
         assert ("I add 3 and 4." in out.getvalue()) == show and "It is 7." in out.getvalue()
         assert chat.history == [{"role": "user", "content": "What is 3 + 4?"},
-                                {"role": "assistant", "content": "It is 7."}]
+                                {"role": "assistant", "content": EMPTY_THINK + "It is 7."}]  # as chats train
         chat.reply("Sure?", io.StringIO())
         second_prompt = tok.decode(model.prompts[1])
         assert "It is 7." in second_prompt and "I add" not in second_prompt
@@ -111,6 +112,57 @@ def test_reset_forgets_the_conversation(tok, monkeypatch, capsys):
     inference_sft.interactive(chat)
     assert "Tom" in tok.decode(model.prompts[0]) and "Tom" not in tok.decode(model.prompts[1])
     assert "(conversation cleared)" in capsys.readouterr().err
+
+
+def test_thinking_off_prefills_an_empty_think_block_and_on_an_open_one(tok):
+    user = [{"role": "user", "content": "What is 3 + 4?"}]
+    chat, model = chat_with(tok, [reply_ids(tok, "It is 7.")], thinking="off")
+    assert chat.reply("What is 3 + 4?", io.StringIO()) == "It is 7."
+    assert model.prompts[0] == render_prompt(tok, user, enable_thinking=False)
+    assert tok.decode(model.prompts[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert chat.history[-1] == {"role": "assistant", "content": EMPTY_THINK + "It is 7."}
+
+    s = special_ids(tok)  # on: the model goes on from the open block, its reasoning shown as reasoning
+    chat, model = chat_with(tok, [[*tok.encode("I add 3 and 4."), s["end_think"], *reply_ids(tok, "It is 7.")]],
+                            thinking="on")
+    out = io.StringIO()
+    assert chat.reply("What is 3 + 4?", out) == "It is 7."
+    assert model.prompts[0] == render_prompt(tok, user, enable_thinking=True)
+    assert out.getvalue() == "<think>I add 3 and 4.</think>It is 7.\n"
+    assert chat.history[-1] == {"role": "assistant", "content": EMPTY_THINK + "It is 7."}
+
+
+def test_a_reply_without_a_think_block_is_kept_as_it_is(tok):
+    chat, _ = chat_with(tok, [reply_ids(tok, "Hello.")])  # auto: the model chose not to open one
+    chat.reply("Hi", io.StringIO())
+    assert chat.history[-1] == {"role": "assistant", "content": "Hello."}
+
+
+def test_think_and_no_think_switch_this_message_and_the_next_ones(tok, monkeypatch, capsys):
+    s = special_ids(tok)
+    reasoned = [*tok.encode("I add."), s["end_think"], *reply_ids(tok, "7.")]
+    chat, model = chat_with(tok, [reply_ids(tok, "Hi."), reasoned, reasoned, reply_ids(tok, "Bye.")])
+    typed = iter(["Hello /no_think", "/think", "What is 3 + 4?", "And 4 + 3?", "/reset", "Bye", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(typed))
+    inference_sft.interactive(chat)
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": EMPTY_THINK + "Hi."}]
+    assert model.prompts[0] == render_prompt(tok, history[:1], enable_thinking=False)  # the tag cut
+    history += [{"role": "user", "content": "What is 3 + 4?"}]
+    assert model.prompts[1] == render_prompt(tok, history, enable_thinking=True)  # "/think" alone asked nothing
+    history += [{"role": "assistant", "content": EMPTY_THINK + "7."}, {"role": "user", "content": "And 4 + 3?"}]
+    assert model.prompts[2] == render_prompt(tok, history, enable_thinking=True)  # it holds
+    assert model.prompts[3] == render_prompt(tok, [{"role": "user", "content": "Bye"}])  # /reset: --thinking's auto
+    assert len(model.prompts) == 4 and "(reasoning on from the next message)" in capsys.readouterr().err
+
+    chat, model = chat_with(tok, [reply_ids(tok, "7.")], thinking="on")  # --prompt's one message switches too
+    chat.reply("What is 3 + 4? /no_think", io.StringIO())
+    assert model.prompts[0] == render_prompt(tok, [{"role": "user", "content": "What is 3 + 4?"}],
+                                             enable_thinking=False)
+
+
+def test_a_thinking_setting_other_than_auto_on_off_is_refused_before_loading():
+    with pytest.raises(ValueError, match="--thinking yes: use auto, on or off"):
+        inference_sft.run(inference_sft.ChatConfig(ckpt="no/such.pt", thinking="yes"))
 
 
 @pytest.mark.slow

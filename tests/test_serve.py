@@ -1,6 +1,7 @@
 """serve.py live on 127.0.0.1, through the official openai client and raw HTTP: chat (reasoning apart from the answer,
 streamed and not), completions, models, stop strings, seeds, errors, a client that goes away, requests in turn; and
-its API without HTTP, request bodies in and OpenAI's dicts out."""
+its API without HTTP, request bodies in and OpenAI's dicts out, the thinking switch (chat_template_kwargs, /think)
+included."""
 import http.client
 import json
 import re
@@ -24,7 +25,7 @@ from conftest import ROOT
 from tokenizer import render_prompt
 from inference import LoadSettings, load_for_inference, prompt_ids
 from model import ModelConfig, Transformer, save_checkpoint
-from tokenizer import load_tokenizer, special_ids
+from tokenizer import EMPTY_THINK, load_tokenizer, special_ids
 
 KEY = "test-key"
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=64, max_seq_len=64)
@@ -324,6 +325,43 @@ def test_the_api_answers_a_body_with_openai_json(tok):
     assert answer["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(reply),
                                "total_tokens": len(prompt) + len(reply)}
     assert tally.completion_tokens == len(reply) and model.prompts == [prompt]
+
+
+def test_the_api_takes_enable_thinking_from_chat_template_kwargs_or_the_soft_switch(tok):
+    s = special_ids(tok)
+    answered = ScriptedModel(reply_ids(tok, "It is 7."), tok.encode("x")[0])
+    reasoned = ScriptedModel([*tok.encode("\nI add 3 and 4.\n"), s["end_think"], *reply_ids(tok, "It is 7.")],
+                             tok.encode("x")[0])  # goes on from the open think block
+    question = {"role": "user", "content": "What is 3 + 4?"}
+    cases = [  # (model, messages, chat_template_kwargs, enable_thinking the prompt must have)
+        (answered, [question], {"enable_thinking": False}, False),
+        (reasoned, [question], {"enable_thinking": True}, True),
+        (answered, [question], {"enable_thinking": None, "other": 1}, None),
+        (answered, [{"role": "user", "content": "What is 3 + 4? /no_think"}], None, False),
+        (reasoned, [{"role": "user", "content": "What is 3 + 4?\n/think"}], {}, True),
+        (reasoned, [{"role": "user", "content": "What is 3 + 4? /no_think"}], {"enable_thinking": True}, True),
+        (answered, [{"role": "user", "content": "Hi /no_think"}, {"role": "assistant", "content": "Hi."},
+                    question], None, False),  # the latest switch holds
+    ]
+    for model, messages, kwargs, enable_thinking in cases:
+        body = {"messages": messages} if kwargs is None else {"messages": messages, "chat_template_kwargs": kwargs}
+        with api(model, tok) as served:
+            message = serve.chat_completion(served, body, serve.Tally())["choices"][0]["message"]
+        seen = [{**m, "content": m["content"].removesuffix(" /no_think").removesuffix("\n/think")} for m in messages]
+        assert model.prompts[-1] == render_prompt(tok, seen, enable_thinking=enable_thinking), body
+        assert message["content"] == "It is 7."
+        assert message["reasoning_content"] == ("I add 3 and 4." if model is reasoned else None)
+    assert tok.decode(answered.prompts[0]).endswith("<|im_start|>assistant\n" + EMPTY_THINK)
+    with serving(answered, tok) as url:  # as an OpenAI client sends it to vLLM
+        chat = client(url).chat.completions
+        message = chat.create(model="x", messages=[question], extra_body={
+            "chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
+        assert message.content == "It is 7." and answered.prompts[-1] == answered.prompts[0]
+        for kwargs, param in (({"enable_thinking": "no"}, "chat_template_kwargs.enable_thinking"),
+                              ([False], "chat_template_kwargs")):
+            with pytest.raises(openai.BadRequestError) as e:
+                chat.create(model="x", messages=[question], extra_body={"chat_template_kwargs": kwargs})
+            assert e.value.body["param"] == param
 
 
 def test_the_api_streams_the_role_then_the_deltas_then_the_finish(tok):

@@ -1,5 +1,6 @@
 """tokenizer.py: one interface over tokenizer.model and tokenizer.json, the chat pieces an imported tokenizer
-gets, and uint32 token files for vocabularies past 65,536 ids."""
+gets, the thinking switch of the chat template (rendered as Qwen3's and transformers' are), and uint32 token files
+for vocabularies past 65,536 ids."""
 import json
 import shutil
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 from conftest import small_corpus
 from dataset import DatasetConfig, TokenShards, build_shards
 from dataset_sft import SFTData
-from tokenizer import (IGNORE_INDEX, SPECIAL_PIECES, StreamDecoder, add_chat_pieces, encode_conversation,
-                       load_tokenizer, render_text, special_ids, token_dtype)
+from tokenizer import (CHAT_TEMPLATE_JINJA, EMPTY_THINK, IGNORE_INDEX, SPECIAL_PIECES, StreamDecoder, add_chat_pieces,
+                       encode_conversation, load_tokenizer, render_prompt, render_text, special_ids, thinking_switch,
+                       token_dtype)
 
 TEXTS = ["Tom found a red ball in the park.", "他有三个苹果。今天天气很好。",
          "Mia  counted 42 steps 🐋\n\nby the sea.\t你好"]
@@ -134,6 +136,85 @@ def test_a_conversation_through_a_tokenizer_json_decodes_to_the_template(hf_chat
     assert trained == list(range(trained[0], trained[-1] + 1))  # one span: the reply and its <|im_end|>
     assert [labels[k] for k in trained] == [ids[k] for k in trained] == tok.encode(CHAT[-1]["content"]) + [
         tok.piece_id("<|im_end|>")]
+
+
+# ---------------------------------------------------------------------------------------------
+# the thinking switch: enable_thinking and /think, /no_think
+
+def test_enable_thinking_follows_the_generation_prompt_as_qwen3s_template_does():
+    messages = [{"role": "user", "content": "Hi"}]
+    asked = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_text(messages, True, enable_thinking=False) == asked + "<think>\n\n</think>\n\n"  # Qwen3's
+    assert render_text(messages, True, enable_thinking=True) == asked + "<think>\n"
+    assert render_text(messages, True, enable_thinking=None) == render_text(messages, True) == asked
+    assert EMPTY_THINK == "<think>\n\n</think>\n\n"
+    for enable_thinking in (None, False, True):  # only a reply asked for is prefilled
+        assert render_text(messages, enable_thinking=enable_thinking) == "<|im_start|>user\nHi<|im_end|>\n"
+
+
+def test_transformers_renders_the_jinja_template_as_render_text(hf_chat_tokenizer_json):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=hf_chat_tokenizer_json,
+                                              chat_template=CHAT_TEMPLATE_JINJA)
+    messages = CHAT + [{"role": "user", "content": "And Sam?"}]
+    for gen in (True, False):
+        assert hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False) == render_text(messages, gen)
+        for thinking in (False, True, None):
+            assert hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False,
+                                          enable_thinking=thinking) == render_text(messages, gen, thinking)
+
+
+@pytest.fixture(scope="module")
+def newline_merging_tokenizer_json(tmp_path_factory):
+    """A byte-level BPE tokenizer.json like SmolLM2's (GPT-2's pre-tokenizer) that learned "\n\n" as one token, with
+    the chat pieces: it encodes "\n\n" at the end of a text as that token, and before a word as two."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("newline_merging")
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([line + "\n\n" for line in small_corpus(300)], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf.save(str(d / "tokenizer.json"))
+    add_chat_pieces(str(d / "tokenizer.json"), str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return str(d / "tokenizer.json")
+
+
+@pytest.mark.parametrize("which", ["model", "json", "json merging newlines"])
+def test_a_thinking_prefill_has_the_ids_of_the_same_text_in_a_trained_reply(
+        which, tokenizer_path, hf_chat_tokenizer_json, newline_merging_tokenizer_json):
+    """The prompt the model continues must be the ids it was trained on: a reply's content (EMPTY_THINK + the answer,
+    or <think>\n + the reasoning) is encoded as one text, and the generation prompt's prefill as its start."""
+    tok = load_tokenizer({"model": tokenizer_path, "json": hf_chat_tokenizer_json,
+                          "json merging newlines": newline_merging_tokenizer_json}[which])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    replies = {False: [EMPTY_THINK + "Hello!", EMPTY_THINK + "Tom is 7.", EMPTY_THINK + "你好"],
+               True: ["<think>\nTom has 3 apples.\n</think>\n3", "<think>\n3 + 4 = 7\n</think>\n7"]}
+    for enable_thinking, contents in replies.items():
+        prompt, asked = render_prompt(tok, messages, enable_thinking=enable_thinking), render_prompt(tok, messages)
+        assert tok.decode(prompt) == render_text(messages, True, enable_thinking) and prompt[:len(asked)] == asked
+        for content in contents:
+            ids, _ = encode_conversation(tok, messages + [{"role": "assistant", "content": content}])
+            assert ids[:len(prompt)] == prompt, content
+    alone, in_reply = tok.encode(EMPTY_THINK), tok.encode(EMPTY_THINK + "Hello!")[:len(tok.encode(EMPTY_THINK))]
+    assert (alone != in_reply) == (which == "json merging newlines")  # where a plain encode would not do
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("What is 3 + 4? /think", ("What is 3 + 4?", True)),
+    ("Just say hi /no_think", ("Just say hi", False)),
+    ("Two lines\n/no_think \n", ("Two lines", False)),
+    ("/think", ("", True)),
+    ("  /no_think", ("", False)),
+    ("Hi", ("Hi", None)),
+    ("What does /think do?", ("What does /think do?", None)),  # only at the end
+    ("cd /usr/think", ("cd /usr/think", None)),  # a word of its own
+    ("Say /no_think/think", ("Say /no_think/think", None)),
+])
+def test_thinking_switch_is_qwen3s_soft_switch_at_the_end_of_a_message(message, expected):
+    assert thinking_switch(message) == expected
 
 
 def chat_records(n):
