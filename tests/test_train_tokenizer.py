@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import ROOT, SHARED_DATA, small_corpus
-from train_tokenizer import PRESETS, TokenizerConfig
+from train_tokenizer import PRESETS, TokenizerConfig, choose_vocab_size
 
 
 def run_cli(*args):
@@ -98,14 +98,26 @@ def pieces(path):
 def test_language_picks_the_vocabulary_size(tmp_path):
     zh = write_corpus(tmp_path / "zh.jsonl", chinese_corpus())
     en = write_corpus(tmp_path / "en.jsonl", small_corpus(800))  # 10% of its lines have a Chinese phrase
-    for corpus, chosen, line in [(zh, 450, "text is mostly Chinese ("), (en, 350, "text is not mostly Chinese (")]:
+    for corpus, chosen, lang in [(zh, 450, "zh"), (en, 350, "en")]:
         out = tmp_path / f"{chosen}.model"
-        r = run_cli("--inputs", corpus, "--out", str(out), "--vocab_en", "350", "--vocab_zh", "450")
+        r = run_cli("--inputs", corpus, "--out", str(out), "--vocab_en", "350", "--vocab_zh", "450",
+                    "--character_coverage", "1.0")
         assert r.returncode == 0, r.stderr
-        assert line in r.stdout and f"CJK characters): {chosen} pieces (--vocab_" in r.stdout
+        assert f"text is {'mostly' if lang == 'zh' else 'not mostly'} Chinese (" in r.stdout
+        assert f"): {chosen} pieces (--vocab_{lang}" in r.stdout
         assert pieces(out) == chosen
         sp = spm.SentencePieceProcessor(model_file=str(out))
         assert sp.decode(sp.encode("a b  c 你好")) == "a b  c 你好"  # spaces survive a corpus without any
+
+
+@pytest.mark.parametrize("vocab_en,vocab_zh,chosen", [(100, 1000, 256 + 4 * 56), (500, 1000, 500), (100, 400, 400)])
+def test_chinese_text_with_few_characters_gets_at_most_four_pieces_each(vocab_en, vocab_zh, chosen, capsys):
+    """No more pieces than the text can use (256 byte pieces + 4 per character: the built-in data's ~600 characters
+    get 4,096, not 10,000), never fewer than --vocab_en, never more than --vocab_zh."""
+    lines = chinese_corpus()
+    assert len(set("".join(lines))) == 56
+    assert choose_vocab_size(TokenizerConfig(vocab_en=vocab_en, vocab_zh=vocab_zh), lines) == chosen
+    assert f"56 different characters): {chosen} pieces" in capsys.readouterr().out or chosen == vocab_zh
 
 
 def test_vocab_size_overrides_the_language(tmp_path):
