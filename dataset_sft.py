@@ -40,6 +40,8 @@ import contextlib
 import itertools
 import json
 import os
+import random
+import re
 import shutil
 import sys
 import time
@@ -52,7 +54,7 @@ from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
 from records import (BadRecord, Skipped, atomic_write, conversation_of, describe_file, file_sha256,
-                     iter_json_records, json_value, pair_of)
+                     iter_json_records, json_value, pair_of, read_conversations)
 from tokenizer import (IGNORE_INDEX, Tokenizer, assemble, load_tokenizer, recorded_dtype, reply_rows, special_ids,
                        template_texts, token_dtype, tokenize_in_order, worker_tokenizer)
 
@@ -511,11 +513,10 @@ def resolve_tokenizer(cfg):
     cfg.tokenizer = recorded or "data/tokenizer.model"
 
 
-def chat_data(cfg, model, rt, reader=SFTData, **options) -> tuple:
-    """(training data, validation data or None) of a fine-tuning run: cfg's (train.py's FinetuneConfig) chat
-    files read by `reader` (SFTData, or PreferenceData) with `options`, for the run's rank (rt: runtime.Runtime),
-    checked against the model, and one line saying what will train. Its tokenizer is resolved first."""
-    resolve_tokenizer(cfg)
+def read_chats(cfg, model, rt, paths: list, reader=SFTData, **options) -> list:
+    """Each chat file of `paths` read by `reader` (SFTData, or PreferenceData) with `options` for the run's rank
+    (rt: runtime.Runtime), at cfg's (train.py's FinetuneConfig) sequence length and batch size; None for an
+    empty path. Rank 0 tokenizes files without shards first; the other ranks then map its shards."""
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise UserError(f"--seq_len {seq_len} is longer than the model's max_seq_len {model.cfg.max_seq_len}")
@@ -523,11 +524,19 @@ def chat_data(cfg, model, rt, reader=SFTData, **options) -> tuple:
                   rank=rt.rank, world_size=rt.world_size, shard_dir=cfg.shard_dir, num_workers=cfg.num_workers,
                   **options)
     if not rt.master:
-        rt.barrier()  # rank 0 tokenizes chat files without shards first; the other ranks then map its shards
-    train_data = reader(cfg.train_data, **common)
-    val_data = reader(cfg.val_data, **common) if cfg.val_data else None
+        rt.barrier()
+    data = [reader(path, **common) if path else None for path in paths]
     if rt.master:
         rt.barrier()
+    return data
+
+
+def chat_data(cfg, model, rt, reader=SFTData, paths: tuple = (), **options) -> tuple:
+    """(training data, validation data or None) of a fine-tuning run: cfg's chat files (or `paths`, files made from
+    them) read by read_chats, checked against the model, and one line saying what will train. Its tokenizer is
+    resolved first."""
+    resolve_tokenizer(cfg)
+    train_data, val_data = read_chats(cfg, model, rt, list(paths or (cfg.train_data, cfg.val_data)), reader, **options)
     if train_data.vocab_size > model.cfg.vocab_size:
         raise UserError(f"{cfg.tokenizer} has {train_data.vocab_size} pieces but the model's vocab_size is "
                         f"{model.cfg.vocab_size}: use the tokenizer the model was trained with")
@@ -540,6 +549,50 @@ def chat_data(cfg, model, rt, reader=SFTData, **options) -> tuple:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters{lora} from {cfg.init_from}, tokenizer "
               f"{cfg.tokenizer}; {what}")
     return train_data, val_data
+
+
+def replay_mix(path: str, replay_path: str, share: float, seed: int, out: str) -> tuple:
+    """Write `out`: the records of chat file `path` and, mixed among them, records drawn from `replay_path` so
+    they are `share` of the whole (0 <= share < 1): the chats a later stage replays so the model keeps what an
+    earlier stage taught it. Records are copied as they are (their lines), drawn without repeats while the
+    replayed file has enough, and shuffled together, all by `seed`. Returns (records of path, replayed)."""
+    if not 0 <= share < 1:
+        raise UserError(f"--replay must be at least 0 and less than 1, got {share}")
+    if not os.path.isfile(replay_path):
+        raise UserError(f"{replay_path}: no such file (the chats to replay; --replay 0 trains without them)")
+    rng = random.Random(seed)
+    lines = [line for line in open(path, encoding="utf-8") if line.strip()]
+    pool = [line for line in open(replay_path, encoding="utf-8") if line.strip()]
+    wanted = round(len(lines) * share / (1 - share))
+    if wanted and not pool:
+        raise UserError(f"{replay_path}: no chats to replay")
+    replayed = [line for _ in range(wanted // len(pool)) for line in pool] + rng.sample(pool, wanted % len(pool))
+    mixed = lines + replayed
+    rng.shuffle(mixed)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with atomic_write(out) as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in mixed)
+    return len(lines), len(replayed)
+
+
+THINK_BLOCK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
+
+
+def answer_only_file(path: str, out_dir: str, resume: bool = False) -> str:
+    """A copy of a chat file (in our conversations format, other keys kept) in out_dir/answer_only/, every
+    assistant reply without its leading <think>...</think> block: the same problems, answers only. A resumed
+    run reads the copy its first run wrote."""
+    out = os.path.join(out_dir, "answer_only", os.path.basename(path))
+    if resume:
+        return out
+    conversations, _ = read_conversations(path, verbose=False)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with atomic_write(out) as f:
+        for conv in conversations:
+            messages = [dict(m, content=THINK_BLOCK.sub("", m["content"], count=1)) if m["role"] == "assistant"
+                        else m for m in conv.messages]
+            f.write(json.dumps({"conversations": messages, **conv.extra}, ensure_ascii=False) + "\n")
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -13,21 +13,22 @@ text after </think> states it, overall and per problem type (the records' "type"
 
 --answer_only true trains on the same problems with the <think> block cut from every reply (plain
 SFT on the final answers, same steps): the ablation that shows what the worked traces are worth.
+
+--replay 0.3 (the default) mixes SFT's chats among the problems, 30% of the training conversations: distilling
+on reasoning alone overwrote what SFT taught (the model answered "Tell me about lions." with "The sum is 17.").
+After training, the chat report and the validation loss on every stage's held-out data show what was kept.
 """
-import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from cli import parse_config
-from dataset_sft import SFTData, chat_data
+from dataset_sft import SFTData, answer_only_file, chat_data, read_chats, replay_mix
 from evaluate import describe, describe_types, reasoning_report
-from records import atomic_write, read_conversations
 from runtime import Runtime, run_main
-from train import FinetuneConfig, default_loss, frozen_copy, resume_or_init, train
+from train import FinetuneConfig, default_loss, frozen_copy, report_held_out, resume_or_init, train
 
 
 @dataclass
@@ -40,13 +41,14 @@ class DistillConfig(FinetuneConfig):
     out_dir: str = "out/distill"
     batch_size: int = 8            # rows per micro-batch per process: conversations, or packed rows with --pack
     grad_accum: int = 1
-    max_steps: int = 500           # cpu: 500 x 8 packed rows of 256 tokens ~ 3 epochs of the 4,000 built-in problems
+    max_steps: int = 600           # cpu: 600 x 8 packed rows of 256 tokens ~ 2.5 epochs of the 4,000 built-in
+                                   # problems and 1,714 replayed chats
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 10
     log_every: int = 10
     think_weight: float = 10.0     # loss weight of the <think> and </think> tokens (1 = plain SFT)
@@ -58,6 +60,11 @@ class DistillConfig(FinetuneConfig):
     pack: bool = True              # several problems per row of seq_len (each attending only to itself): far
                                    # more problems per second than padded rows
     answer_only: bool = False      # train on the replies without their <think> block (the ablation)
+    replay: float = 0.3            # share of the training conversations that are chats replayed from replay_data,
+                                   # so that distillation keeps what SFT taught; 0 = reasoning alone
+    replay_data: str = "data/sft.jsonl"
+    chat_val: str = "data/sft_val.jsonl"  # SFT's held-out chats: the chat report and their loss after training
+    eval_chats: int = 60
 
 
 PRESETS = {
@@ -65,26 +72,6 @@ PRESETS = {
     "12gb": dict(batch_size=8, grad_accum=8, max_steps=2000, lr=1e-4, min_lr=1e-5, warmup_steps=100,
                  eval_every=250, eval_batches=50, log_every=20, compile=True, pack=True),
 }
-
-THINK_BLOCK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
-
-
-def answer_only_file(path: str, out_dir: str, resume: bool = False) -> str:
-    """A copy of a chat file (in our conversations format, other keys kept) in out_dir/answer_only/, every
-    assistant reply without its leading <think>...</think> block: the same problems, answers only. A resumed
-    run reads the copy its first run wrote."""
-    out = os.path.join(out_dir, "answer_only", os.path.basename(path))
-    if resume:
-        return out
-    conversations, _ = read_conversations(path, verbose=False)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with atomic_write(out) as f:
-        for conv in conversations:
-            messages = [dict(m, content=THINK_BLOCK.sub("", m["content"], count=1)) if m["role"] == "assistant"
-                        else m for m in conv.messages]
-            f.write(json.dumps({"conversations": messages, **conv.extra}, ensure_ascii=False) + "\n")
-    return out
-
 
 def teacher_loss(teacher, cfg: DistillConfig):
     """Cross-entropy (think-weighted) mixed with the KL divergence from the teacher's softened
@@ -104,20 +91,35 @@ def teacher_loss(teacher, cfg: DistillConfig):
     return loss_fn
 
 
+def replayed_file(path: str, cfg: DistillConfig) -> str:
+    """The chat file `path` with cfg.replay of SFT's chats mixed in (dataset_sft.replay_mix), written once to
+    out_dir/replay/; a resumed run reads the file its first run wrote."""
+    out = os.path.join(cfg.out_dir, "replay", os.path.basename(path))
+    if not cfg.resume:
+        problems, chats = replay_mix(path, cfg.replay_data, cfg.replay, cfg.seed, out)
+        print(f"replay: {chats:,} chats from {cfg.replay_data} among {problems:,} problems "
+              f"({chats / (problems + chats):.0%} of {problems + chats:,}) in {out}")
+    return out
+
+
 def distill(cfg: DistillConfig) -> dict:
     rt = Runtime(cfg.device, cfg.dtype, cfg.memory_cap_gib)
     # ---- the model (and, with --teacher, the frozen teacher whose distribution the loss also follows)
     model, start = resume_or_init(cfg, init_from=cfg.init_from, lora=cfg.lora())
     loss_fn = teacher_loss(frozen_copy(cfg.teacher, rt), cfg) if cfg.teacher else default_loss
-    # ---- the data: reasoning traces, the think tags' loss weighted up (--answer_only: the traces cut out)
-    # the held-out problems of the report, with their think blocks either way
-    problems = read_conversations(cfg.val_data or cfg.train_data, verbose=False)[0] if cfg.eval_problems else []
+    # ---- the data: reasoning traces, the think tags' loss weighted up (--answer_only: the traces cut out), with
+    # SFT's chats replayed among them; the report's held-out problems keep their think blocks either way
+    problems = cfg.val_data or cfg.train_data
+    paths = cfg.train_data, cfg.val_data
     if cfg.answer_only:
-        cfg.train_data, cfg.val_data = (answer_only_file(p, cfg.out_dir, cfg.resume) if p else p
-                                        for p in (cfg.train_data, cfg.val_data))
-        print(f"answer only: training on {cfg.train_data} (no <think> block in any reply)")
-    train_data, val_data = chat_data(cfg, model, rt, SFTData, think_weight=cfg.think_weight, pack=cfg.pack)
-    # ---- report on held-out problems before and after training
+        paths = tuple(answer_only_file(p, cfg.out_dir, cfg.resume) if p else p for p in paths)
+        print(f"answer only: training on {paths[0]} (no <think> block in any reply)")
+    if cfg.replay:
+        paths = replayed_file(paths[0], cfg), paths[1]
+    train_data, val_data = chat_data(cfg, model, rt, SFTData, paths, think_weight=cfg.think_weight, pack=cfg.pack)
+    # SFT's held-out chats, for the report after (report_held_out says so when there are none)
+    chats_val = read_chats(cfg, model, rt, [cfg.chat_val])[0] if os.path.exists(cfg.chat_val) else None
+    # ---- train, reporting on held-out problems before and after
     report = (lambda: reasoning_report(model, train_data.tok, problems, cfg.eval_problems,
                                        cfg.eval_max_new_tokens)) if cfg.eval_problems and rt.master else None
     before = report() if report and not cfg.resume else dict(problems=0, well_formed=float("nan"), accuracy=None)
@@ -128,6 +130,9 @@ def distill(cfg: DistillConfig) -> dict:
         if after["by_type"]:
             print(f"after, right by type: {describe_types(after)} ({after['correct']}/{after['checkable']})")
         result.update(before=before, after=after)
+    # ---- and on held-out chats: did the model keep chatting? (and the loss on every stage's held-out data)
+    result["chat"] = report_held_out(cfg, model, rt, train_data.tok, "distillation",
+                                     {"chats": chats_val, "reasoning": val_data})
     return result
 
 

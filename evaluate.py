@@ -1,7 +1,7 @@
 """
 Evaluation that more than one script reports: the validation loss (and, for a context being extended, the loss
-by position), whether a reply states an answer (answer matching), and the reasoning report on held-out problems
-(distill.py and train_dpo.py, before and after).
+by position), whether a reply states an answer (answer matching), the reasoning report on held-out problems
+(distill.py and train_dpo.py, before and after), and the chat report on held-out chats (after SFT and distillation).
 
   validation_loss(model, data, ...) the mean loss over the first batches of held-out data (train.py's loop)
   loss_by_position(model, data, ...) the same by position in the row, a bucket of positions at a time
@@ -9,9 +9,13 @@ by position), whether a reply states an answer (answer matching), and the reason
   reasoning_report(model, tok, ...) greedy replies to held-out problems: well-formed <think> blocks and right
                                     answers, overall and per problem type
   describe(report), describe_types(report)   the report's lines
+  reply_is_right(reply, check)      a chat reply against what the built-in data knows of it (offline_data.py)
+  chat_report(model, tok, ...)      greedy replies to held-out chats: right per type (greetings, facts, stories,
+                                    questions about a story), and how many were answered as a sum instead
 
-A reply is well formed when it opens with <think>, closes it with </think>, and says something after it; the
-answer is read from the text after </think> (the whole reply when it has no think block).
+A reply is well formed when it opens with <think>, reasons (an empty block is not reasoning), closes it with
+</think>, and says something after it; the answer is read from the text after </think> (the whole reply when it
+has no think block).
 """
 import re
 from collections import Counter
@@ -19,10 +23,16 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from records import read_conversations
 from tokenizer import Tokenizer, render_prompt, special_ids
 
-WELL_FORMED = re.compile(r"^\s*<think>(.+?)</think>(.*\S.*)$", re.S)
+WELL_FORMED = re.compile(r"^\s*<think>(.*?\S.*?)</think>(.*\S.*)$", re.S)  # some reasoning, then an answer
 NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\d)")
+SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s*")
+# how a reasoning problem's reply ends: "The sum is 17.", "答案是：17。" (a story may hold sums; that is no answer)
+PROBLEM_ANSWER = re.compile(r"\bsum is\b|答案是", re.I)
+MIN_ROOM = 32  # the chat report skips a chat whose prompt leaves the model fewer tokens to answer in
+CHAT_GOAL_TYPES = ("fact", "greeting", "story question")  # the chat report's headline: what a chat model must get
 
 
 @torch.no_grad()
@@ -71,15 +81,15 @@ def states_answer(text: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def reasoning_report(model, tok: Tokenizer, conversations: list, n: int, max_new_tokens: int) -> dict:
-    """Greedy answers to the first n problems of held-out conversations (records.read_conversations of a file):
+def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
+    """Greedy answers to the first n problems of a held-out chat file:
     the share with a well-formed think block, and the share whose text after </think> states the answer (the
     whole reply when it has no think block), overall and by the records' "type" ("other" without one)."""
     im_end = special_ids(tok)["im_end"]
     formed = correct = checkable = 0
     right, asked = Counter(), Counter()
     prompts = []
-    for conv in conversations:
+    for conv in read_conversations(path, verbose=False)[0]:
         first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
         ids = render_prompt(tok, conv.messages[:first_reply])
         if len(ids) <= model.cfg.max_seq_len // 2:  # leave the model room to answer
@@ -111,3 +121,59 @@ def describe(report: dict) -> str:
 def describe_types(report: dict) -> str:
     """Right answers per problem type, which add up to the overall figure: "change 5/9, groups 3/4, ..."."""
     return ", ".join(f"{kind} {t['correct']}/{t['problems']}" for kind, t in report.get("by_type", {}).items())
+
+
+def sentences(text: str) -> list:
+    """A reply's sentences, each lowercased with its spaces collapsed (English and Chinese punctuation)."""
+    return [" ".join(part.lower().split()) for part in SENTENCE_END.split(text) if part.strip()]
+
+
+def reply_is_right(reply: str, check: dict) -> bool:
+    """Whether a chat reply (its text after any think block) is right by its record's check: with "mentions", it
+    names every one of them (a story asked about a character and a place); with "replies", it says something and
+    every sentence it says is a sentence of one of them (so any true lion facts, in any order, are right)."""
+    if "mentions" in check:
+        return bool(reply.strip()) and all(word.lower() in reply.lower() for word in check["mentions"])
+    allowed = {sentence for right in check["replies"] for sentence in sentences(right)}
+    said = sentences(reply)
+    return bool(said) and set(said) <= allowed
+
+
+@torch.no_grad()
+def chat_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
+    """Greedy replies to the last message of the first n chats of a held-out file whose records say how to score it (a
+    "type" and "replies" or "mentions", as offline_data.py writes them): right per type, the share right among
+    CHAT_GOAL_TYPES, and "sums": the chat prompts (any type but "math") answered wrongly as a reasoning problem
+    (worked in a think block, or ending "The sum is ..." / "答案是"), as a model that only learned problems does."""
+    im_end = special_ids(tok)["im_end"]
+    right, asked = Counter(), Counter()
+    sums = 0
+    chats = [conv for conv in read_conversations(path, verbose=False)[0] if "type" in conv.extra and conv.messages[-1]["role"] == "assistant"]
+    for conv in chats[:n]:
+        ids = render_prompt(tok, conv.messages[:-1])
+        room = min(max_new_tokens, model.cfg.max_seq_len - len(ids))  # a question after a story: a short answer
+        if room < MIN_ROOM:
+            continue
+        ids = model.generate(ids, max_new_tokens=room, temperature=0, stop_ids=[im_end])
+        text = tok.decode([i for i in ids if i != im_end])
+        reply = text.split("</think>")[-1].strip()
+        kind = conv.extra["type"]
+        ok = reply_is_right(reply, conv.extra)
+        right[kind] += ok
+        asked[kind] += 1
+        as_a_problem = WELL_FORMED.match(text) is not None or PROBLEM_ANSWER.search(reply) is not None
+        sums += not ok and kind != "math" and as_a_problem
+    goal = [kind for kind in asked if kind in CHAT_GOAL_TYPES]
+    return {"chats": sum(asked.values()), "right": sum(right.values()), "sums": sums,
+            "goal_right": sum(right[k] for k in goal), "goal_chats": sum(asked[k] for k in goal),
+            "by_type": {kind: {"correct": right[kind], "problems": asked[kind]} for kind in sorted(asked)}}
+
+
+def describe_chat(report: dict) -> str:
+    """The chat report in two lines: the headline share, the sums, and right per type."""
+    if not report["chats"]:
+        return "none of the held-out chats says how its reply is scored (the built-in chats do)"
+    goal = report["goal_right"] / max(1, report["goal_chats"])
+    return (f"{goal:.1%} of {report['goal_chats']} greetings, facts and story questions right "
+            f"({report['right']}/{report['chats']} chats in all); {report['sums']} chat prompts answered with a sum\n"
+            f"  right by type: {describe_types(report)}")

@@ -20,8 +20,12 @@ import re
 from cli import UserError
 from records import atomic_write
 
+
 def think_reply(reasoning: str, reply: str) -> str:
-    """An assistant reply with its reasoning: the one layout of <think> that every reasoning record uses."""
+    """An assistant reply with its reasoning: the one layout of <think> that every record uses. Without reasoning
+    the block is empty, written as Qwen3 writes it (tokenizer.EMPTY_THINK, what enable_thinking=False prefills)."""
+    if not reasoning.strip():
+        return f"<think>\n\n</think>\n\n{reply.strip()}"
     return f"<think>\n{reasoning.strip()}\n</think>\n{reply.strip()}"
 
 
@@ -649,7 +653,7 @@ STORIES = [story_lost, story_wish, story_friend, story_share, story_journey, sto
 
 
 def english_story(rng):
-    """(text, what it is about, [(question, answer)]) for one generated story."""
+    """(text, what it is about, [(question, answer)], [the names and place `about` asks for]) for one story."""
     a = make_character(rng)
     b = make_character(rng, avoid={a.name})
     say = Say(rng, a=a, b=b, t=make_thing(rng), p=Place(*rng.choice(PLACES)), home=Place(*rng.choice(HOMES)),
@@ -657,6 +661,8 @@ def english_story(rng):
               bad=rng.choice(BAD_FEELINGS))
     story = rng.choice(STORIES)
     paragraphs, about, qa = story(say, a, b)
+    asked = [word for slot, word in (("{a.name}", a.name), ("{b.name}", b.name), ("{p.the}", say.slots["p"].name))
+             if slot in about]
     if story is not story_storm and rng.random() < 0.3:
         paragraphs[0].insert(1, rng.choice(WEATHER_LINES))
     place = say.slots["p"]
@@ -665,7 +671,7 @@ def english_story(rng):
         where[0].append(f"The {place.name} was {' and '.join(rng.sample(PLACE_LOOKS, 2))} that day.")
     qa.append(("Who is the story about?", "The story is about {a.name}, {a.desc}."))
     text = "\n\n".join(" ".join(p) for p in paragraphs)
-    return text, say.fill(about), [(say.fill(q), cap(say.fill(ans))) for q, ans in qa]
+    return text, say.fill(about), [(say.fill(q), cap(say.fill(ans))) for q, ans in qa], asked
 
 
 def english_dialogue(rng) -> str:
@@ -739,21 +745,24 @@ def number_word(n: int) -> str:
     return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
 
 
-def animal_facts(rng, animal):
-    """The true sentences the generated world knows about one animal, in varied wording."""
+def animal_fact_phrasings(animal) -> list:
+    """The true sentences the generated world knows about one animal: for each fact, its phrasings."""
     plural, sound, legs, home, food, baby, fact = ANIMALS[animal]
     the, A = f"{an(animal)} {animal}", cap(f"{an(animal)} {animal}")
-    facts = [rng.choice([f"{A} lives {home}.", f"{cap(plural)} live {home}."]),
-             rng.choice([f"{A} eats {food}.", f"{cap(plural)} eat {food}."]),
-             rng.choice([f"A baby {animal} is called {an(baby)} {baby}.",
-                         f"The baby of {the} is called {an(baby)} {baby}."]),
-             f"{A} {fact}.",
-             rng.choice([f"{A} has {number_word(legs)} legs." if legs else f"{A} has no legs.",
-                         f"{cap(plural)} have {number_word(legs)} legs." if legs else f"{cap(plural)} have no legs."])]
+    facts = [[f"{A} lives {home}.", f"{cap(plural)} live {home}."],
+             [f"{A} eats {food}.", f"{cap(plural)} eat {food}."],
+             [f"A baby {animal} is called {an(baby)} {baby}.", f"The baby of {the} is called {an(baby)} {baby}."],
+             [f"{A} {fact}."],
+             [f"{A} has {number_word(legs)} legs." if legs else f"{A} has no legs.",
+              f"{cap(plural)} have {number_word(legs)} legs." if legs else f"{cap(plural)} have no legs."]]
     if sound:
-        facts.append(rng.choice([f"{A} says \"{sound}\".", f"{cap(plural)} say \"{sound}\".",
-                                 f"The sound {the} makes is \"{sound}\"."]))
+        facts.append([f"{A} says \"{sound}\".", f"{cap(plural)} say \"{sound}\".", f"The sound {the} makes is \"{sound}\"."])
     return facts
+
+
+def animal_facts(rng, animal):
+    """The true sentences about one animal, each in one of its wordings."""
+    return [rng.choice(phrasings) if len(phrasings) > 1 else phrasings[0] for phrasings in animal_fact_phrasings(animal)]
 
 
 def english_facts(rng) -> str:
@@ -883,8 +892,18 @@ def who_has(rng) -> str:
     return " ".join(told + asked)
 
 
+def quiz(rng) -> str:
+    """Questions about the world, each followed by its answer: the lookup a chat about it asks of the model
+    (the questions and answers of the chats' facts, as plain text)."""
+    lines = []
+    for _ in range(rng.randint(3, 6)):
+        turns, _ = rng.choice([task_animal, task_animal, task_world])(rng)
+        lines.append(f"{turns[0][1]} {turns[1][1]}")
+    return "\n".join(lines)
+
+
 DOCUMENT_MIX = [(english_story, 30), (english_dialogue, 8), (english_facts, 8), (english_numbers, 5),
-                (who_has, 13), (sums_drill, 6), (worked_problem, 30)]  # shares of the pretraining documents (by bytes:
+                (who_has, 13), (sums_drill, 6), (worked_problem, 30), (quiz, 15)]  # shares of the pretraining documents (by bytes:
 # about 21% worked problems, 9% who-has-what, 2% sums; 23% sums measured no better)
 
 
@@ -897,51 +916,60 @@ def english_document(rng, avoid=()) -> str:
     return make(rng, avoid) if make is worked_problem else make(rng)
 
 
-# Chats (sft): each task returns [(role, content), ...] ending with an assistant turn
+# Chats (sft): each task returns (turns, check): turns [(role, content), ...] ending with an assistant turn, and
+# how evaluate.chat_report scores a reply to its last message: {"type": ..., "replies": [the right replies]} (every
+# sentence of a reply must be a sentence of one of them) or {"type": ..., "mentions": [words the reply must name]}.
+# english_chat opens every reply with an empty think block (think_reply), as Qwen3 writes a reply it does not
+# reason about: the model learns to reason where a problem asks for it, and to answer a chat at once.
 
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly assistant. Keep your answers short and clear.",
                   "You are a kind helper for young children. Use simple words.",
                   "You are a helpful assistant who knows about animals, numbers, words and stories.",
                   "Answer the user's questions briefly and correctly.", "You are a cheerful chat assistant."]
-SMALL_TALK = [
+SMALL_TALK = [  # (messages, replies, type)
     (["Hi!", "Hello!", "Hey there!", "Hello, assistant.", "Hi there."],
      ["Hello! How can I help you today?", "Hi! What would you like to talk about?",
-      "Hello! It is nice to meet you. What can I do for you?"]),
-    (["Good morning!"], ["Good morning! I hope you have a wonderful day. How can I help?"]),
-    (["Good night!"], ["Good night! Sleep well and have sweet dreams."]),
+      "Hello! It is nice to meet you. What can I do for you?"], "greeting"),
+    (["Good morning!"], ["Good morning! I hope you have a wonderful day. How can I help?"], "greeting"),
+    (["Good night!"], ["Good night! Sleep well and have sweet dreams."], "greeting"),
     (["How are you?", "How are you today?"],
-     ["I am doing well, thank you for asking! How can I help you?", "I am fine, thanks! What shall we talk about?"]),
-    (["What is your name?", "Who are you?"],
-     ["I am a small chat assistant. I can answer simple questions, do sums, spell words and tell short stories."]),
+     ["I am doing well, thank you for asking! How can I help you?", "I am fine, thanks! What shall we talk about?"],
+     "small talk"),
+    (["What is your name?", "Who are you?", "Tell me about yourself."],
+     ["I am a small chat assistant. I can answer simple questions, do sums, spell words and tell short stories."],
+     "small talk"),
     (["What can you do?", "How can you help me?"],
      ["I can answer questions about animals, colors and jobs, do small sums, spell and count letters, "
-      "rewrite sentences, and tell you short stories."]),
+      "rewrite sentences, and tell you short stories."], "small talk"),
     (["I am bored.", "I have nothing to do."],
-     ["How about a short story? Or I can give you a fun number puzzle. Just ask!"]),
+     ["How about a short story? Or I can give you a fun number puzzle. Just ask!"], "small talk"),
     (["I feel sad today."],
-     ["I am sorry you feel sad. It is okay to feel that way sometimes. Would you like to hear a happy story?"]),
+     ["I am sorry you feel sad. It is okay to feel that way sometimes. Would you like to hear a happy story?"],
+     "small talk"),
     (["Tell me a joke.", "Do you know a joke?"],
      ["Why did the cat sit on the computer? To keep an eye on the mouse!",
-      "What do you call a sleeping bull? A bulldozer!", "Why are fish so smart? Because they live in schools!"]),
+      "What do you call a sleeping bull? A bulldozer!", "Why are fish so smart? Because they live in schools!"],
+     "small talk"),
 ]
 THANKS = (["Thank you!", "Thanks a lot.", "Thanks!", "Great, thank you."],
-          ["You're welcome!", "You are welcome! Happy to help.", "Any time! Have a nice day."])
-BYE = (["Bye!", "Goodbye!", "See you later."], ["Goodbye! Have a great day!", "Bye! Come back any time."])
+          ["You're welcome!", "You are welcome! Happy to help.", "Any time! Have a nice day."], "greeting")
+BYE = (["Bye!", "Goodbye!", "See you later."], ["Goodbye! Have a great day!", "Bye! Come back any time."], "greeting")
 
 
-def exchange(rng, pair):
-    questions, answers = pair
-    return [("user", rng.choice(questions)), ("assistant", rng.choice(answers))]
+def exchange(rng, talk):
+    messages, replies, kind = talk
+    return [("user", rng.choice(messages)), ("assistant", rng.choice(replies))], dict(type=kind, replies=replies)
 
 
 def task_small_talk(rng):
-    return exchange(rng, rng.choice(SMALL_TALK))
+    return exchange(rng, rng.choice(SMALL_TALK + [THANKS, BYE]))
 
 
 def task_animal(rng):
     animal = rng.choice(list(ANIMALS))
     plural, sound, legs, home, food, baby, fact = ANIMALS[animal]
     a, A = f"{an(animal)} {animal}", cap(f"{an(animal)} {animal}")
+    every_fact = [sentence for phrasings in animal_fact_phrasings(animal) for sentence in phrasings]
     asks = [([f"How many legs does {a} have?", f"How many legs do {plural} have?"],
              f"{A} has {legs} legs." if legs else f"{A} has no legs."),
             ([f"Where does {a} live?", f"Where do {plural} live?"], f"{A} lives {home}."),
@@ -953,7 +981,8 @@ def task_animal(rng):
     if sound:
         asks.append(([f"What sound does {a} make?", f"What does {a} say?"], f"{A} says \"{sound}\"."))
     questions, answer = rng.choice(asks)
-    return [("user", rng.choice(questions)), ("assistant", answer)]
+    right = every_fact if questions[0].startswith("Tell me") else [answer]  # about lions: any true lion facts
+    return [("user", rng.choice(questions)), ("assistant", answer)], dict(type="fact", replies=right)
 
 
 def task_world(rng):
@@ -979,11 +1008,11 @@ def task_world(rng):
     else:
         part = rng.choice(list(BODY))
         q, ans = f"What do we use our {part} for?", f"We use our {part} to {BODY[part]}."
-    return [("user", q), ("assistant", ans)]
+    return [("user", q), ("assistant", ans)], dict(type="fact", replies=[ans])
 
 
 def arithmetic(rng):
-    """(question, answer, result) for one small sum, difference or product."""
+    """(question, its right replies, result) for one small sum, difference or product."""
     op = rng.choice("+-*")
     if op == "+":
         x, y = rng.randint(1, 50), rng.randint(1, 49)
@@ -999,22 +1028,20 @@ def arithmetic(rng):
         x, y = rng.randint(1, 10), rng.randint(1, 10)
         z = x * y
         q = rng.choice([f"What is {x} * {y}?", f"What is {x} times {y}?", f"How much is {x} times {y}?"])
-    ans = rng.choice([f"{x} {op} {y} = {z}.", f"The answer is {z}, because {x} {op} {y} = {z}.", f"{x} {op} {y} = {z}"])
-    return q, ans, z
+    return q, [f"{x} {op} {y} = {z}.", f"The answer is {z}, because {x} {op} {y} = {z}.", f"{x} {op} {y} = {z}"], z
 
 
 def task_math(rng):
-    q, ans, z = arithmetic(rng)
-    turns = [("user", q), ("assistant", ans)]
+    q, replies, z = arithmetic(rng)
+    turns = [("user", q), ("assistant", rng.choice(replies))]
     if rng.random() < 0.3:  # a follow-up that needs the previous answer
         y = rng.randint(1, 20)
         if rng.random() < 0.5 or z < y:
-            turns += [("user", rng.choice([f"Now add {y} to that.", f"And if I add {y} more?"])),
-                      ("assistant", f"{z} + {y} = {z + y}.")]
+            q, replies = rng.choice([f"Now add {y} to that.", f"And if I add {y} more?"]), [f"{z} + {y} = {z + y}."]
         else:
-            turns += [("user", rng.choice([f"Now take away {y}.", f"And if I take {y} away?"])),
-                      ("assistant", f"{z} - {y} = {z - y}.")]
-    return turns
+            q, replies = rng.choice([f"Now take away {y}.", f"And if I take {y} away?"]), [f"{z} - {y} = {z - y}."]
+        turns += [("user", q), ("assistant", replies[0])]
+    return turns, dict(type="math", replies=replies)
 
 
 def task_numbers(rng):
@@ -1034,7 +1061,7 @@ def task_numbers(rng):
         n = rng.randint(1, 98)
         q, ans = rng.choice([(f"What number comes after {n}?", f"{n + 1} comes after {n}."),
                              (f"What number comes before {n + 1}?", f"{n} comes before {n + 1}.")])
-    return [("user", q), ("assistant", ans)]
+    return [("user", q), ("assistant", ans)], dict(type="numbers", replies=[ans])
 
 
 def task_word(rng):
@@ -1051,7 +1078,7 @@ def task_word(rng):
         q, ans = f"What is the last letter of \"{word}\"?", f"The last letter of \"{word}\" is \"{word[-1]}\"."
     else:
         q, ans = f"Write \"{word}\" backwards.", f"\"{word}\" backwards is \"{word[::-1]}\"."
-    return [("user", q), ("assistant", ans)]
+    return [("user", q), ("assistant", ans)], dict(type="word", replies=[ans])
 
 
 SENTENCE_VERBS = ["found", "painted", "carried", "dropped", "washed", "bought", "saw", "hid", "fixed", "shared",
@@ -1084,42 +1111,53 @@ def task_rewrite(rng):
         q, ans = f"Replace \"{old}\" with \"{new}\" in this sentence: {s}", new_s
     else:
         q, ans = f"Fix the capital letter and add the full stop: {s[:-1].lower()}", s
-    return [("user", q), ("assistant", ans)]
+    return [("user", q), ("assistant", ans)], dict(type="rewrite", replies=[ans])
 
 
 def task_story(rng):
-    text, about, qa = english_story(rng)
+    """A story asked for (right when it names whom and where it was asked about), sometimes with a question
+    about it after (a story question: the model must read its own story back)."""
+    text, about, qa, asked = english_story(rng)
     turns = [("user", rng.choice([f"Tell me a short story about {about}.", f"Write a story about {about}.",
                                   f"Can you tell me a story about {about}?"])), ("assistant", text)]
-    if rng.random() < 0.4:
+    if rng.random() < 0.5:
         q, ans = rng.choice(qa)
-        turns += [("user", q), ("assistant", ans)]
-    return turns
+        return turns + [("user", q), ("assistant", ans)], dict(type="story question", replies=[ans])
+    return turns, dict(type="story", mentions=asked)
 
 
 def task_reading(rng):
-    text, _, qa = english_story(rng)
+    text, _, qa, _ = english_story(rng)
     q, ans = rng.choice(qa)
-    return [("user", f"Read the story and answer the question.\n\n{text}\n\nQuestion: {q}"), ("assistant", ans)]
+    return [("user", f"Read the story and answer the question.\n\n{text}\n\nQuestion: {q}"), ("assistant", ans)], \
+        dict(type="reading", replies=[ans])
 
 
-SFT_TASKS = [(task_small_talk, 8), (task_animal, 14), (task_world, 12), (task_math, 14), (task_numbers, 8),
-             (task_word, 12), (task_rewrite, 10), (task_story, 10), (task_reading, 12)]
+SFT_TASKS = [(task_small_talk, 10), (task_animal, 24), (task_world, 16), (task_math, 6), (task_numbers, 4),
+             (task_word, 6), (task_rewrite, 4), (task_story, 12), (task_reading, 4)]
 SFT_MAX_CHARS = 850  # keeps nearly every chat within 256 tokens (the cpu preset's seq_len), 4096-piece tokenizer
+
+
+def chat_record(turns, check) -> dict:
+    """A chat as the files hold it: every reply after an empty think block, and how its last one is scored."""
+    return {"conversations": [{"role": r, "content": think_reply("", c) if r == "assistant" else c}
+                              for r, c in turns], **check}
 
 
 def english_chat(rng) -> dict:
     while True:
         turns = [("system", rng.choice(SYSTEM_PROMPTS))] if rng.random() < 0.3 else []
         if rng.random() < 0.1:
-            turns += exchange(rng, SMALL_TALK[0])
+            turns += exchange(rng, SMALL_TALK[0])[0]
         tasks, weights = zip(*SFT_TASKS)
         for task in rng.choices(tasks, weights, k=rng.choices([1, 2, 3], [75, 20, 5])[0]):
-            turns += task(rng)
+            more, check = task(rng)
+            turns += more
         if rng.random() < 0.1:
-            turns += exchange(rng, rng.choice([THANKS, BYE]))
+            more, check = exchange(rng, rng.choice([THANKS, BYE]))
+            turns += more
         if sum(len(c) for _, c in turns) <= SFT_MAX_CHARS:
-            return {"conversations": [{"role": r, "content": c} for r, c in turns]}
+            return chat_record(turns, check)
 
 
 # Reasoning problems (r1): each returns (question, worked steps, final reply, answer); every sum in the steps
@@ -1443,7 +1481,7 @@ def zh_character(rng, avoid=()):
 
 
 def zh_story(rng):
-    """(text, what it is about, [(question, answer)]) for one Chinese story."""
+    """(text, what it is about, [(question, answer)], [the name and place `about` asks for]) for one Chinese story."""
     name, ta, desc = zh_character(rng)
     friend = zh_character(rng, avoid={name})[0]
     measure, noun = rng.choice(ZH_THINGS)
@@ -1503,7 +1541,8 @@ def zh_story(rng):
         about, qa = "{name}和{rel}去{place}", [("{name}去了哪里？", "{name}和{rel}一起去了{place}。"),
                                            ("{name}先看见了什么？", "{ta}先看见了{s1}。")]
     qa.append(("故事的主人公是谁？", "故事的主人公是{name}，{desc}。"))
-    return opening + "".join(lines), say.fill(about), [(say.fill(q), say.fill(a)) for q, a in qa]
+    asked = [say.slots[slot] for slot in ("name", "place") if "{" + slot + "}" in about]
+    return opening + "".join(lines), say.fill(about), [(say.fill(q), say.fill(a)) for q, a in qa], asked
 
 
 def zh_facts(rng) -> str:
@@ -1537,50 +1576,82 @@ def zh_dialogue(rng) -> str:
             f"两个人一起{chore}，很快就做完了。然后，他们高高兴兴地玩起了{game}。")
 
 
+def zh_quiz(rng) -> str:
+    """Questions about the world, each followed by its answer, as english quiz()."""
+    return "\n".join("".join(zh_fact_question(rng)) for _ in range(rng.randint(3, 6)))
+
+
+def zh_worked_problem(rng, avoid=()) -> str:
+    """A Chinese reasoning problem as plain text, as worked_problem: the question, one step a line, the answer;
+    never one whose question is in `avoid`."""
+    while True:
+        question, reply = (turn["content"] for turn in zh_reasoning(rng)["conversations"])
+        if question not in avoid:
+            return question + "\n" + reply.replace("<think>\n", "").replace("\n</think>", "")
+
+
+ZH_DOCUMENT_MIX = [(lambda rng: zh_story(rng)[0], 45), (zh_dialogue, 10), (zh_facts, 12), (zh_quiz, 13),
+                   (zh_worked_problem, 20)]  # shares of the Chinese pretraining documents
+
+
 def zh_document(rng, avoid=()) -> str:
-    r = rng.random()
-    return zh_story(rng)[0] if r < 0.65 else zh_dialogue(rng) if r < 0.8 else zh_facts(rng)
+    makers, weights = zip(*ZH_DOCUMENT_MIX)
+    make = rng.choices(makers, weights)[0]
+    return make(rng, avoid) if make is zh_worked_problem else make(rng)
 
 
-ZH_SMALL_TALK = [(["你好！", "你好呀", "嗨！"], ["你好！有什么可以帮你的吗？", "你好！今天想聊点什么？"]),
-                 (["你是谁？", "你叫什么名字？"], ["我是一个小小的聊天助手，可以回答简单的问题、算数和讲故事。"]),
-                 (["谢谢你！", "谢谢！"], ["不客气！", "不用谢，很高兴能帮到你。"]),
-                 (["再见！", "拜拜！"], ["再见！祝你今天开心！"]),
-                 (["我有点无聊。"], ["要不要听一个小故事？或者我们来做一道算术题吧！"])]
+ZH_SMALL_TALK = [(["你好！", "你好呀", "嗨！"], ["你好！有什么可以帮你的吗？", "你好！今天想聊点什么？"], "greeting"),
+                 (["早上好！"], ["早上好！祝你今天过得愉快。"], "greeting"),
+                 (["你是谁？", "你叫什么名字？", "请介绍一下你自己。"],
+                  ["我是一个小小的聊天助手，可以回答简单的问题、算数和讲故事。"], "small talk"),
+                 (["谢谢你！", "谢谢！"], ["不客气！", "不用谢，很高兴能帮到你。"], "greeting"),
+                 (["再见！", "拜拜！"], ["再见！祝你今天开心！"], "greeting"),
+                 (["我有点无聊。"], ["要不要听一个小故事？或者我们来做一道算术题吧！"], "small talk")]
+
+
+def zh_fact_question(rng) -> tuple:
+    """(question, answer) about an animal (two in three) or the color of a thing."""
+    if rng.random() < 1 / 3:
+        thing = rng.choice(list(ZH_COLOR_OF))
+        return f"{thing}是什么颜色的？", f"{thing}是{ZH_COLOR_OF[thing]}的。"
+    animal = rng.choice(list(ZH_ANIMALS))
+    m, sound, legs, home, food, fact = ZH_ANIMALS[animal]
+    asks = [(f"{animal}住在哪里？", f"{animal}住在{home}。"), (f"{animal}喜欢吃什么？", f"{animal}喜欢吃{food}。")]
+    asks += [(f"{animal}怎么叫？", f"{animal}“{sound}”地叫。")] if sound else []
+    asks += [(f"{animal}有几条腿？", f"{animal}有{legs}条腿。" if legs else f"{animal}没有腿。")] if legs is not None else []
+    return rng.choice(asks)
 
 
 def zh_chat(rng) -> dict:
+    """One Chinese chat, scored as english_chat's (a fact, a story and a question about it, a sum, ...)."""
     kind = rng.randrange(6)
     if kind == 0:
-        turns = exchange(rng, rng.choice(ZH_SMALL_TALK))
-    elif kind == 1:
-        animal = rng.choice(list(ZH_ANIMALS))
-        m, sound, legs, home, food, fact = ZH_ANIMALS[animal]
-        asks = [(f"{animal}住在哪里？", f"{animal}住在{home}。"), (f"{animal}喜欢吃什么？", f"{animal}喜欢吃{food}。")]
-        asks += [(f"{animal}怎么叫？", f"{animal}“{sound}”地叫。")] if sound else []
-        asks += [(f"{animal}有几条腿？", f"{animal}有{legs}条腿。" if legs else f"{animal}没有腿。")] if legs is not None else []
-        q, ans = rng.choice(asks)
-        turns = [("user", q), ("assistant", ans)]
-    elif kind == 2:
-        thing = rng.choice(list(ZH_COLOR_OF))
-        turns = [("user", f"{thing}是什么颜色的？"), ("assistant", f"{thing}是{ZH_COLOR_OF[thing]}的。")]
+        turns, check = exchange(rng, rng.choice(ZH_SMALL_TALK))
+    elif kind in (1, 2):
+        q, ans = zh_fact_question(rng)
+        turns, check = [("user", q), ("assistant", ans)], dict(type="fact", replies=[ans])
     elif kind == 3:
         x, y = rng.randint(1, 50), rng.randint(1, 49)
         op, word, z = rng.choice([("+", "加", x + y), ("-", "减", abs(x - y))])
         x, y = (x, y) if op == "+" else (max(x, y), min(x, y))
-        turns = [("user", rng.choice([f"{x}{word}{y}等于多少？", f"{x} {op} {y} 等于几？"])),
-                 ("assistant", f"{x} {op} {y} = {z}，所以{x}{word}{y}等于{z}。")]
+        ans = f"{x} {op} {y} = {z}，所以{x}{word}{y}等于{z}。"
+        turns = [("user", rng.choice([f"{x}{word}{y}等于多少？", f"{x} {op} {y} 等于几？"])), ("assistant", ans)]
+        check = dict(type="math", replies=[ans])
     elif kind == 4:
-        text, about, qa = zh_story(rng)
+        text, about, qa, asked = zh_story(rng)
         q, ans = rng.choice(qa)
-        turns = rng.choice([[("user", f"给我讲一个关于{about}的故事。"), ("assistant", text)],
-                            [("user", f"读下面的故事，回答问题。\n\n{text}\n\n问题：{q}"), ("assistant", ans)]])
+        told = [("user", f"给我讲一个关于{about}的故事。"), ("assistant", text)]
+        turns, check = rng.choice([(told, dict(type="story", mentions=asked)),
+                                   (told + [("user", q), ("assistant", ans)], dict(type="story question", replies=[ans])),
+                                   ([("user", f"读下面的故事，回答问题。\n\n{text}\n\n问题：{q}"), ("assistant", ans)],
+                                    dict(type="reading", replies=[ans]))])
     else:
         word = rng.choice([w for ws in ZH_CATEGORIES.values() for w in ws] + ZH_PLACES)
-        turns = [("user", f"“{word}”有几个字？"), ("assistant", f"“{word}”有{len(word)}个字。")]
+        ans = f"“{word}”有{len(word)}个字。"
+        turns, check = [("user", f"“{word}”有几个字？"), ("assistant", ans)], dict(type="word", replies=[ans])
     system = [("system", rng.choice(["你是一个乐于助人的助手。", "你是一个友好的助手，回答要简单清楚。"]))] \
         if rng.random() < 0.3 else []
-    return {"conversations": [{"role": r, "content": c} for r, c in system + turns]}
+    return chat_record(system + turns, check)
 
 
 def zh_reasoning(rng, work=None) -> dict:

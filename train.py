@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cli import UserError, parse_config
 from dataset import TokenShards
-from evaluate import loss_by_position, validation_loss
+from evaluate import chat_report, describe_chat, loss_by_position, validation_loss
 from lora import (TARGETS, adapter_state, add_lora, base_entries, cast_frozen, is_lora, load_merged, lora_params,
                   with_adapters)
 from model import (ModelConfig, Transformer, extend_context, load_state_dict_checked, nonfinite_tensor,
@@ -42,13 +42,13 @@ class TrainConfig:
     out_dir: str = "out/pretrain"
     batch_size: int = 8            # sequences per micro-batch per process
     grad_accum: int = 1            # micro-batches per optimizer step
-    max_steps: int = 150           # the cpu quickstart's; distillation gets most of its minutes
+    max_steps: int = 800           # the cpu quickstart's: ~2.5 of its minutes, 1.6M tokens
     lr: float = 2e-3               # the best of a search for the cpu shape (AdamW)
     min_lr: float = 2e-4           # the cosine schedule ends here
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     weight_decay: float = 0.1      # applied to 2-D weights only (not norms)
     grad_clip: float = 1.0         # 0 disables clipping
-    eval_every: int = 100          # also when last.pt / best.pt are written
+    eval_every: int = 200          # also when last.pt / best.pt are written
     eval_batches: int = 10
     log_every: int = 10
     # shared by every stage
@@ -88,6 +88,11 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float = 32.0       # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
     lora_targets: str = ",".join(TARGETS)  # projections to adapt (transformers: q k v o_proj, gate down up_proj)
+    # after training: what the stage kept and forgot (report_held_out)
+    text_val: str = "data/pretrain_val.bin"  # pretraining's held-out text, its loss; empty: not measured
+    chat_val: str = ""             # held-out chats: the chat report (records that say how to score them) and the loss
+    eval_chats: int = 60           # held-out chats the chat report asks; 0 = no chat report
+    eval_max_new_tokens: int = 160
 
     def lora(self):
         """The LoRA settings for resume_or_init, or None for full fine-tuning."""
@@ -104,7 +109,9 @@ class PretrainConfig(TrainConfig):
     val_data: str = "data/pretrain_val.bin"
     tokenizer: str = "data/tokenizer.model"
     seq_len: int = 256
-    dim: int = 256
+    # 1.2M parameters: in the quickstart's minutes a 4M model (dim 256) saw 0.3M tokens and never learned to
+    # copy a word from the question ("What do rabbits eat? A frog eats ..."); this one sees 1.6M and does
+    dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
@@ -420,6 +427,27 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
         if by_position and step == cfg.max_steps:
             rt.say(f"validation loss by position after: {by_position()}")
     return {"step": step, "val_loss": val_loss, "best_val_loss": best_val, "last_path": last_path}
+
+
+def report_held_out(cfg: FinetuneConfig, model: Transformer, rt: Runtime, tok, stage: str, held_out: dict) -> dict:
+    """After a fine-tuning stage, what it kept and what it forgot: the chat report on cfg.chat_val's held-out chats
+    (evaluate.chat_report; rank 0), then the validation loss on pretraining's held-out text (cfg.text_val, when it
+    is there) and on each of `held_out` (a name -> data with .batch(i): chats, reasoning, ...). Returns the chat
+    report, or {} without one."""
+    report = {}
+    if cfg.eval_chats and cfg.chat_val and rt.master and not os.path.exists(cfg.chat_val):
+        print(f"no chat report after {stage}: {cfg.chat_val} is not there (--chat_val)")
+    elif cfg.eval_chats and cfg.chat_val and rt.master:
+        report = chat_report(model, tok, cfg.chat_val, cfg.eval_chats, cfg.eval_max_new_tokens)
+        print(f"chat report after {stage}: {describe_chat(report)}")
+    data = {name: d for name, d in held_out.items() if d is not None}
+    if cfg.text_val and os.path.exists(cfg.text_val):
+        data = {"pretraining text": TokenShards(cfg.text_val, cfg.seq_len or model.cfg.max_seq_len, cfg.batch_size,
+                                                cfg.seed, rt.rank, rt.world_size), **data}
+    losses = [f"{name} {validation_loss(model, d, cfg.eval_batches, rt, default_loss):.3f}" for name, d in data.items()]
+    missing = f" ({cfg.text_val} is not there: not measured)" if cfg.text_val and "pretraining text" not in data else ""
+    rt.say(f"validation loss after {stage}: {', '.join(losses)}{missing}")
+    return report
 
 
 # -----------------------------------------------------------------------------

@@ -35,9 +35,9 @@ from cli import UserError, parse_config
 from dataset_sft import PreferenceData, chat_data
 from evaluate import describe, reasoning_report
 from lora import adapters_off, is_lora
-from records import atomic_path, file_sha256, read_conversations
+from records import atomic_path, file_sha256
 from runtime import Runtime, run_main
-from train import FinetuneConfig, frozen_copy, place_model, resume_or_init, train
+from train import FinetuneConfig, frozen_copy, place_model, report_held_out, resume_or_init, train
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -72,6 +72,7 @@ class DPOConfig(FinetuneConfig):
     eval_data: str = "data/r1_val.jsonl"  # reasoning problems for the answer-accuracy report
     eval_problems: int = 50        # 0 = no answer-accuracy report
     eval_max_new_tokens: int = 160
+    chat_val: str = "data/sft_val.jsonl"  # SFT's held-out chats: the chat report after training
 
 
 PRESETS = {
@@ -239,8 +240,8 @@ def report(model, data, reference, tok, cfg: DPOConfig, rt: Runtime, when: str) 
         result[when] = preference_report(model, data, reference, cfg, rt)
         print(f"{when} DPO: {describe_preferences(result[when])}")
     if cfg.eval_problems:
-        problems = read_conversations(cfg.eval_data, verbose=False)[0]
-        result[f"answers_{when}"] = reasoning_report(model, tok, problems, cfg.eval_problems, cfg.eval_max_new_tokens)
+        result[f"answers_{when}"] = reasoning_report(model, tok, cfg.eval_data, cfg.eval_problems,
+                                                     cfg.eval_max_new_tokens)
         print(f"{when} DPO: {describe(result[f'answers_{when}'])}")
     return result
 
@@ -271,6 +272,7 @@ def dpo(cfg: DPOConfig) -> dict:
     result = train(cfg, model, train_data, val_data, rt, dpo_loss(cfg, reference), cfg.tokenizer, start)
     if rt.master:
         result.update(report(model, held_out, held_out_reference, tok, cfg, rt, "after"), **before)
+    result["chat"] = report_held_out(cfg, model, rt, tok, "DPO", {})  # did the model keep chatting?
     return result
 
 

@@ -9,14 +9,15 @@ assistant turns (and their closing <|im_end|>) are trained, see dataset_sft.py.
   python train_sft.py --preset 12gb_lora --init_from smollm2.pt    # an import (convert_hf.py), with LoRA
 
 With --lora_rank N only low-rank adapters are trained on the frozen model (lora.py): a 1-2B model fits a
-12 GB card, and checkpoints hold the adapters alone.
+12 GB card, and checkpoints hold the adapters alone. After training: the chat report on held-out chats
+(evaluate.py) and the validation loss on pretraining's held-out text beside the chats'.
 """
 from dataclasses import dataclass
 
 from cli import parse_config
 from dataset_sft import SFTData, chat_data
 from runtime import Runtime, run_main
-from train import FinetuneConfig, resume_or_init, train
+from train import FinetuneConfig, report_held_out, resume_or_init, train
 
 
 @dataclass
@@ -29,15 +30,19 @@ class SFTConfig(FinetuneConfig):
     out_dir: str = "out/sft"
     batch_size: int = 8            # rows per micro-batch per process: conversations, or packed rows with --pack
     grad_accum: int = 1
-    max_steps: int = 60            # the cpu quickstart: the template and the chat tasks; distillation does the rest
-    lr: float = 3e-4
-    min_lr: float = 3e-5
+    max_steps: int = 300           # the cpu quickstart: ~1.5 epochs of the 4,000 built-in chats, packed
+    lr: float = 1e-3
+    min_lr: float = 1e-4
     warmup_steps: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 10
     log_every: int = 10
+    pack: bool = True              # several chats per row of seq_len (each attending only to itself)
+    chat_val: str = "data/sft_val.jsonl"  # the chat report's held-out chats (the same as val_data)
+    eval_chats: int = 60
+    eval_max_new_tokens: int = 128
 
 
 PRESETS = {
@@ -47,7 +52,7 @@ PRESETS = {
     # LoRA on an imported 1-2B model (convert_hf.py): 4 x 1024 x 16 = 65,536 tokens per step (memory: README).
     "12gb_lora": dict(lora_rank=16, lora_alpha=32.0, seq_len=1024, batch_size=4, grad_accum=16, max_steps=2000,
                       lr=2e-4, min_lr=2e-5, warmup_steps=50, eval_every=250, eval_batches=50, log_every=20,
-                      compile=True, pack=True, grad_checkpointing=True),
+                      compile=True, pack=True, grad_checkpointing=True, text_val=""),  # not our tokenizer
 }
 
 
@@ -58,7 +63,10 @@ def sft(cfg: SFTConfig) -> dict:
     # ---- the data: conversations, only the assistant turns trained (packed several to a row with --pack)
     train_data, val_data = chat_data(cfg, model, rt, SFTData, pack=cfg.pack)
     # ---- train, with the model's own loss: cross-entropy on the trained tokens
-    return train(cfg, model, train_data, val_data, rt, tokenizer=cfg.tokenizer, start=start)
+    result = train(cfg, model, train_data, val_data, rt, tokenizer=cfg.tokenizer, start=start)
+    # ---- report: replies to held-out chats, and the loss on pretraining's text beside the chats'
+    result["chat"] = report_held_out(cfg, model, rt, train_data.tok, "SFT", {"chats": val_data})
+    return result
 
 
 if __name__ == "__main__":

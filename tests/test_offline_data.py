@@ -2,11 +2,14 @@
 (and, in the preference pairs' rejected replies, wrong in the ways intended)."""
 import random
 import re
+from collections import Counter
 
 import pytest
 
 import offline_data as od
 from conftest import read_jsonl as read
+from evaluate import reply_is_right
+from tokenizer import EMPTY_THINK
 
 SMALL = dict(pretrain_mb=0.3, n_sft=400, n_r1=400, n_dpo=300, n_val=50)
 ROLES = {"system", "user", "assistant"}
@@ -69,8 +72,31 @@ def test_pretrain_and_chat_schema(data):
             check_equations(r["text"], f"{name} {i}")
     for name in ("sft", "sft_val"):
         for i, r in enumerate(read(paths[name])):
-            assert list(r) == ["conversations"]
+            assert list(r) in (["conversations", "type", "replies"], ["conversations", "type", "mentions"])
             check_chat(r, f"{name} {i}")
+
+
+def test_every_chat_reply_opens_with_qwen3s_empty_think_block(data):
+    """The model learns to answer a chat at once (and reason where a problem asks): the empty block it writes is
+    the one the template prefills when thinking is switched off."""
+    lang, paths = data
+    for i, r in enumerate(read(paths["sft"])):
+        for t in r["conversations"]:
+            if t["role"] == "assistant":
+                assert t["content"].startswith(EMPTY_THINK) and t["content"][len(EMPTY_THINK):].strip(), f"sft {i}"
+    assert od.think_reply("", "Hi!") == EMPTY_THINK + "Hi!"
+
+
+def test_each_chat_says_how_its_last_reply_is_scored_and_that_reply_scores_right(data):
+    """The chat report (evaluate.chat_report) scores a model's reply by the record's check; the generator's own
+    reply must pass it, and the report's headline types must all occur."""
+    lang, paths = data
+    kinds = Counter()
+    for i, r in enumerate(read(paths["sft"])):
+        reply = r["conversations"][-1]["content"].split("</think>")[-1]
+        assert r["conversations"][-1]["role"] == "assistant" and reply_is_right(reply, r), f"sft {i}: {r}"
+        kinds[r["type"]] += 1
+    assert {"greeting", "fact", "story", "story question", "reading", "math"} <= set(kinds), kinds
 
 
 def recomputed_answer(lang, question):
@@ -213,7 +239,7 @@ def test_pretraining_has_worked_problems_and_sums(data):
 
 
 def test_english_chat_answers_are_right(tmp_path):
-    paths = od.write_offline_data(str(tmp_path), "en", seed=3, pretrain_mb=0.01, n_sft=1500, n_r1=1, n_val=1)
+    paths = od.write_offline_data(str(tmp_path), "en", seed=3, pretrain_mb=0.01, n_sft=3000, n_r1=1, n_val=1)
     checked = 0
     for r in read(paths["sft"]):
         for t in r["conversations"]:

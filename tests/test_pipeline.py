@@ -177,7 +177,9 @@ def test_ddp_two_gloo_processes_match_one_process(work, optimizer):
 def test_sft_chat_and_distillation(pretrained):
     w = pretrained
     r = run("train_sft.py", "--batch_size", "8", "--max_steps", "120", "--eval_every", "60", "--eval_batches", "4",
-            "--lr", "2e-3", cwd=w)
+            "--lr", "2e-3", "--pack", "false", "--eval_chats", "6", cwd=w)
+    assert "chat report after SFT: " in r.stdout and " chat prompts answered with a sum" in r.stdout
+    assert "validation loss after SFT: pretraining text " in r.stdout and ", chats " in r.stdout
     epochs = float(r.stdout.split("this run reads ")[1].split(" epochs")[0].split()[-1])
     rows = int(r.stdout.split(" rows, ")[0].split()[-1].replace(",", ""))  # "data/sft.jsonl: 1,352 rows, ..."
     assert epochs == round(120 * 8 / rows, 2)  # rows read / rows held
@@ -188,7 +190,10 @@ def test_sft_chat_and_distillation(pretrained):
     from tokenizer import load_tokenizer
     assert len(load_tokenizer(str(w / "data/tokenizer.model")).encode(r.stdout.strip())) < 58
     r = run("distill.py", "--batch_size", "8", "--max_steps", "120", "--eval_every", "120", "--eval_batches", "4",
-            "--lr", "3e-3", "--eval_problems", "10", "--eval_max_new_tokens", "64", cwd=w)
+            "--lr", "3e-3", "--eval_problems", "10", "--eval_max_new_tokens", "64", "--eval_chats", "6", cwd=w)
+    assert "replay: 643 chats from data/sft.jsonl among 1,500 problems (30% of 2,143)" in r.stdout
+    assert "chat report after distillation: " in r.stdout
+    assert "validation loss after distillation: pretraining text " in r.stdout and ", reasoning " in r.stdout
     before = float(r.stdout.split("before distillation: well-formed <think> ")[1].split("%")[0])
     after = float(r.stdout.split("after distillation:  well-formed <think> ")[1].split("%")[0])
     assert after > before, r.stdout

@@ -98,7 +98,7 @@ def test_fine_tuning_prints_its_own_settings_and_keeps_them_in_checkpoints(stage
         cfg = train_sft.SFTConfig(**common)
         runtime.run_main(train_sft.sft, cfg)
     else:
-        cfg = distill.DistillConfig(**common, eval_problems=0)
+        cfg = distill.DistillConfig(**common, eval_problems=0, replay_data=str(chats))
         runtime.run_main(distill.distill, cfg)
     assert_settings_printed_and_saved(cfg, capsys.readouterr().out)
 
@@ -147,7 +147,7 @@ def test_a_bad_flag_of_a_fine_tuning_script_is_one_line(tmp_path):
 # (script, its config class, a default's line as written, the same line edited by a user)
 INLINE_EDITS = [
     ("train.py", "PretrainConfig", "    lr: float = 2e-3 ", "    lr: float = 7e-3 "),
-    ("train_sft.py", "SFTConfig", "    lr: float = 3e-4\n", "    lr: float = 7e-3\n"),
+    ("train_sft.py", "SFTConfig", "    lr: float = 1e-3\n", "    lr: float = 7e-3\n"),
     ("distill.py", "DistillConfig", "    lr: float = 1e-3\n", "    lr: float = 7e-3\n"),
     ("train_dpo.py", "DPOConfig", "    lr: float = 3e-5 ", "    lr: float = 7e-3 "),
     ("train_tokenizer.py", "TokenizerConfig", "vocab_en: int = field(default=4096,", "vocab_en: int = field(default=7000,"),
