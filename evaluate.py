@@ -32,6 +32,9 @@ SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s*")
 # how a reasoning problem's reply ends: "The sum is 17.", "答案是：17。" (a story may hold sums; that is no answer)
 PROBLEM_ANSWER = re.compile(r"\bsum is\b|答案是", re.I)
 MIN_ROOM = 32  # the chat report skips a chat whose prompt leaves the model fewer tokens to answer in
+# chat types whose questions the reasoning data also asks (sums, which number is bigger, letters in a word): working
+# them in a think block is the right habit, not a chat answered as a problem
+ASKED_AS_PROBLEMS = ("math", "numbers", "word")
 CHAT_GOAL_TYPES = ("fact", "greeting", "story question")  # the chat report's headline: what a chat model must get
 
 
@@ -143,7 +146,7 @@ def reply_is_right(reply: str, check: dict) -> bool:
 def chat_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
     """Greedy replies to the last message of the first n chats of a held-out file whose records say how to score it (a
     "type" and "replies" or "mentions", as offline_data.py writes them): right per type, the share right among
-    CHAT_GOAL_TYPES, and "sums": the chat prompts (any type but "math") answered wrongly as a reasoning problem
+    CHAT_GOAL_TYPES, and "sums": the chat prompts (not ASKED_AS_PROBLEMS) answered wrongly as a reasoning problem
     (worked in a think block, or ending "The sum is ..." / "答案是"), as a model that only learned problems does."""
     im_end = special_ids(tok)["im_end"]
     right, asked = Counter(), Counter()
@@ -162,7 +165,7 @@ def chat_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -
         right[kind] += ok
         asked[kind] += 1
         as_a_problem = WELL_FORMED.match(text) is not None or PROBLEM_ANSWER.search(reply) is not None
-        sums += not ok and kind != "math" and as_a_problem
+        sums += not ok and kind not in ASKED_AS_PROBLEMS and as_a_problem
     goal = [kind for kind in asked if kind in CHAT_GOAL_TYPES]
     return {"chats": sum(asked.values()), "right": sum(right.values()), "sums": sums,
             "goal_right": sum(right[k] for k in goal), "goal_chats": sum(asked[k] for k in goal),
