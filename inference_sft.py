@@ -47,6 +47,30 @@ class ChatConfig(LoadSettings):
     seed: int = 0
 
 
+def with_what_to_show(pieces, show_think: bool, dim: bool):
+    """(part, text, what to write) for each of reply_pieces' (part, text): the answer, and with show_think the
+    reasoning between its markers (dimmed on a terminal). A think block with no reasoning in it (a chat answered at
+    once) shows nothing, nor do the blank lines after it: a block's opening is held back until it has reasoning."""
+    held, trim = None, False  # held: what an open think block with nothing in it yet would have shown
+    for part, text in pieces:
+        shown = text if part == "answer" or show_think else ""
+        if show_think and not text:  # a marker: <think> starts the dimmed reasoning, </think> ends it
+            shown = (DIM if dim and part == "reasoning" else "") + MARKERS[part] + \
+                (RESET if dim and part == "answer" else "")
+        if part == "reasoning" and (held is not None or not text):
+            held = (held or "") + shown
+            if not text.strip():
+                yield part, text, ""
+                continue
+            shown, held = held, None  # the first reasoning: shown with the opening held back
+        elif part == "answer" and held is not None:  # the block closes empty: it and the blank lines go
+            held, trim, shown = None, True, ""
+        elif trim:
+            shown = shown.lstrip()
+            trim = not shown
+        yield part, text, shown
+
+
 class Chat:
     """A conversation with a model: the history, the prompt that fits the context, and the
     streamed answers (reasoning shown or hidden, never kept in the history). thinking: the template's
@@ -95,16 +119,13 @@ class Chat:
             top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
             stop_ids=[self.im_end], generator=self.generator))
         answer, part, opened = [], "answer", self.thinking is not None  # the prompt opened a think block
-        for part, text in reply_pieces(self.tok, tokens, in_think=self.thinking is True):
+        pieces = reply_pieces(self.tok, tokens, in_think=self.thinking is True)
+        for part, text, shown in with_what_to_show(pieces, c.show_think, dim):
             opened |= part == "reasoning"
             if part == "answer":
                 answer.append(text)
-            if c.show_think and not text:  # a marker: <think> starts the dimmed reasoning, </think> ends it
-                text = (DIM if dim and part == "reasoning" else "") + MARKERS[part] + \
-                    (RESET if dim and part == "answer" else "")
-            if part == "answer" or c.show_think:
-                out.write(text)
-                out.flush()
+            out.write(shown)
+            out.flush()
         out.write((RESET if dim and part == "reasoning" else "") + "\n")
         answer = "".join(answer).strip()
         # reasoning dropped; a reply that had a think block keeps it empty, as every trained chat turn has it

@@ -185,3 +185,16 @@ def test_default_tokenizer_is_the_checkpoints_and_must_fit_the_model(tokenizer_p
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: {tokenizer_path} has 512 pieces but {small} was trained with vocab_size 256: "
         f"pass the tokenizer it was trained with"]
+
+
+def test_an_empty_think_block_shows_nothing_but_stays_in_the_history(tok):
+    """A chat answered at once opens with an empty block (as every built-in chat reply does): the terminal shows
+    the answer alone, without the markers or the blank lines, on a terminal too; the history keeps the block."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    for out in (io.StringIO(), Terminal()):
+        chat, _ = chat_with(tok, [reply_ids(tok, "\n\nHello!", think="\n\n")])
+        assert chat.reply("Hi!", out) == "Hello!"
+        assert out.getvalue() == "Hello!\n"
+        assert chat.history[-1] == {"role": "assistant", "content": EMPTY_THINK + "Hello!"}
