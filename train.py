@@ -109,7 +109,7 @@ class PretrainConfig(TrainConfig):
     val_data: str = "data/pretrain_val.bin"
     tokenizer: str = "data/tokenizer.model"
     seq_len: int = 256
-    # 1.2M parameters: in the quickstart's minutes a 4M model (dim 256) saw 0.3M tokens and never learned to
+    # 1.3M parameters: in the quickstart's minutes a 4M model (dim 256) saw 0.3M tokens and never learned to
     # copy a word from the question ("What do rabbits eat? A frog eats ..."); this one sees 1.6M and does
     dim: int = 128
     n_layers: int = 4
