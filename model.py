@@ -2,7 +2,8 @@
 A LLaMA-style decoder in one file: RMSNorm, rotary embeddings (with the context-extending
 scalings llama3, linear, dynamic NTK and YaRN), grouped-query attention, SwiGLU, a KV cache and a sampler. Rows that
 pack several documents take per-token positions and document ids: each document attends
-only to itself, with its positions starting at 0.
+only to itself, with its positions starting at 0. generate_batch samples n completions of several
+prompts of different lengths in one batch and one KV cache, each row at its own positions.
 
 Imports torch and the standard library only, so it can be copied into another project
 alone. Weight layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE), so
@@ -205,14 +206,20 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         group = self.n_heads // self.n_kv_heads
-        if cache is not None:  # store the new keys at their positions (T,), attend to the whole cache
-            cache.k[layer].index_copy_(2, positions, k)
-            cache.v[layer].index_copy_(2, positions, v)
+        if cache is not None:  # store the new keys at their positions, attend to the whole cache
+            if positions.dim() == 1:  # (T,): the same positions in every row
+                cache.k[layer].index_copy_(2, positions, k)
+                cache.v[layer].index_copy_(2, positions, v)
+            else:  # (B, T): each row at its own positions (generate_batch)
+                where = positions[:, None, :, None].expand(-1, self.n_kv_heads, -1, self.head_dim)
+                cache.k[layer].scatter_(2, where, k)
+                cache.v[layer].scatter_(2, where, v)
             k, v = cache.k[layer], cache.v[layer]  # (B, n_kv_heads, max_len, head_dim)
             # GQA without copying the cache per query head: each key/value head's group of query heads
-            # become rows of one query block, and the (T, max_len) position mask is repeated to match
+            # become rows of one query block, and the (T, max_len) or (B, T, max_len) position mask is repeated
             q = q.reshape(B, self.n_kv_heads, group * T, self.head_dim)  # rows ordered (head in group, t)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1))
+            mask = mask.repeat(group, 1) if mask.dim() == 2 else mask.repeat(1, group, 1)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             out = out.view(B, self.n_heads, T, self.head_dim)
         else:
             if mask is not None and group > 1:  # the fused kernels that take a mask do not do GQA (SDPA would
@@ -287,16 +294,17 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, targets=None, loss_weight=None, cache: Optional[KVCache] = None,
-                last_only: bool = False, positions=None, document_ids=None):
+                last_only: bool = False, positions=None, document_ids=None, logits_at=None):
         """Return (logits, loss). Targets equal to -100 are ignored. With loss_weight (same
         shape as targets), each token's loss is multiplied by its weight and the sum is
         divided by the number of trained (non -100) tokens, not by the sum of weights, so
         a weight of 10 makes that token count ten times as much as an ordinary one.
         A packed row gives positions (B, T), each document's counting from 0, and
         document_ids (B, T): then each token attends only to its own document.
-        With a KV cache, positions (T,) say where the new tokens go; not given, they follow the
-        cache.pos tokens stored so far, and cache.pos advances (the compiled decode step gives its
-        position as a tensor instead: a Python number would be compiled into the graph)."""
+        With a KV cache, positions (T,) say where the new tokens go, or (B, T) where each row's go (rows of
+        different lengths); not given, they follow the cache.pos tokens stored so far, and cache.pos advances
+        (the compiled decode step gives its position as a tensor instead: a Python number would be compiled
+        into the graph). logits_at (B,): only the logits at that position of each row (B, 1, vocab_size)."""
         B, T = tokens.shape
         if document_ids is not None and (positions is None or cache is not None) or \
                 positions is not None and document_ids is None and cache is None:
@@ -321,10 +329,12 @@ class Transformer(nn.Module):
         if positions is None:
             cos = cos_table[:T].to(h.dtype)  # (T, head_dim)
             sin = sin_table[:T].to(h.dtype)
-        elif cache is not None:
-            cos = cos_table[positions].to(h.dtype)  # (T, head_dim)
+        elif cache is not None:  # (T, head_dim), or (B, 1, T, head_dim) for positions per row
+            cos = cos_table[positions].to(h.dtype)
             sin = sin_table[positions].to(h.dtype)
-            mask = torch.arange(cache.max_len, device=h.device) <= positions[:, None]  # (T, max_len): keys so far
+            if positions.dim() == 2:
+                cos, sin = cos[:, None], sin[:, None]
+            mask = torch.arange(cache.max_len, device=h.device) <= positions[..., None]  # keys so far: (.., T, max_len)
         else:
             cos = cos_table[positions].to(h.dtype)[:, None]  # (B, 1, T, head_dim): one per row and position
             sin = sin_table[positions].to(h.dtype)[:, None]
@@ -337,6 +347,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
         logits = self.output(h)
         if targets is None:
             return logits, None
@@ -367,23 +379,23 @@ class Transformer(nn.Module):
         p = self.tok_embeddings.weight
         return KVCache(self.cfg, batch_size, p.device, p.dtype, max_len)
 
-    def decode_cache(self, length: int) -> KVCache:
+    def decode_cache(self, length: int, batch_size: int = 1) -> KVCache:
         """A KV cache for a generation of `length` tokens. Eager: exactly that long. Compiled
         (compile_decoding): a power of two of at least 256, kept and reused, so a few compiled
         graphs serve every length and CUDA graphs find the cache at the same address each time."""
         if not self.compiled_decoding:
-            return self.new_cache(max_len=length)
+            return self.new_cache(batch_size, max_len=length)
         length = min(max(256, 1 << (length - 1).bit_length()), self.cfg.max_seq_len)
-        if length not in self.decode_caches:
-            cache = self.decode_caches[length] = self.new_cache(max_len=length)
+        if (batch_size, length) not in self.decode_caches:
+            cache = self.decode_caches[batch_size, length] = self.new_cache(batch_size, max_len=length)
             for t in cache.k + cache.v:
                 torch._dynamo.mark_static_address(t)
-        return self.decode_caches[length]
+        return self.decode_caches[batch_size, length]
 
     def decode_step(self, token, position, cache: KVCache):
-        """Logits (vocab_size,) after one token (1, 1) at position (1,), both tensors: the shapes are
-        the same at every position, so compile_decoding compiles this once."""
-        return self(token, cache=cache, positions=position, last_only=True)[0][0, -1].float()
+        """Logits (B, vocab_size) after one token per row (B, 1) at position (1,), or each row's own (B, 1), all
+        tensors: the shapes are the same at every position, so compile_decoding compiles this once per batch."""
+        return self(token, cache=cache, positions=position, last_only=True)[0][:, -1].float()
 
     @torch.no_grad()
     def generate_stream(self, prompt: Sequence[int], max_new_tokens: int = 128, temperature: float = 1.0,
@@ -392,15 +404,7 @@ class Transformer(nn.Module):
                         generator: Optional[torch.Generator] = None) -> Iterator[int]:
         """Yield new token ids one at a time (batch 1). temperature 0 is greedy. Stops at a
         stop id (which is yielded), after max_new_tokens, or when the context is full."""
-        prompt = list(prompt)
-        if not prompt:
-            raise ModelError("empty prompt")
-        if len(prompt) >= self.cfg.max_seq_len:
-            raise ModelError(f"prompt of {len(prompt)} tokens does not fit max_seq_len "
-                             f"{self.cfg.max_seq_len} (leave room for at least one new token)")
-        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ModelError(f"prompt token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}")
+        prompt = self.checked_prompt(prompt)
         steps = min(max_new_tokens, self.cfg.max_seq_len - len(prompt))
         was_training = self.training
         self.eval()
@@ -419,12 +423,71 @@ class Transformer(nn.Module):
                     break
                 seen[nxt] = True
                 logits = self.decode_step(torch.tensor([[nxt]], device=device),
-                                          torch.tensor([position], device=device), cache)
+                                          torch.tensor([position], device=device), cache)[0]
         finally:
             self.train(was_training)
 
     def generate(self, prompt: Sequence[int], **kwargs) -> list:
         return list(self.generate_stream(prompt, **kwargs))
+
+    def checked_prompt(self, prompt: Sequence[int]) -> list:
+        prompt = list(prompt)
+        if not prompt:
+            raise ModelError("empty prompt")
+        if len(prompt) >= self.cfg.max_seq_len:
+            raise ModelError(f"prompt of {len(prompt)} tokens does not fit max_seq_len "
+                             f"{self.cfg.max_seq_len} (leave room for at least one new token)")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ModelError(f"prompt token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}")
+        return prompt
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], n: int = 1, max_new_tokens: int = 128,
+                       temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                       repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
+                       generator: Optional[torch.Generator] = None) -> list:
+        """n completions of each prompt, generated together: one batch of len(prompts) * n rows (the first
+        prompt's n, then the next's) and one KV cache, each row at its own positions, so that a row is what
+        generate gives its prompt alone (greedy: the same tokens; sampled: drawn row by row from `generator`, so
+        a seed repeats them). Returns each row's new ids, up to and including its stop id. The batch runs until
+        every row has stopped (a stopped row is carried along), or for max_new_tokens, at most what the longest
+        prompt leaves of the context."""
+        if not prompts or n < 1:
+            raise ModelError(f"generate_batch needs at least one prompt and n >= 1, got {len(prompts)} and n={n}")
+        rows = [self.checked_prompt(p) for p in prompts for _ in range(n)]
+        lengths = [len(p) for p in rows]
+        B, longest = len(rows), max(lengths)
+        steps = min(max_new_tokens, self.cfg.max_seq_len - longest)
+        was_training = self.training
+        self.eval()
+        device = self.tok_embeddings.weight.device
+        cache = self.decode_cache(longest + steps, B)
+        seen = torch.zeros(B, self.cfg.vocab_size, dtype=torch.bool, device=device)
+        for b, prompt in enumerate(rows):
+            seen[b, torch.tensor(prompt, device=device)] = True
+        stop, out, done = set(stop_ids), [[] for _ in rows], [False] * B
+        position = torch.tensor(lengths, device=device)[:, None]  # (B, 1): where each row's next token goes
+        try:  # the prompts right-padded into one forward (a row's padding lies past its last position, where
+            # its own new tokens overwrite it before anything reads it), then one decode step for every row
+            padded = torch.tensor([p + [0] * (longest - len(p)) for p in rows], device=device)  # (B, longest)
+            logits = self(padded, cache=cache, positions=torch.arange(longest, device=device).expand(B, -1),
+                          logits_at=position[:, 0] - 1)[0][:, -1].float()  # (B, vocab_size)
+            for step in range(steps):
+                nxt = [0 if done[b] else sample(logits[b], temperature, top_k, top_p, repetition_penalty, seen[b],
+                                                generator) for b in range(B)]
+                for b in range(B):
+                    if not done[b]:
+                        out[b].append(nxt[b])
+                        seen[b, nxt[b]] = True
+                        done[b] = nxt[b] in stop
+                if all(done) or step == steps - 1:
+                    break
+                logits = self.decode_step(torch.tensor(nxt, device=device)[:, None], position, cache)
+                position = position + 1
+        finally:
+            self.train(was_training)
+        return out
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,

@@ -66,9 +66,41 @@ def test_decode_step_at_any_position_matches_full_forward():
         for k in cache.k + cache.v:
             k.fill_(1e4)  # what an earlier, longer generation could have left behind
         model(tokens[:, :8], cache=cache, positions=torch.arange(8))
-        steps = [model.decode_step(tokens[:, t:t + 1], torch.tensor([t]), cache) for t in range(8, 20)]
+        steps = [model.decode_step(tokens[:, t:t + 1], torch.tensor([t]), cache)[0] for t in range(8, 20)]
     assert cache.pos == 0  # positions given: the caller keeps count
     torch.testing.assert_close(torch.stack(steps), full[8:], atol=1e-5, rtol=0)
+
+
+PROMPTS = [[5, 17, 3], list(range(1, 30)), [42], [9, 8, 7, 6, 5, 4, 3]]  # of different lengths
+
+
+def test_batched_greedy_generation_gives_each_row_what_generate_gives_its_prompt():
+    """generate_batch: n rows per prompt, right-padded prompts at their own positions in one cache; rows that
+    stop early (a stop id) are carried along until the last one stops."""
+    model = tiny_model()
+
+    def both(stop_ids):
+        alone = [model.generate(p, max_new_tokens=16, temperature=0, stop_ids=stop_ids) for p in PROMPTS]
+        return model.generate_batch(PROMPTS, n=2, max_new_tokens=16, temperature=0, stop_ids=stop_ids), \
+            [row for row in alone for _ in range(2)]
+    rows, alone = both(())
+    assert rows == alone
+    rows, alone = both((rows[0][2],))  # a stop id the first prompt meets by its third token
+    assert rows == alone
+    assert len(rows[0]) <= 3 and len({len(row) for row in rows}) > 1  # rows stopped at different steps
+
+
+def test_batched_sampling_repeats_for_a_seed_and_draws_each_row_apart():
+    model = tiny_model()
+
+    def sampled(seed):
+        return model.generate_batch(PROMPTS[:2], n=4, max_new_tokens=12, temperature=1.0, top_k=40, top_p=0.95,
+                                    repetition_penalty=1.1, generator=torch.Generator().manual_seed(seed))
+    first = sampled(0)
+    assert first == sampled(0) and first != sampled(1)
+    assert len({tuple(row) for row in first[:4]}) > 1  # the n completions of one prompt differ
+    with pytest.raises(ModelError, match="at least one prompt"):
+        model.generate_batch([], n=2)
 
 
 @pytest.mark.slow
@@ -78,7 +110,9 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens():
     eager = [model.generate(p, max_new_tokens=20, temperature=0) for p in prompts]
     compile_decoding(model)
     assert [model.generate(p, max_new_tokens=20, temperature=0) for p in prompts] == eager
-    assert list(model.decode_caches) == [64]  # one cache (and graph) for both
+    assert list(model.decode_caches) == [(1, 64)]  # one cache (and graph) for both
+    rows = model.generate_batch(prompts, n=2, max_new_tokens=20, temperature=0)  # batched: its own graph
+    assert rows == [eager[0], eager[0], eager[1], eager[1]] and (4, 64) in model.decode_caches
     with pytest.raises(ModelError, match="dynamic"):
         compile_decoding(tiny_model(rope_scaling={"rope_type": "dynamic", "factor": 2.0,
                                                   "original_max_position_embeddings": 32}))
