@@ -144,14 +144,15 @@ def reply_is_right(reply: str, check: dict) -> bool:
 
 @torch.no_grad()
 def chat_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
-    """Greedy replies to the last message of the first n chats of a held-out file whose records say how to score it (a
-    "type" and "replies" or "mentions", as offline_data.py writes them): right per type, the share right among
+    """Greedy replies to the last message of the first n chats of a held-out file whose records say how to score
+    it (a "type" and "replies" or "mentions", as offline_data.py writes them): right per type, the share right among
     CHAT_GOAL_TYPES, and "sums": the chat prompts (not ASKED_AS_PROBLEMS) answered wrongly as a reasoning problem
     (worked in a think block, or ending "The sum is ..." / "答案是"), as a model that only learned problems does."""
     im_end = special_ids(tok)["im_end"]
     right, asked = Counter(), Counter()
     sums = 0
-    chats = [conv for conv in read_conversations(path, verbose=False)[0] if "type" in conv.extra and conv.messages[-1]["role"] == "assistant"]
+    chats = [conv for conv in read_conversations(path, verbose=False)[0]
+             if "type" in conv.extra and conv.messages[-1]["role"] == "assistant"]
     for conv in chats[:n]:
         ids = render_prompt(tok, conv.messages[:-1])
         room = min(max_new_tokens, model.cfg.max_seq_len - len(ids))  # a question after a story: a short answer

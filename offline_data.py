@@ -756,13 +756,15 @@ def animal_fact_phrasings(animal) -> list:
              [f"{A} has {number_word(legs)} legs." if legs else f"{A} has no legs.",
               f"{cap(plural)} have {number_word(legs)} legs." if legs else f"{cap(plural)} have no legs."]]
     if sound:
-        facts.append([f"{A} says \"{sound}\".", f"{cap(plural)} say \"{sound}\".", f"The sound {the} makes is \"{sound}\"."])
+        facts.append([f"{A} says \"{sound}\".", f"{cap(plural)} say \"{sound}\".",
+                      f"The sound {the} makes is \"{sound}\"."])
     return facts
 
 
 def animal_facts(rng, animal):
     """The true sentences about one animal, each in one of its wordings."""
-    return [rng.choice(phrasings) if len(phrasings) > 1 else phrasings[0] for phrasings in animal_fact_phrasings(animal)]
+    return [rng.choice(phrasings) if len(phrasings) > 1 else phrasings[0]
+            for phrasings in animal_fact_phrasings(animal)]
 
 
 def english_facts(rng) -> str:
@@ -903,8 +905,9 @@ def quiz(rng) -> str:
 
 
 DOCUMENT_MIX = [(english_story, 30), (english_dialogue, 8), (english_facts, 8), (english_numbers, 5),
-                (who_has, 13), (sums_drill, 6), (worked_problem, 30), (quiz, 15)]  # shares of the pretraining documents (by bytes:
-# about 21% worked problems, 9% who-has-what, 2% sums; 23% sums measured no better)
+                (who_has, 13), (sums_drill, 6), (worked_problem, 30), (quiz, 15)]
+# shares of the pretraining documents (by bytes, before quiz: about 21% worked problems, 9% who-has-what, 2% sums;
+# 23% sums measured no better)
 
 
 def english_document(rng, avoid=()) -> str:
