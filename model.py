@@ -327,17 +327,15 @@ class Transformer(nn.Module):
                 # does; keys already in a KV cache keep the rotation they were stored with)
                 cos_table, sin_table = (t.to(h.device) for t in rope_tables(self.cfg, length, length))
         if positions is None:
-            cos = cos_table[:T].to(h.dtype)  # (T, head_dim)
-            sin = sin_table[:T].to(h.dtype)
-        elif cache is not None:  # (T, head_dim), or (B, 1, T, head_dim) for positions per row
-            cos = cos_table[positions].to(h.dtype)
-            sin = sin_table[positions].to(h.dtype)
+            cos, sin = cos_table[:T], sin_table[:T]  # (T, head_dim)
+        else:  # (T, head_dim), or (B, 1, T, head_dim) for positions per row (packed rows, generate_batch)
+            cos, sin = cos_table[positions], sin_table[positions]
             if positions.dim() == 2:
                 cos, sin = cos[:, None], sin[:, None]
-            mask = torch.arange(cache.max_len, device=h.device) <= positions[..., None]  # keys so far: (.., T, max_len)
-        else:
-            cos = cos_table[positions].to(h.dtype)[:, None]  # (B, 1, T, head_dim): one per row and position
-            sin = sin_table[positions].to(h.dtype)[:, None]
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        if cache is not None:  # the keys stored so far: (T, max_len), or (B, T, max_len)
+            mask = torch.arange(cache.max_len, device=h.device) <= positions[..., None]
+        elif document_ids is not None:
             mask = document_mask(document_ids)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:

@@ -972,7 +972,6 @@ def task_animal(rng):
     animal = rng.choice(list(ANIMALS))
     plural, sound, legs, home, food, baby, fact = ANIMALS[animal]
     a, A = f"{an(animal)} {animal}", cap(f"{an(animal)} {animal}")
-    every_fact = [sentence for phrasings in animal_fact_phrasings(animal) for sentence in phrasings]
     asks = [([f"How many legs does {a} have?", f"How many legs do {plural} have?"],
              f"{A} has {legs} legs." if legs else f"{A} has no legs."),
             ([f"Where does {a} live?", f"Where do {plural} live?"], f"{A} lives {home}."),
@@ -984,7 +983,8 @@ def task_animal(rng):
     if sound:
         asks.append(([f"What sound does {a} make?", f"What does {a} say?"], f"{A} says \"{sound}\"."))
     questions, answer = rng.choice(asks)
-    right = every_fact if questions[0].startswith("Tell me") else [answer]  # about lions: any true lion facts
+    right = [sentence for phrasings in animal_fact_phrasings(animal) for sentence in phrasings] \
+        if questions[0].startswith("Tell me") else [answer]  # about lions: any true lion facts
     return [("user", rng.choice(questions)), ("assistant", answer)], dict(type="fact", replies=right)
 
 

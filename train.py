@@ -435,11 +435,12 @@ def report_held_out(cfg: FinetuneConfig, model: Transformer, rt: Runtime, tok, s
     is there) and on each of `held_out` (a name -> data with .batch(i): chats, reasoning, ...). Returns the chat
     report, or {} without one."""
     report = {}
-    if cfg.eval_chats and cfg.chat_val and rt.master and not os.path.exists(cfg.chat_val):
-        print(f"no chat report after {stage}: {cfg.chat_val} is not there (--chat_val)")
-    elif cfg.eval_chats and cfg.chat_val and rt.master:
-        report = chat_report(model, tok, cfg.chat_val, cfg.eval_chats, cfg.eval_max_new_tokens)
-        print(f"chat report after {stage}: {describe_chat(report)}")
+    if cfg.eval_chats and cfg.chat_val and rt.master:
+        if os.path.exists(cfg.chat_val):
+            report = chat_report(model, tok, cfg.chat_val, cfg.eval_chats, cfg.eval_max_new_tokens)
+            print(f"chat report after {stage}: {describe_chat(report)}")
+        else:
+            print(f"no chat report after {stage}: {cfg.chat_val} is not there (--chat_val)")
     data = {name: d for name, d in held_out.items() if d is not None}
     if cfg.text_val and os.path.exists(cfg.text_val):
         data = {"pretraining text": TokenShards(cfg.text_val, cfg.seq_len or model.cfg.max_seq_len, cfg.batch_size,

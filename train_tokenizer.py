@@ -136,9 +136,11 @@ def choose_vocab_size(cfg: TokenizerConfig, lines) -> int:
     cjk = sum(len(CJK.findall(line)) for line in sample)
     share = cjk / max(1, sum(len("".join(line.split())) for line in sample))
     zh = share > ZH_SHARE
-    characters = len(set("".join(sample)))
-    size = min(cfg.vocab_zh, max(cfg.vocab_en, 256 + PIECES_PER_CHARACTER * characters)) if zh else cfg.vocab_en
-    few = f", {characters:,} different characters" if zh and size < cfg.vocab_zh else ""
+    size, few = cfg.vocab_en, ""
+    if zh:  # no more pieces than the characters can use
+        characters = len(set("".join(sample)))
+        size = min(cfg.vocab_zh, max(cfg.vocab_en, 256 + PIECES_PER_CHARACTER * characters))
+        few = f", {characters:,} different characters" if size < cfg.vocab_zh else ""
     print(f"text is {'mostly' if zh else 'not mostly'} Chinese ({share:.0%} CJK characters{few}): {size:,} pieces "
           f"(--vocab_{'zh' if zh else 'en'}; --vocab_size N to choose)")
     return size
