@@ -351,6 +351,7 @@ class TokenShards:
                     raise UserError(f"{path} and {self.paths[0]} were made with different tokenizers "
                                     f"({key} {info[key]} vs {infos[0][key]}): rebuild them with one")
         self.vocab_size, self.eos_id, self.tokenizer = infos[0]["vocab_size"], infos[0]["eos_id"], infos[0]["tokenizer"]
+        self.tokenizer_sha256 = infos[0]["tokenizer_sha256"]
         lengths = np.array([info["num_tokens"] for info in infos], dtype=np.int64)
         self.num_tokens = int(lengths.sum())
         self.tokens_per_row = seq_len  # every row is a full window
@@ -364,6 +365,10 @@ class TokenShards:
                             f"use a smaller --seq_len or more data")
         self.window_ends = np.cumsum(windows)  # shard i owns the global start positions [starts[i], ends[i])
         self.window_starts = self.window_ends - windows
+
+    def made_with(self, tokenizer_path: str) -> bool:
+        """Whether the shards hold the ids of this tokenizer file (the sha256 their sidecars record)."""
+        return os.path.isfile(tokenizer_path) and file_sha256(tokenizer_path) == self.tokenizer_sha256
 
     @staticmethod
     def _read_sidecar(path: str) -> tuple:

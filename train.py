@@ -441,13 +441,18 @@ def report_held_out(cfg: FinetuneConfig, model: Transformer, rt: Runtime, tok, s
             print(f"chat report after {stage}: {describe_chat(report)}")
         else:
             print(f"no chat report after {stage}: {cfg.chat_val} is not there (--chat_val)")
-    data = {name: d for name, d in held_out.items() if d is not None}
-    if cfg.text_val and os.path.exists(cfg.text_val):
-        data = {"pretraining text": TokenShards(cfg.text_val, cfg.seq_len or model.cfg.max_seq_len, cfg.batch_size,
-                                                cfg.seed, rt.rank, rt.world_size), **data}
+    data, missing = {name: d for name, d in held_out.items() if d is not None}, ""
+    if cfg.text_val and not os.path.exists(cfg.text_val):
+        missing = f" ({cfg.text_val} is not there: not measured)"
+    elif cfg.text_val:
+        text = TokenShards(cfg.text_val, cfg.seq_len or model.cfg.max_seq_len, cfg.batch_size, cfg.seed, rt.rank,
+                           rt.world_size)
+        if text.made_with(cfg.tokenizer):
+            data = {"pretraining text": text, **data}
+        else:  # another tokenizer's ids: their loss would mean nothing (or index past the vocabulary)
+            missing = f" ({cfg.text_val} was made with another tokenizer than {cfg.tokenizer}: not measured)"
     losses = [f"{name} {validation_loss(model, d, cfg.eval_batches, rt, default_loss):.3f}" for name, d in data.items()]
-    missing = f" ({cfg.text_val} is not there: not measured)" if cfg.text_val and "pretraining text" not in data else ""
-    rt.say(f"validation loss after {stage}: {', '.join(losses)}{missing}")
+    rt.say(f"validation loss after {stage}: {', '.join(losses) or 'none'}{missing}")
     return report
 
 

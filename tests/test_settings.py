@@ -174,3 +174,25 @@ def test_a_default_edited_in_the_file_is_the_cpu_recipe_with_or_without_preset(s
     config_class = getattr(module, cls)
     for argv in ([], ["--preset", "cpu"]):
         assert getattr(parse_config(config_class, argv, presets=module.PRESETS), field) == value, argv
+
+
+def test_held_out_text_made_with_another_tokenizer_is_not_measured(tmp_path, tokenizer_path, capsys):
+    """After a fine-tuning stage the loss on pretraining's held-out text is measured only when its shards hold the
+    run's tokenizer's ids (a checkout where the quickstart made data/pretrain_val.bin with its own tokenizer)."""
+    from dataset import DatasetConfig, build_shards
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_corpus(400)))
+    build_shards(DatasetConfig(inputs=str(corpus), val_inputs="", val_fraction=0.1, tokenizer=tokenizer_path,
+                               out_dir=str(tmp_path / "data"), num_workers=1))
+    text_val = str(tmp_path / "data/pretrain_val.bin")
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=16))
+    cfg = train.FinetuneConfig(text_val=text_val, tokenizer=tokenizer_path, seq_len=16, eval_batches=1, chat_val="")
+    rt = runtime.Runtime("cpu")
+    capsys.readouterr()
+    train.report_held_out(cfg, model, rt, None, "SFT", {})
+    assert "validation loss after SFT: pretraining text " in capsys.readouterr().out
+    sidecar = json.loads(open(text_val + ".json").read())
+    open(text_val + ".json", "w").write(json.dumps(dict(sidecar, tokenizer_sha256="0" * 64)))
+    train.report_held_out(cfg, model, rt, None, "SFT", {})
+    assert capsys.readouterr().out.strip() == (f"validation loss after SFT: none ({text_val} was made with another "
+                                               f"tokenizer than {tokenizer_path}: not measured)")
