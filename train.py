@@ -430,17 +430,10 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
 
 
 def report_held_out(cfg: FinetuneConfig, model: Transformer, rt: Runtime, tok, stage: str, held_out: dict) -> dict:
-    """After a fine-tuning stage, what it kept and what it forgot: the chat report on cfg.chat_val's held-out chats
-    (evaluate.chat_report; rank 0), then the validation loss on pretraining's held-out text (cfg.text_val, when it
-    is there) and on each of `held_out` (a name -> data with .batch(i): chats, reasoning, ...). Returns the chat
-    report, or {} without one."""
-    report = {}
-    if cfg.eval_chats and cfg.chat_val and rt.master:
-        if os.path.exists(cfg.chat_val):
-            report = chat_report(model, tok, cfg.chat_val, cfg.eval_chats, cfg.eval_max_new_tokens)
-            print(f"chat report after {stage}: {describe_chat(report)}")
-        else:
-            print(f"no chat report after {stage}: {cfg.chat_val} is not there (--chat_val)")
+    """After a fine-tuning stage, what it kept and what it forgot: the validation loss on pretraining's held-out text
+    (cfg.text_val, when it holds this tokenizer's ids) and on each of `held_out` (a name -> data with .batch(i):
+    chats, reasoning, ...), every rank together; then rank 0's chat report on cfg.chat_val's held-out chats
+    (evaluate.chat_report), so no rank waits in a collective while it generates. Returns the chat report, or {}."""
     data, missing = {name: d for name, d in held_out.items() if d is not None}, ""
     if cfg.text_val and not os.path.exists(cfg.text_val):
         missing = f" ({cfg.text_val} is not there: not measured)"
@@ -453,6 +446,13 @@ def report_held_out(cfg: FinetuneConfig, model: Transformer, rt: Runtime, tok, s
             missing = f" ({cfg.text_val} was made with another tokenizer than {cfg.tokenizer}: not measured)"
     losses = [f"{name} {validation_loss(model, d, cfg.eval_batches, rt, default_loss):.3f}" for name, d in data.items()]
     rt.say(f"validation loss after {stage}: {', '.join(losses) or 'none'}{missing}")
+    report = {}
+    if cfg.eval_chats and cfg.chat_val and rt.master:
+        if os.path.exists(cfg.chat_val):
+            report = chat_report(model, tok, cfg.chat_val, cfg.eval_chats, cfg.eval_max_new_tokens)
+            print(f"chat report after {stage}: {describe_chat(report)}")
+        else:
+            print(f"no chat report after {stage}: {cfg.chat_val} is not there (--chat_val)")
     return report
 
 
