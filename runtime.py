@@ -332,15 +332,25 @@ def compiled_or_eager(model, batch: dict, loss_fn, rt: Runtime):
 def run_main(entry, cfg):
     """run_guarded for the training scripts. It first prints the resolved settings (defaults, --preset, flags;
     every checkpoint keeps them too); a NaN loss and running out of GPU memory are also one line; DDP's
-    process group is closed however the run ends."""
+    process group is closed however the run ends, and a DDP process that finished exits at once (see below)."""
     if int(os.environ.get("RANK", 0)) == 0:  # one block, not one per DDP process
         print(textwrap.fill(" ".join(f"{k}={v}" for k, v in asdict(cfg).items()), width=110, break_long_words=False,
                             break_on_hyphens=False, initial_indent="settings: ", subsequent_indent="  "), flush=True)
+    ddp = "RANK" in os.environ
     try:
-        return run_guarded(entry, cfg, errors=(ModelError, FloatingPointError))
+        result = run_guarded(entry, cfg, errors=(ModelError, FloatingPointError))
     except torch.OutOfMemoryError:
         die(f"out of GPU memory with --batch_size {cfg.batch_size}: lower it (raise --grad_accum to keep the "
             f"same tokens per step), lower --seq_len, or add --grad_checkpointing true")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if ddp:
+        # A DDP process that finished leaves without shutting its interpreter down. DDP keeps the (closed) gloo
+        # process group alive, and one of its worker threads may still be releasing a tensor of the last
+        # collective, which needs the GIL: during the interpreter's shutdown that aborts the process
+        # (pytorch#190489), and torchrun then fails the whole run. Everything is written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return result
