@@ -6,8 +6,11 @@ by position), whether a reply states an answer (answer matching), the reasoning 
   validation_loss(model, data, ...) the mean loss over the first batches of held-out data (train.py's loop)
   loss_by_position(model, data, ...) the same by position in the row, a bucket of positions at a time
   states_answer(text, answer)       the final answer in `text` is `answer` (numbers compared as numbers)
+  answer_is_right(reply, answer)    the text after </think> states the answer (the report's and GRPO's reward's)
+  read_problems(path, tok, ...)     a chat file's problems as (conversation, prompt ids)
   reasoning_report(model, tok, ...) greedy replies to held-out problems: well-formed <think> blocks and right
                                     answers, overall and per problem type
+  pass_at_k(model, tok, ...)        the share of problems that one of k sampled replies gets right
   describe(report), describe_types(report)   the report's lines
   reply_is_right(reply, check)      a chat reply against what the built-in data knows of it (offline_data.py)
   chat_report(model, tok, ...)      greedy replies to held-out chats: right per type (greetings, facts, stories,
@@ -83,6 +86,25 @@ def states_answer(text: str, answer: str) -> bool:
     return bool(numbers) and float(numbers[-1].replace(",", "")) == expected
 
 
+def answer_is_right(reply: str, answer) -> bool:
+    """Whether a reply to a problem states its answer in the text after </think> (the whole reply when it has no
+    think block): the one answer check of the reasoning report and of train_grpo.py's reward."""
+    match = WELL_FORMED.match(reply)
+    return states_answer(match.group(2) if match else reply.split("</think>")[-1], str(answer))
+
+
+def read_problems(path: str, tok: Tokenizer, max_prompt: int) -> list:
+    """(conversation, prompt ids) of each problem in a chat file whose prompt (the turns before the first reply)
+    is at most max_prompt tokens, in file order; its record's "answer" (and "type") are in conversation.extra."""
+    problems = []
+    for conv in read_conversations(path, verbose=False)[0]:
+        first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
+        ids = render_prompt(tok, conv.messages[:first_reply])
+        if len(ids) <= max_prompt:
+            problems.append((conv, ids))
+    return problems
+
+
 @torch.no_grad()
 def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
     """Greedy answers to the first n problems of a held-out chat file:
@@ -91,22 +113,14 @@ def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: i
     im_end = special_ids(tok)["im_end"]
     formed = correct = checkable = 0
     right, asked = Counter(), Counter()
-    prompts = []
-    for conv in read_conversations(path, verbose=False)[0]:
-        first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
-        ids = render_prompt(tok, conv.messages[:first_reply])
-        if len(ids) <= model.cfg.max_seq_len // 2:  # leave the model room to answer
-            prompts.append((conv, ids))
-    problems = prompts[:n]
+    problems = read_problems(path, tok, model.cfg.max_seq_len // 2)[:n]  # leave the model room to answer
     for conv, ids in problems:
         ids = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0, stop_ids=[im_end])
         text = tok.decode([i for i in ids if i != im_end])
-        match = WELL_FORMED.match(text)
-        formed += bool(match)
+        formed += WELL_FORMED.match(text) is not None
         if "answer" in conv.extra:
             checkable += 1
-            after = match.group(2) if match else text.split("</think>")[-1]
-            ok = states_answer(after, str(conv.extra["answer"]))
+            ok = answer_is_right(text, conv.extra["answer"])
             correct += ok
             kind = str(conv.extra.get("type", "other"))
             right[kind] += ok
@@ -114,6 +128,22 @@ def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: i
     return {"problems": len(problems), "well_formed": formed / max(1, len(problems)),
             "accuracy": correct / checkable if checkable else None, "checkable": checkable, "correct": correct,
             "by_type": {kind: {"correct": right[kind], "problems": asked[kind]} for kind in sorted(asked)}}
+
+
+@torch.no_grad()
+def pass_at_k(model, tok: Tokenizer, path: str, n: int, k: int, max_new_tokens: int, temperature: float = 1.0,
+              seed: int = 0) -> float:
+    """The share of the first n held-out problems (with an answer) that at least one of k sampled replies gets
+    right: what reinforcement learning can at most reach by making the model pick its best answers."""
+    im_end = special_ids(tok)["im_end"]
+    problems = [(c, ids) for c, ids in read_problems(path, tok, model.cfg.max_seq_len // 2) if "answer" in c.extra]
+    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
+    solved = 0
+    for conv, ids in problems[:n]:
+        replies = model.generate_batch([ids], k, max_new_tokens, temperature, stop_ids=[im_end], generator=generator)
+        solved += any(answer_is_right(tok.decode([i for i in r if i != im_end]), conv.extra["answer"])
+                      for r in replies)
+    return solved / max(1, min(n, len(problems)))
 
 
 def describe(report: dict) -> str:

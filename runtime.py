@@ -154,14 +154,17 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float:
 
 class Prefetcher:
     """Prepares the next batches in a background thread (pinned memory on CUDA), so the
-    accelerator never waits for the data reader."""
+    accelerator never waits for the data reader. Data whose batches sample the model being trained
+    (on_policy: train_grpo.py's) is read in the training thread instead, each batch when it is due."""
 
     def __init__(self, data, start_index: int, rt: Runtime, depth: int = 2):
-        self.rt = rt
+        self.rt, self.data, self.index = rt, data, start_index
         self.queue = queue.Queue(maxsize=depth)
         self.stopped = False
-        self.thread = threading.Thread(target=self._fill, args=(data, start_index), daemon=True)
-        self.thread.start()
+        self.thread = None
+        if not getattr(data, "on_policy", False):
+            self.thread = threading.Thread(target=self._fill, args=(data, start_index), daemon=True)
+            self.thread.start()
 
     def _fill(self, data, index):
         while not self.stopped:
@@ -175,6 +178,9 @@ class Prefetcher:
             index += 1
 
     def next(self):
+        if self.thread is None:
+            self.index += 1
+            return self.rt.to_device(self.data.batch(self.index - 1))
         batch = self.queue.get()
         if isinstance(batch, Exception):
             raise batch
@@ -182,7 +188,7 @@ class Prefetcher:
 
     def close(self):
         self.stopped = True
-        while self.thread.is_alive():  # unblock a put() waiting on a full queue
+        while self.thread is not None and self.thread.is_alive():  # unblock a put() waiting on a full queue
             with contextlib.suppress(queue.Empty):
                 self.queue.get_nowait()
             self.thread.join(timeout=0.05)

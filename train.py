@@ -212,6 +212,8 @@ USEFUL_EPOCHS = 4  # past about 4 passes, repeated tokens are worth little (Muen
 
 def report_epochs(cfg: TrainConfig, data, rt: Runtime):
     """Before the first step: the tokens this run will read against the tokens the data holds."""
+    if getattr(data, "on_policy", False):  # its rows are sampled (train_grpo.py says how many problems it answers)
+        return
     rows_per_step = cfg.grad_accum * cfg.batch_size * rt.world_size
     reads = cfg.max_steps * rows_per_step * data.tokens_per_row
     epochs = reads / data.num_tokens
