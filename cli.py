@@ -5,8 +5,11 @@ script into `--field value` flags (with optional named presets), and report user
 """
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import sys
+import textwrap
 import typing
 
 
@@ -61,6 +64,36 @@ def _parser_for(tp):
     return json.loads  # dicts and lists are given as JSON
 
 
+FIELD_LINE = re.compile(r"^    (\w+)\s*:[^#]*?(?:\s#\s?(.*))?$")  # `    name: type = value  # comment`
+MORE_COMMENT = re.compile(r"^\s{5,}#\s?(.*)$")  # a comment line indented past the fields: the one above goes on
+
+
+def field_comments(cls) -> dict:
+    """The comment beside each field of a dataclass and of the dataclasses it extends (with the comment lines
+    that continue it), by field name: the comments a user reads at the top of a script are also its --help."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = textwrap.dedent(inspect.getsource(klass)).splitlines()
+        except (OSError, TypeError):  # no source to read (a frozen application): --help without them
+            continue
+        field = None
+        for line in lines:
+            more = MORE_COMMENT.match(line)
+            if more and field:
+                comments[field] = f"{comments.get(field, '')} {more.group(1).strip()}".strip()
+                continue
+            match = FIELD_LINE.match(line)
+            field = match.group(1) if match else None
+            if match and match.group(2):
+                comments[field] = match.group(2).strip()
+            elif match:
+                comments.pop(field, None)  # a subclass restating a field without a comment
+    return comments
+
+
 def parse_config(cls, argv=None, presets: typing.Optional[dict] = None, description: str = ""):
     """Build `cls` from the command line. Field defaults come from the dataclass, then the
     chosen `--preset` (a dict of overrides), then explicit flags. A field named `preset`, if
@@ -70,13 +103,14 @@ def parse_config(cls, argv=None, presets: typing.Optional[dict] = None, descript
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="start from a named set of hyperparameters; other flags override it")
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         if presets and f.name == "preset":  # filled in below from --preset
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         by_preset = "".join(f", {name}: {p[f.name]}" for name, p in (presets or {}).items() if f.name in p)
         parser.add_argument(f"--{f.name}", type=_parser_for(hints[f.name]), default=None,
-                            help=f"{f.metadata.get('help', '')} (default: {default}{by_preset})".strip())
+                            help=f"{f.metadata.get('help', comments.get(f.name, ''))} (default: {default}{by_preset})".strip())
     args = parser.parse_args(argv)
     values = dict(presets[args.preset]) if presets and args.preset else {}
     values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})

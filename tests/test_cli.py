@@ -1,5 +1,6 @@
 """cli.py and the scripts' mains: a user error is one line, a bug keeps its traceback, Ctrl-C exits 130
 quietly from every script; model.py stays copyable alone."""
+import dataclasses
 import subprocess
 import sys
 
@@ -74,3 +75,24 @@ def test_ctrl_c_in_the_training_scripts_exits_130():
     with pytest.raises(SystemExit) as e:
         runtime.run_main(interrupt, train.TrainConfig())
     assert e.value.code == 130
+
+
+@dataclasses.dataclass
+class Commented:
+    steps: int = 10                # optimizer steps
+    lr: float = 1e-3               # peak learning rate,
+                                   # after warm-up
+    # a section comment is no field's
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Restated(Commented):
+    steps: int = 20                # this stage's own steps
+    lr: float = 2e-3
+
+
+def test_the_comment_beside_a_field_is_its_help():
+    from cli import field_comments
+    assert field_comments(Commented) == {"steps": "optimizer steps", "lr": "peak learning rate, after warm-up"}
+    assert field_comments(Restated) == {"steps": "this stage's own steps"}  # lr restated without one: none

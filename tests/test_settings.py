@@ -15,6 +15,7 @@ import distill
 import runtime
 import train
 import train_dpo
+import train_grpo
 import train_sft
 from cli import UserError
 from conftest import ROOT, RandomTokens, small_corpus
@@ -24,12 +25,14 @@ from model import ModelConfig, ModelError, Transformer, save_checkpoint
 TUNED = ["out_dir", "batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
          "grad_clip", "eval_every", "eval_batches", "log_every"]
 STAGES = [("train.py", train.PretrainConfig, train.PRESETS), ("train_sft.py", train_sft.SFTConfig, train_sft.PRESETS),
-          ("distill.py", distill.DistillConfig, distill.PRESETS), ("train_dpo.py", train_dpo.DPOConfig, train_dpo.PRESETS)]
+          ("distill.py", distill.DistillConfig, distill.PRESETS), ("train_dpo.py", train_dpo.DPOConfig, train_dpo.PRESETS),
+          ("train_grpo.py", train_grpo.GRPOConfig, train_grpo.PRESETS)]
 QUICK = dict(batch_size=2, max_steps=2, warmup_steps=1, eval_every=2, eval_batches=1, log_every=1, device="cpu",
              peak_tflops=1.0)  # peak_tflops: no CPU speed measurement
 
 
-@pytest.mark.parametrize("cls", [train.TrainConfig, train_sft.SFTConfig, distill.DistillConfig, train_dpo.DPOConfig])
+@pytest.mark.parametrize("cls", [train.TrainConfig, train_sft.SFTConfig, distill.DistillConfig, train_dpo.DPOConfig,
+                                 train_grpo.GRPOConfig])
 def test_each_stage_states_its_tuned_values_in_its_own_file(cls):
     assert set(TUNED) <= set(vars(cls)["__annotations__"])
 
