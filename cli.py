@@ -109,8 +109,9 @@ def parse_config(cls, argv=None, presets: typing.Optional[dict] = None, descript
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         by_preset = "".join(f", {name}: {p[f.name]}" for name, p in (presets or {}).items() if f.name in p)
+        explained = f.metadata.get("help", comments.get(f.name, ""))
         parser.add_argument(f"--{f.name}", type=_parser_for(hints[f.name]), default=None,
-                            help=f"{f.metadata.get('help', comments.get(f.name, ''))} (default: {default}{by_preset})".strip())
+                            help=f"{explained} (default: {default}{by_preset})".strip())
     args = parser.parse_args(argv)
     values = dict(presets[args.preset]) if presets and args.preset else {}
     values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})

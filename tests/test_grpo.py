@@ -114,7 +114,8 @@ def start(tmp_path, tokenizer_path, monkeypatch):
 
 
 def run(out_dir, **overrides):
-    settings = dict(init_from="start.pt", train_data="r1.jsonl", val_data="r1_val.jsonl", out_dir=out_dir, device="cpu", batch_size=8, group_size=4, max_steps=4,
+    settings = dict(init_from="start.pt", train_data="r1.jsonl", val_data="r1_val.jsonl", out_dir=out_dir, device="cpu",
+                    batch_size=8, group_size=4, max_steps=4,
                     eval_every=2, log_every=2, max_new_tokens=12, eval_problems=2, eval_max_new_tokens=8, pass_k=2,
                     eval_chats=0, text_val="", lr=1e-2, warmup_steps=1)
     return grpo(GRPOConfig(**{**settings, **overrides}))
@@ -165,7 +166,8 @@ def test_each_ddp_process_samples_its_own_problems(start):
     from conftest import ROOT
     from test_pipeline import free_port
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not installed")
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "train_grpo.py"),
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        str(ROOT / "train_grpo.py"),
                         "--init_from", "start.pt", "--train_data", "r1.jsonl", "--val_data", "r1_val.jsonl",
                         "--out_dir", "out/ddp", "--device", "cpu", "--batch_size", "8", "--group_size", "4",
                         "--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--max_new_tokens", "8",
