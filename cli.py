@@ -109,7 +109,7 @@ def parse_config(cls, argv=None, presets: typing.Optional[dict] = None, descript
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         by_preset = "".join(f", {name}: {p[f.name]}" for name, p in (presets or {}).items() if f.name in p)
-        explained = f.metadata.get("help", comments.get(f.name, ""))
+        explained = f.metadata.get("help", comments.get(f.name, "")).replace("%", "%%")  # argparse formats help
         parser.add_argument(f"--{f.name}", type=_parser_for(hints[f.name]), default=None,
                             help=f"{explained} (default: {default}{by_preset})".strip())
     args = parser.parse_args(argv)

@@ -96,3 +96,13 @@ def test_the_comment_beside_a_field_is_its_help():
     from cli import field_comments
     assert field_comments(Commented) == {"steps": "optimizer steps", "lr": "peak learning rate, after warm-up"}
     assert field_comments(Restated) == {"steps": "this stage's own steps"}  # lr restated without one: none
+
+
+def test_a_comment_with_a_percent_sign_is_shown_as_written(capsys):
+    @dataclasses.dataclass
+    class Percent:
+        share: float = 0.3             # 30% of the rows
+
+    with pytest.raises(SystemExit):
+        cli.parse_config(Percent, ["--help"])
+    assert "30% of the rows" in capsys.readouterr().out
