@@ -177,11 +177,13 @@ class Rollouts:
     def problems_of(self, draw: int) -> list:
         """The draw's problems: every rank's draws walk one shuffled order of the file, epoch after epoch."""
         first = (draw * self.rt.world_size + self.rt.rank) * self.per_step
-        picked = []
+        orders, picked = {}, []  # each epoch the draw reaches into is shuffled once, not once per problem
         for k in range(first, first + self.per_step):
             epoch, at = divmod(k, len(self.problems))
-            order = torch.randperm(len(self.problems), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            picked.append(self.problems[int(order[at])])
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(len(self.problems),
+                                               generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            picked.append(self.problems[int(orders[epoch][at])])
         return picked
 
     @torch.no_grad()
