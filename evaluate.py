@@ -30,6 +30,8 @@ from records import read_conversations
 from tokenizer import Tokenizer, render_prompt, special_ids
 
 WELL_FORMED = re.compile(r"^\s*<think>(.*?\S.*?)</think>(.*\S.*)$", re.S)  # some reasoning, then an answer
+# a word said three times running ("now now now", "现在现在现在"): a model stuck in a loop, not a sentence
+STUTTER = re.compile(r"\b([^\W\d_]+)(?:\s+\1\b){2,}|([\u4e00-\u9fff]{1,4})\2{2,}", re.I)
 NUMBER = re.compile(r"(?<![\d.])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\d)")
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s*")
 # how a reasoning problem's reply ends: "The sum is 17.", "答案是：17。" (a story may hold sums; that is no answer)
@@ -93,6 +95,12 @@ def answer_is_right(reply: str, answer) -> bool:
     return states_answer(match.group(2) if match else reply.split("</think>")[-1], str(answer))
 
 
+def well_formed(reply: str) -> bool:
+    """Some reasoning in a think block, then an answer, and no word stuttered three times running anywhere: what
+    the reasoning report counts as well-formed and train_grpo.py's reward pays a little for."""
+    return WELL_FORMED.match(reply) is not None and STUTTER.search(reply) is None
+
+
 def read_problems(path: str, tok: Tokenizer, max_prompt: int) -> list:
     """(conversation, prompt ids) of each problem in a chat file whose prompt (the turns before the first reply)
     is at most max_prompt tokens, in file order; its record's "answer" (and "type") are in conversation.extra."""
@@ -107,8 +115,8 @@ def read_problems(path: str, tok: Tokenizer, max_prompt: int) -> list:
 
 @torch.no_grad()
 def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int) -> dict:
-    """Greedy answers to the first n problems of a held-out chat file:
-    the share with a well-formed think block, and the share whose text after </think> states the answer (the
+    """Greedy answers to the first n problems of a held-out chat file: the share well-formed (well_formed: a think
+    block, then an answer, no stutter), and the share whose text after </think> states the answer (the
     whole reply when it has no think block), overall and by the records' "type" ("other" without one)."""
     im_end = special_ids(tok)["im_end"]
     formed = correct = checkable = 0
@@ -117,7 +125,7 @@ def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: i
     for conv, ids in problems:
         ids = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0, stop_ids=[im_end])
         text = tok.decode([i for i in ids if i != im_end])
-        formed += WELL_FORMED.match(text) is not None
+        formed += well_formed(text)
         if "answer" in conv.extra:
             checkable += 1
             ok = answer_is_right(text, conv.extra["answer"])

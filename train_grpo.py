@@ -7,6 +7,7 @@ more likely and the others less. Nothing else tells it what is right: no referen
   python train_grpo.py                               # out/distill/best.pt + data/r1.jsonl -> out/grpo/last.pt
   python train_grpo.py --lora_rank 16 --beta 0.04    # adapters only; a KL penalty to the starting model
   torchrun --nproc_per_node 2 train_grpo.py          # each process samples its own problems
+  python train_grpo.py --preset 12gb                 # online data: GSM8K's word problems (data/math.jsonl)
 
 Before and after training it reports on held-out problems what distill.py reports (right answers overall and per
 type, well-formed think blocks), and before, pass@k: the share that one of k sampled answers gets right, which is
@@ -22,24 +23,24 @@ import torch
 
 from cli import UserError, parse_config
 from dataset_sft import resolve_tokenizer
-from evaluate import WELL_FORMED, answer_is_right, describe, describe_types, pass_at_k, read_problems, \
-    reasoning_report
+from evaluate import answer_is_right, describe, describe_types, pass_at_k, read_problems, reasoning_report, \
+    well_formed
 from lora import adapters_off, is_lora
 from runtime import Runtime, run_main
 from tokenizer import load_tokenizer, special_ids
 from train import FinetuneConfig, frozen_copy, log_metrics, report_held_out, resume_or_init, train
 
-FORMAT_REWARD = 0.1  # for a well-formed think block: small beside a right answer's 1, so it never pays to be neat
+FORMAT_REWARD = 0.1  # for a well-formed answer: small beside a right answer's 1, so it never pays to be neat
 
 
 def reward(problem: dict, completion: str, finished: bool) -> float:
     """The score of one answer to a problem (its record's fields: "answer", "type", ...): 1 when the text after
     </think> states the answer (evaluate.answer_is_right, the reasoning report's check), FORMAT_REWARD more for a
-    well-formed think block, and 0 for an answer cut off at --max_new_tokens (it never finished). Edit it to
-    reward something else."""
+    well-formed one (evaluate.well_formed: a think block, then an answer, no word said three times running), and 0
+    for an answer cut off at --max_new_tokens (it never finished). Edit it to reward something else."""
     if not finished:
         return 0.0
-    return float(answer_is_right(completion, problem["answer"])) + FORMAT_REWARD * bool(WELL_FORMED.match(completion))
+    return float(answer_is_right(completion, problem["answer"])) + FORMAT_REWARD * well_formed(completion)
 
 
 @dataclass
@@ -85,7 +86,8 @@ class GRPOConfig(FinetuneConfig):
 
 PRESETS = {
     "cpu": {},  # the defaults above: the quickstart's distilled model, ~10 minutes on 2 cores
-    "12gb": dict(batch_size=64, grad_accum=4, group_size=16, max_steps=500, lr=1e-5, min_lr=1e-6, warmup_steps=20,
+    "12gb": dict(train_data="data/math.jsonl", val_data="data/math_val.jsonl",  # GSM8K, from an online download
+                 batch_size=64, grad_accum=4, group_size=16, max_steps=500, lr=1e-5, min_lr=1e-6, warmup_steps=20,
                  eval_every=100, log_every=10, max_new_tokens=512, eval_max_new_tokens=512),
 }
 

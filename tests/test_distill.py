@@ -255,3 +255,14 @@ def test_an_empty_think_block_is_not_reasoning(tmp_path, tokenizer_path):
     tok = load_tokenizer(tokenizer_path)
     report = reasoning_report(ScriptedModel(tok, replies), tok, str(tmp_path / "val.jsonl"), 2, 64)
     assert report["well_formed"] == 0.5 and report["correct"] == 2
+
+
+def test_a_reply_stuck_in_a_loop_is_not_well_formed(tmp_path, tokenizer_path):
+    """A reply that says a word three times running ("now now now", GRPO's drift) is right but not well-formed."""
+    records = reasoning_file(tmp_path / "val.jsonl", 2)
+    answers = [r["answer"] for r in records]
+    replies = [od.think_reply("I add.", f"It is {answers[0]} now now now."),
+               od.think_reply("I add.", f"It is {answers[1]} now.")]
+    tok = load_tokenizer(tokenizer_path)
+    report = reasoning_report(ScriptedModel(tok, replies), tok, str(tmp_path / "val.jsonl"), 2, 64)
+    assert report["well_formed"] == 0.5 and report["correct"] == 2

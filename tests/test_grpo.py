@@ -22,6 +22,7 @@ from train_grpo import GRPOConfig, advantages, grpo, grpo_loss, reward
     ("<think>\n3 + 4 = 7\n</think>\nThe sum is 7.", False, 0.0),     # cut off at max_new_tokens: nothing
     ("<think>\n25 + 25 = 50\n</think>\nThe answer is 50.0.", True, 1.1),  # 50.0 states 50
     ("<think>\n25 + 25 = 50\n</think>\nThe answer is 500.", True, 0.1),
+    ("<think>\n3 + 4 = 7\n</think>\nThe sum is 7 now now now.", True, 1.0),  # right, but stuck in a loop
 ])
 def test_the_reward_of_each_kind_of_answer(completion, finished, expected):
     answer = "50" if "50" in completion else "7"
