@@ -1,5 +1,5 @@
 """
-Get the data for the whole pipeline (tokenizer -> pretrain -> SFT -> distill -> DPO), sized for a preset.
+Get the data for the whole pipeline (tokenizer -> pretrain -> SFT -> distill -> DPO -> GRPO), sized for a preset.
 
   python download_mini_data.py                      # cpu: a starter set from the HF hub, minutes
   python download_mini_data.py --preset 12gb        # data at the scale of the 12gb training presets (GBs, hours)
@@ -14,6 +14,8 @@ Writes UTF-8 jsonl files, one object per line, into --out_dir (default data/):
   dpo.jsonl      dpo_val.jsonl        preference pairs in a format records.py reads: online, each set's own (HH
                                       transcripts, or a "conversations" history + "chosen"/"rejected" ShareGPT
                                       messages); offline {"conversations": [user turn], "chosen", "rejected", "answer"}
+  math.jsonl     math_val.jsonl       online only: grade-school word problems (GSM8K) for train_grpo.py, chat records
+                                      with a number "answer" (the English ones with GSM8K's working as a think block)
 
 Online, every stage is streamed with `datasets` straight to disk (memory stays flat), committed every
 few thousand records to out_dir/download_state.json: interrupt it and run the same command again to
@@ -62,6 +64,7 @@ class DownloadConfig:
     online_sft: int = field(default=5000, metadata={"help": "online: chat conversations; 0: all"})
     online_r1: int = field(default=2000, metadata={"help": "online: reasoning conversations; 0: all"})
     online_dpo: int = field(default=5000, metadata={"help": "online: preference pairs; 0: all"})
+    online_math: int = field(default=0, metadata={"help": "online: word problems for train_grpo.py; 0: all"})
     online_max_tokens: int = field(default=2000, metadata={
         "help": "online: skip chats (sft, r1; dpo: prompt + longer reply) longer than about this many tokens, "
                 "guessed from characters"})
@@ -94,6 +97,11 @@ class HubSet:
     mb: float = 0.0                   # about what the whole split takes as our jsonl, for the disk check
 
 
+# GSM8K (Cobbe et al. 2021): 7,473 train / 1,319 test word problems, each answer a whole number; the Chinese
+# translation keeps the English fields and adds the question in Chinese and the bare answer.
+GSM8K = HubSet("openai/gsm8k", "main", val_split="test", rows=7_473, mb=4)
+GSM8K_ZH = HubSet("swulling/gsm8k_chinese", val_split="test", rows=7_473, mb=2)
+
 # Ids, configs, splits and fields as their dataset cards give them; tests/test_download_mini_data.py pins one
 # record of each. A stage with several sets reads them in order until its limit.
 HUB_SETS = {
@@ -101,27 +109,31 @@ HUB_SETS = {
         "en": {"pretrain": [HubSet("roneneldan/TinyStories", val_split="validation", rows=2_119_719, mb=1900)],
                "sft": [HubSet("yahma/alpaca-cleaned", rows=51_760, mb=45)],
                "r1": [HubSet("bespokelabs/Bespoke-Stratos-17k", rows=16_710, mb=270)],
-               "dpo": [HubSet("Anthropic/hh-rlhf", data_dir="helpful-base", val_split="test", rows=43_835, mb=75)]},
+               "dpo": [HubSet("Anthropic/hh-rlhf", data_dir="helpful-base", val_split="test", rows=43_835, mb=75)],
+               "math": [GSM8K]},
         "zh": {"pretrain": [HubSet("wikimedia/wikipedia", "20231101.zh", rows=1_384_748, mb=2600)],
                "sft": [HubSet("shibing624/alpaca-zh", rows=48_818, mb=35)],
                "r1": [HubSet("Congliu/Chinese-DeepSeek-R1-Distill-data-110k", rows=110_000, mb=680)],
-               "dpo": [HubSet("llamafactory/DPO-En-Zh-20k", "zh", rows=10_000, mb=30)]},
+               "dpo": [HubSet("llamafactory/DPO-En-Zh-20k", "zh", rows=10_000, mb=30)],
+               "math": [GSM8K_ZH]},
     },
     "12gb": {
         "en": {"pretrain": [HubSet("HuggingFaceFW/fineweb-edu", "sample-10BT", rows=9_672_101, mb=46000)],
                "sft": [HubSet("HuggingFaceTB/smol-smoltalk", val_split="test", rows=460_341, mb=1800)],
                "r1": [HubSet("bespokelabs/Bespoke-Stratos-17k", rows=16_710, mb=270)],
-               "dpo": [HubSet("Anthropic/hh-rlhf", data_dir="helpful-base", val_split="test", rows=43_835, mb=75)]},
+               "dpo": [HubSet("Anthropic/hh-rlhf", data_dir="helpful-base", val_split="test", rows=43_835, mb=75)],
+               "math": [GSM8K]},
         "zh": {"pretrain": [HubSet("wikimedia/wikipedia", "20231101.zh", rows=1_384_748, mb=2600),
                             HubSet("HuggingFaceFW/fineweb-2", "cmn_Hani", rows=636_058_984, mb=1_480_000)],
                "sft": [HubSet("llamafactory/alpaca_gpt4_zh", rows=42_715, mb=30),
                        HubSet("shibing624/sharegpt_gpt4", data_files="sharegpt_zh_38K_format.jsonl", rows=38_535,
                               mb=250)],
                "r1": [HubSet("Congliu/Chinese-DeepSeek-R1-Distill-data-110k", rows=110_000, mb=680)],
-               "dpo": [HubSet("llamafactory/DPO-En-Zh-20k", "zh", rows=10_000, mb=30)]},
+               "dpo": [HubSet("llamafactory/DPO-En-Zh-20k", "zh", rows=10_000, mb=30)],
+               "math": [GSM8K_ZH]},
     },
 }
-STAGES = ("pretrain", "sft", "r1", "dpo")
+STAGES = ("pretrain", "sft", "r1", "dpo", "math")  # math is online only: offline, the r1 problems carry answers
 # For turning --pretrain_tokens into characters before any tokenizer exists: on the low side of what
 # BPE tokenizers of 8k-32k pieces give (English web text ~4-4.5, Chinese ~1.4-1.6), so the text is
 # enough; train.py reports the real epochs from the shards' token count.
@@ -198,6 +210,26 @@ def from_reasoning_fields(rec):
     return chat([("user", text_of(rec, "input")), ("assistant", think_reply(reasoning, reply))], with_answer=True)
 
 
+def from_gsm8k(rec):
+    """GSM8K's "answer" is its working, calculator notes <<48/2=24>> and all, then "#### 72": the working becomes
+    the think block (notes dropped) and 72 the checkable answer."""
+    question, solution = text_of(rec, "question"), text_of(rec, "answer")
+    final = re.search(r"####\s*(-?[\d,]+(?:\.\d+)?)\s*$", solution)
+    if not question or not final:
+        return None
+    answer, working = final.group(1).replace(",", ""), re.sub(r"<<[^>]*>>", "", solution[:final.start()])
+    return {**chat([("user", question), ("assistant", think_reply(working, f"The answer is {answer}."))]),
+            "answer": answer}
+
+
+def from_gsm8k_zh(rec):
+    """The Chinese question with its bare answer: the set's working is GSM8K's English one, so no think block."""
+    question, answer = text_of(rec, "question_zh-cn"), rec.get("answer_only")
+    if not question or answer is None:
+        return None
+    return {**chat([("user", question), ("assistant", think_reply("", f"答案是 {answer}。"))]), "answer": str(answer)}
+
+
 def from_pair(rec):
     """A preference pair as its set writes it (records.py reads each format as it is), with only the fields the
     reader needs; None when the reader would refuse it (a reply empty, HH transcripts that do not share a prompt)."""
@@ -215,7 +247,8 @@ NORMALISERS = {"roneneldan/TinyStories": from_text, "wikimedia/wikipedia": from_
                "llamafactory/alpaca_gpt4_zh": from_chat, "HuggingFaceTB/smol-smoltalk": from_chat,
                "shibing624/sharegpt_gpt4": from_chat, "bespokelabs/Bespoke-Stratos-17k": from_stratos,
                "Congliu/Chinese-DeepSeek-R1-Distill-data-110k": from_reasoning_fields,
-               "Anthropic/hh-rlhf": from_pair, "llamafactory/DPO-En-Zh-20k": from_pair}
+               "Anthropic/hh-rlhf": from_pair, "llamafactory/DPO-En-Zh-20k": from_pair,
+               "openai/gsm8k": from_gsm8k, "swulling/gsm8k_chinese": from_gsm8k_zh}
 
 
 def hub_address():
@@ -237,7 +270,7 @@ def stage_limits(cfg: DownloadConfig, stage: str) -> "tuple[int, int]":
     """(records, characters) at which a stage stops; 0 means no limit."""
     if stage == "pretrain":
         return cfg.online_pretrain, int(cfg.pretrain_tokens * CHARS_PER_TOKEN[cfg.lang])
-    return {"sft": cfg.online_sft, "r1": cfg.online_r1, "dpo": cfg.online_dpo}[stage], 0
+    return {"sft": cfg.online_sft, "r1": cfg.online_r1, "dpo": cfg.online_dpo, "math": cfg.online_math}[stage], 0
 
 
 def stage_mb(cfg: DownloadConfig, stage: str) -> float:
@@ -368,7 +401,7 @@ def fetch_stage(cfg: DownloadConfig, stage: str, state: dict, save_state):
 
 
 def download_online(cfg: DownloadConfig) -> dict:
-    """Fetch every stage not fetched yet; returns {name: path} of the eight files."""
+    """Fetch every stage not fetched yet; returns {name: path} of the ten files."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     state_path = os.path.join(cfg.out_dir, "download_state.json")
     state = {"preset": cfg.preset, "lang": cfg.lang, "stages": {}}
@@ -389,7 +422,7 @@ def download_online(cfg: DownloadConfig) -> dict:
         if state["stages"].get(stage, {}).get("done"):  # finished once, but its files are gone: fetch anew
             del state["stages"][stage]
         fetch_stage(cfg, stage, state, save_state)
-    return {name: os.path.join(cfg.out_dir, f"{name}.jsonl") for name in FILE_NAMES}
+    return {name: os.path.join(cfg.out_dir, f"{name}.jsonl") for stage in STAGES for name in (stage, f"{stage}_val")}
 
 
 def stage_complete(cfg, stage, state) -> bool:
@@ -414,8 +447,10 @@ def describe_sets(preset: str, lang: str) -> str:
 
 
 def discard_download_state(out_dir: str):
-    """After writing the offline set: an online download's leftovers would only confuse a later run."""
-    for name in ["download_state.json"] + [f"{stage}.jsonl.partial" for stage in STAGES]:
+    """After writing the offline set: an online download's leftovers would only confuse a later run (its math
+    files too, which the offline set has none of)."""
+    online_only = [f"{stage}{suffix}.jsonl" for stage in STAGES for suffix in ("", "_val") if stage not in FILE_NAMES]
+    for name in ["download_state.json"] + [f"{stage}.jsonl.partial" for stage in STAGES] + online_only:
         path = os.path.join(out_dir, name)
         if os.path.exists(path):
             os.remove(path)
@@ -446,7 +481,8 @@ def download(cfg: DownloadConfig):
     if cfg.lang not in GENERATORS:
         raise UserError(f"--lang must be one of {', '.join(GENERATORS)}, got {cfg.lang!r}")
     if min(cfg.n_sft, cfg.n_r1, cfg.n_dpo, cfg.n_val) < 1 or cfg.pretrain_mb <= 0 or \
-            min(cfg.online_pretrain, cfg.online_sft, cfg.online_r1, cfg.online_dpo, cfg.pretrain_tokens) < 0:
+            min(cfg.online_pretrain, cfg.online_sft, cfg.online_r1, cfg.online_dpo, cfg.online_math,
+                cfg.pretrain_tokens) < 0:
         raise UserError("record counts and --pretrain_mb must be positive (online limits: 0 or more)")
     unusable = "--offline true was given" if cfg.offline else hub_unusable(cfg)
     if cfg.preset != "cpu" and unusable:
@@ -484,8 +520,8 @@ def main(argv=None):
     sources = " ".join(f"[{preset} {lang}] {describe_sets(preset, lang)}."
                        for preset in HUB_SETS for lang in HUB_SETS[preset])
     run_guarded(download, parse_config(
-        DownloadConfig, argv, presets=PRESETS, description=f"Write pretrain / sft / r1 / dpo jsonl data for a "
-        f"preset. Online sources: {sources} Offline (--offline true, or when the hub cannot be reached with the cpu "
+        DownloadConfig, argv, presets=PRESETS, description=f"Write pretrain / sft / r1 / dpo (/ math online) jsonl "
+        f"data for a preset. Online sources: {sources} Offline (--offline true, or when the hub cannot be reached with the cpu "
         f"preset): a built-in generator of stories, chats, checkable reasoning problems and preference pairs of "
         f"their right and wrong answers."))
 

@@ -68,12 +68,14 @@ def test_failing_datasets_falls_back(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(dm, "hub_reachable", lambda timeout: True)
     monkeypatch.setattr(dm, "open_stream", broken_stream)
+    (tmp_path / "math.jsonl").write_text("{}\n")  # an earlier online download's: the offline set has no math files
     dm.main(["--out_dir", str(tmp_path), "--pretrain_mb", "0.05", "--n_sft", "20", "--n_r1", "20", "--n_dpo", "20",
              "--n_val", "5"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("note", "error"))]
     assert len(err) == 1 and err[0].startswith("note: streaming from huggingface.co failed (ConnectionError: "
                                                "Couldn't reach the dataset)")
     assert not (tmp_path / "download_state.json").exists() and not list(tmp_path.glob("*.partial"))
+    assert not (tmp_path / "math.jsonl").exists()
     assert len(read(tmp_path / "sft.jsonl")) == 20
 
 
@@ -165,6 +167,18 @@ CARD_RECORDS = {
         "conversations": [{"from": "human", "value": "用一句话解释什么是光合作用。"}],
         "chosen": {"from": "gpt", "value": "光合作用是植物利用光能，把二氧化碳和水变成养分并放出氧气的过程。"},
         "rejected": {"from": "gpt", "value": "光合作用就是植物晒太阳。"}},
+    "openai/gsm8k": {  # config main: the working with calculator notes, then "#### " and the answer
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips to her "
+                    "friends in May. How many clips did Natalia sell altogether in April and May?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                  "altogether in April and May.\n#### 72"},
+    "swulling/gsm8k_chinese": {  # GSM8K's English fields, the question in Chinese and the answer as an int64
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips to her "
+                    "friends in May. How many clips did Natalia sell altogether in April and May?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                  "altogether in April and May.\n#### 72",
+        "question_zh-cn": "娜塔莉亚四月份把发夹卖给了她的48个朋友，五月份卖出的是四月份的一半。娜塔莉亚四月和五月一共卖出了多少个发夹？",
+        "answer_only": 72},
 }
 EXPECTED = {  # what each card record becomes
     "HuggingFaceTB/smol-smoltalk": {"conversations": [
@@ -180,6 +194,13 @@ EXPECTED = {  # what each card record becomes
         {"role": "user", "content": "小明有5个苹果，又买了3个，现在一共有几个？"},
         {"role": "assistant", "content": "<think>\n原来5个，加上3个，就是8个。\n</think>\n5 + 3 = 8。\n\n最终答案：\\boxed{8}"}],
         "answer": "8"},
+    "openai/gsm8k": {"conversations": [
+        {"role": "user", "content": CARD_RECORDS["openai/gsm8k"]["question"]},
+        {"role": "assistant", "content": "<think>\nNatalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
+                                         "altogether in April and May.\n</think>\nThe answer is 72."}], "answer": "72"},
+    "swulling/gsm8k_chinese": {"conversations": [
+        {"role": "user", "content": CARD_RECORDS["swulling/gsm8k_chinese"]["question_zh-cn"]},
+        {"role": "assistant", "content": "<think>\n\n</think>\n\n答案是 72。"}], "answer": "72"},
 }
 
 
@@ -351,10 +372,13 @@ def test_online_records_are_normalised(tmp_path, monkeypatch):
             {"chosen": long_prompt + "y" * 9000, "rejected": long_prompt + "no"},  # its chosen row is too long
             {"chosen": long_prompt + "y" * 3000, "rejected": long_prompt + "n" * 3000},  # each row fits: kept
             {"chosen": hh["chosen"], "rejected": "\n\nHuman: Something else?\n\nAssistant: No."}] * 2),  # no pair
+        ("openai/gsm8k", "test"): cycle([CARD_RECORDS["openai/gsm8k"]]),
+        ("openai/gsm8k", "train"): cycle([{"question": "No answer line?", "answer": "It is 3."},
+                                          CARD_RECORDS["openai/gsm8k"]]),
     }
     FakeHub(sets).install(monkeypatch)
     cfg = dm.DownloadConfig(out_dir=str(tmp_path), online_pretrain=5, online_sft=3, online_r1=2, online_dpo=3,
-                            n_val=1)
+                            online_math=0, n_val=1)
     paths = dm.download_online(cfg)
     assert [r["text"] for r in read(paths["pretrain"])] == [f"Story {i}." for i in range(5)]
     assert read(paths["pretrain_val"]) == [{"text": "Held out 0."}]
@@ -370,6 +394,16 @@ def test_online_records_are_normalised(tmp_path, monkeypatch):
     assert read(paths["dpo_val"]) == [hh]  # from the test split, past a damaged pair
     dpo = read(paths["dpo"])
     assert dpo[0] == hh and dpo[1]["chosen"].endswith("y" * 3000) and dpo[2] == hh and len(dpo) == 3
+    assert read(paths["math_val"]) == read(paths["math"]) == [EXPECTED["openai/gsm8k"]]  # all, less the damaged one
+
+
+def test_gsm8k_answers_with_thousands_and_damaged_records():
+    """1,000 is the answer 1000; a record without its "#### " line, or without a question, is skipped."""
+    record = dm.from_gsm8k({"question": "How many?", "answer": "10 * 100 = <<10*100=1000>>1000\n#### 1,000"})
+    assert record["answer"] == "1000" and record["conversations"][1]["content"].startswith("<think>\n10 * 100 = 1000")
+    assert dm.from_gsm8k({"question": "How many?", "answer": "It is 5."}) is None
+    assert dm.from_gsm8k({"question": "", "answer": "#### 5"}) is None
+    assert dm.from_gsm8k_zh({"question_zh-cn": "几个？", "answer_only": None}) is None
 
 
 def test_chinese_reasoning_fields_are_wrapped():
