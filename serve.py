@@ -23,10 +23,16 @@ around them. Stop strings apply to the answer and are cut from it. Messages are 
 chat template (tokenizer.render_prompt), a completion prompt as inference.py encodes it; a prompt
 that leaves no room in the context is refused, and max_tokens is cut to the room left.
 
-One request generates at a time; the others wait their turn. A client that goes away mid-stream
-stops its generation at the next token. Errors are OpenAI's JSON ({"error": {"message", "type",
-"param", "code"}}) with their status; a bug is a 500 with its traceback on stderr, and the server
-goes on. One line per request to stderr: method, path, status, tokens, seconds.
+Requests generate together (continuous batching): one model thread decodes up to --batch_size of them
+in one batch, each in a row of one KV cache at its own positions. A new request's prompt fills a
+free row at the next step while the others go on decoding, and further requests wait for a row,
+first come first served. Each row samples with its own request's settings and seed, so a request
+gets the tokens it would get alone (past the trained context, --max_seq_len's dynamic RoPE scaling
+rotates a step's rows by the longest one's length: then one request decodes at a time). A request
+that ends, or whose client goes away mid-stream, frees its row at the next step. Errors are
+OpenAI's JSON ({"error": {"message", "type", "param", "code"}}) with their status; a bug is a 500
+with its traceback on stderr, and the server goes on. One line per request to stderr: method,
+path, status, tokens, seconds.
 
 The API itself (chat_completion, text_completion, models) takes a request's JSON body and gives OpenAI's
 JSON, or its stream's chunks, as dicts; Handler only carries them over HTTP.
@@ -36,13 +42,14 @@ import hmac
 import ipaddress
 import json
 import math
+import queue
 import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
@@ -55,6 +62,7 @@ import torch
 
 from cli import UserError
 from inference import Counted, LoadSettings, load_for_inference, prompt_ids, run_script
+from model import sample
 from tokenizer import StreamDecoder, Tokenizer, render_prompt, reply_pieces, special_ids, thinking_switch
 
 PAGE = Path(__file__).with_name("serve.html")
@@ -78,6 +86,9 @@ class ServeConfig(LoadSettings):
     top_k: int = field(default=50, metadata={"help": "every request samples from the k likeliest tokens; 0: off"})
     repetition_penalty: float = field(default=1.05, metadata={
         "help": "every request: > 1 discourages tokens already in the text; 1: off"})
+    batch_size: int = field(default=8, metadata={
+        "help": "requests decoded together, each in a row of one KV cache (batch_size x the context, allocated at "
+                "the start); more wait for a free row"})
 
 
 class ApiError(Exception):
@@ -196,15 +207,6 @@ class PartText:
         return new
 
 
-def on_thread(executor: ThreadPoolExecutor, stream) -> Iterator[int]:
-    """The tokens of the generator `stream`, each step of it (and its closing) run on the executor's thread."""
-    try:
-        while (token := executor.submit(next, stream, None).result()) is not None:
-            yield token
-    finally:
-        executor.submit(stream.close).result()
-
-
 def completion_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
     """A base model's continuation as ("answer", text) pieces in whole characters, up to the end of the document."""
     text = StreamDecoder(tok)
@@ -215,20 +217,175 @@ def completion_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
     yield "answer", text.rest()
 
 
+class Request:
+    """One request in the batch. Its own thread reads the tokens that the model thread puts in `out` (None: the end;
+    an exception: raised there), and sets `gone` when it stops reading early; the rest is the model thread's."""
+
+    def __init__(self, prompt: list, settings: dict):
+        self.prompt, self.settings = prompt, settings
+        self.out, self.gone = queue.SimpleQueue(), False
+        self.seen = self.logits = None  # (vocab_size,) each: the tokens of its text (for the repetition penalty), and
+        # the logits of its next token
+        self.made, self.last = 0, None  # tokens sampled so far, and the latest
+
+
+class Batch:
+    """Continuous batching, on the model's own thread (torch.compile's CUDA graphs keep per-thread state and are not
+    safe across threads: pytorch issue 123177). The requests in flight decode together, each in a row of one KV cache
+    of batch_size rows x the model's context, allocated once. A request joins at the next step, its prompt prefilled
+    into a free row (through a view of that row: the others are untouched), or waits for one, first come first
+    served. Each step samples a token for every row in use, with its request's own settings and generator, then runs
+    one decode step over all the rows, each at its own position. A row is freed when its request is done or its
+    caller has gone. Rows never mix, so a request's tokens are the ones it would get alone."""
+
+    def __init__(self, model, batch_size: int, device):
+        self.model, self.device = model, device
+        self.rows = [None] * batch_size  # the Request decoding in each row of the cache, None: free (model thread's)
+        self.waiting = deque()  # requests for a row, in the order they came
+        self.changed = threading.Condition()  # guards waiting and closing; notified when either changes
+        self.closing = False
+        self.most_rows = 0  # the most rows in use in one decode step: how much batching there has been
+        self.thread = threading.Thread(target=self.run, name="model")
+        self.thread.start()
+
+    def tokens(self, prompt: list, settings: dict) -> Iterator[int]:
+        """A request's tokens (settings: sampling()'s) as the model thread samples them. Closed before their end,
+        they free the request's row at the next step."""
+        request = Request(prompt, settings)
+        with self.changed:
+            self.waiting.append(request)
+            self.changed.notify()
+        try:
+            while (token := request.out.get()) is not None:
+                if isinstance(token, Exception):
+                    raise token
+                yield token
+        finally:
+            request.gone = True
+
+    def close(self):
+        """Stop the model thread after its step; requests still in flight get an error."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify()
+        self.thread.join()
+
+    @torch.no_grad()
+    def run(self):
+        """The model thread: steps while there is work, until the server closes."""
+        self.model.eval()
+        B = len(self.rows)
+        cache = self.model.decode_cache(self.model.cfg.max_seq_len, B)  # compiled: kept, at a static address
+        if self.model.compiled_decoding:  # a batch of B rows has its own graph: compiled now, not in the first answer
+            self.model.decode_step(*[torch.zeros(B, 1, dtype=torch.long, device=self.device)] * 2, cache)
+        while self.wait():
+            self.step(cache)
+        with self.changed:
+            for request in [r for r in self.rows if r is not None] + list(self.waiting):
+                request.out.put(ApiError(503, "the server is shutting down", kind="server_error"))
+
+    def wait(self) -> bool:
+        """Block while no row is in use and no request waits; False once the server closes."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.closing or self.waiting or any(r is not None for r in self.rows))
+            return not self.closing
+
+    def step(self, cache):
+        """Free the rows whose caller has gone, prefill waiting requests into the free rows, sample a token for every
+        row in use (freeing those whose request is done), and decode the rows that go on. An exception fails only the
+        requests it touched; the batch goes on."""
+        for b, request in enumerate(self.rows):
+            if request is not None and request.gone:
+                self.rows[b] = None
+        for b in self.admit():
+            try:
+                self.prefill(b, cache)
+            except Exception as e:
+                self.end(b, e)
+        for b, request in enumerate(self.rows):
+            if request is not None:
+                try:
+                    self.next_token(b)
+                except Exception as e:
+                    self.end(b, e)
+        if in_use := [b for b, request in enumerate(self.rows) if request is not None]:
+            try:
+                self.decode(cache)
+            except Exception as e:
+                for b in in_use:
+                    self.end(b, e)
+
+    def admit(self) -> list:
+        """The rows given to waiting requests, first come first served (those whose caller has gone dropped)."""
+        admitted = []
+        with self.changed:
+            for b in range(len(self.rows)):
+                while self.rows[b] is None and self.waiting:
+                    request = self.waiting.popleft()
+                    if not request.gone:
+                        self.rows[b] = request
+                        admitted.append(b)
+        return admitted
+
+    def prefill(self, b: int, cache):
+        """Row b's prompt in one forward through that row's view of the cache: the logits of its first token."""
+        request = self.rows[b]
+        prompt = torch.tensor(request.prompt, device=self.device)  # (T,)
+        logits = self.model(prompt[None], cache=cache.row(b), positions=torch.arange(len(prompt), device=self.device),
+                            last_only=True)[0]  # (1, 1, vocab_size)
+        request.logits = logits[0, -1].float()
+        request.seen = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        request.seen[prompt] = True
+
+    def next_token(self, b: int):
+        """Row b's next token, handed to its request; the row freed when the request is done: a stop id, or its
+        max_new_tokens, which sampling() cuts to the room left in the context."""
+        request = self.rows[b]
+        s = request.settings
+        token = sample(request.logits, s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"],
+                       request.seen, s["generator"])
+        request.out.put(token)
+        request.made, request.last = request.made + 1, token
+        request.seen[token] = True
+        if token in s["stop_ids"] or request.made == s["max_new_tokens"]:
+            self.end(b)
+
+    def decode(self, cache):
+        """One decode step for every row: the latest token of a row in use at its position, and in a free row a dummy
+        token at position 0 (what it writes there, the next prefill overwrites); each row's next logits."""
+        rows = self.rows
+        tokens = torch.tensor([[0 if r is None else r.last] for r in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[0 if r is None else len(r.prompt) + r.made - 1] for r in rows],
+                                 device=self.device)  # (B, 1)
+        logits = self.model.decode_step(tokens, positions, cache)  # (B, vocab_size)
+        for b, request in enumerate(rows):
+            if request is not None:
+                request.logits = logits[b]
+        self.most_rows = max(self.most_rows, len(rows) - rows.count(None))
+
+    def end(self, b: int, outcome=None):
+        """Free row b, then tell its request (so it finds its row free): None, done; an exception, failed."""
+        request, self.rows[b] = self.rows[b], None
+        request.out.put(outcome)
+
+
 class ServedModel:
-    """The model behind the API and what its requests share. The model runs on one thread of its own (torch.compile's
-    CUDA graphs keep per-thread state and are not safe across threads: pytorch issue 123177), one request's
-    generation at a time: the lock's holder hands its steps over; the others wait for the lock."""
+    """The model behind the API and what its requests share: the Batch that decodes them."""
 
     def __init__(self, model, tok: Tokenizer, cfg: ServeConfig, device="cpu"):
         self.model, self.tok, self.cfg, self.device = model, tok, cfg, device
         self.name = cfg.model_name or "-".join(Path(cfg.ckpt).with_suffix("").parts[-2:])
         self.created = int(time.time())
-        self.lock = threading.Lock()
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        rows = cfg.batch_size
+        if (model.cfg.rope_scaling or {}).get("rope_type") == "dynamic" and rows > 1:
+            print("note: dynamic RoPE scaling (--max_seq_len past the trained context) rotates a decode step's rows by "
+                  "its longest row's length, so a request's tokens would depend on the others: one request decodes "
+                  "at a time", file=sys.stderr)
+            rows = 1
+        self.batch = Batch(model, rows, device)
 
     def close(self):
-        self.model_thread.shutdown()
+        self.batch.close()
 
 
 @dataclass
@@ -251,8 +408,9 @@ def one_choice(body: dict):
 
 
 def sampling(served: ServedModel, body: dict, prompt: list, param: str, stop_id: int) -> dict:
-    """model.generate_stream's settings for this request: its own where it gives them, else the server's flags;
-    max_new_tokens cut to the room the context leaves after the prompt (`param`), which must leave some."""
+    """This request's sampling settings, named as model.generate_stream's: its own where it gives them, else the
+    server's flags; max_new_tokens cut to the room the context leaves after the prompt (`param`), which must leave
+    some."""
     cfg, ctx = served.cfg, served.model.cfg.max_seq_len
     room = ctx - len(prompt)
     if room < 1:
@@ -275,10 +433,9 @@ def sampling(served: ServedModel, body: dict, prompt: list, param: str, stop_id:
 
 def generated_pieces(served: ServedModel, prompt: list, settings: dict, decode, texts: dict,
                      tally: Tally) -> Iterator[tuple]:
-    """generation's pieces: the model's, taken in turn, and closed (it stops, the next request goes) when the caller
-    stops early; the tally kept up to date."""
-    with served.lock, closing(on_thread(served.model_thread, served.model.generate_stream(prompt, **settings))) \
-            as stream:
+    """generation's pieces: the request's tokens from the batch, closed (its row freed) when the caller stops early;
+    the tally kept up to date."""
+    with closing(served.batch.tokens(prompt, settings)) as stream:
         tokens = Counted(stream)
         for part, text in decode(tokens):
             tally.completion_tokens = tokens.n
@@ -297,7 +454,7 @@ def generated_pieces(served: ServedModel, prompt: list, settings: dict, decode, 
 def generation(served: ServedModel, body: dict, tally: Tally, prompt: list, param: str, stop_id: int, decode,
                strip: bool) -> Iterator[tuple]:
     """The reply's (part, text) pieces, from decode(its tokens), with the request's settings checked now (before
-    any answer is sent), generated when iterated, one request at a time."""
+    any answer is sent), generated in the batch when iterated."""
     settings = sampling(served, body, prompt, param, stop_id)
     texts = {"reasoning": PartText(strip=strip), "answer": PartText(stop_strings(body), strip)}
     tally.prompt_tokens = len(prompt)
@@ -417,7 +574,7 @@ class JsonHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # JSON answers keep the connection open; a stream closes it at its end
     server_version = "tinychat"
     disable_nagle_algorithm = True  # each streamed piece goes out at once
-    write_timeout = 60  # seconds: a client that stops reading a stream is dropped, and frees the model
+    write_timeout = 60  # seconds: a client that stops reading a stream is dropped, and frees its row
     streaming = False  # whether a stream's status line has gone out: an error then can only be one more event
 
     def read_body(self, limit: int) -> bytes:
@@ -452,7 +609,7 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def send_stream(self, chunks: Iterator[dict]):
         """Server-sent events, each chunk as soon as it is made, then [DONE]. The chunks are closed even when the
-        client has gone: that stops their generation, and frees the model for the next request."""
+        client has gone: that stops their generation, and frees its row of the batch."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -576,6 +733,8 @@ class ChatServer(ThreadingHTTPServer):
 
 
 def run(cfg: ServeConfig):
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch_size {cfg.batch_size}: at least 1")
     model, tok, device = load_for_inference(cfg)
     try:
         server = ChatServer(model, tok, cfg, device)

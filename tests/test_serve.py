@@ -1,7 +1,7 @@
 """serve.py live on 127.0.0.1, through the official openai client and raw HTTP: chat (reasoning apart from the answer,
-streamed and not), completions, models, stop strings, seeds, errors, a client that goes away, requests in turn; and
-its API without HTTP, request bodies in and OpenAI's dicts out, the thinking switch (chat_template_kwargs, /think)
-included."""
+streamed and not), completions, models, stop strings, seeds, errors, a client that goes away, concurrent requests
+decoded in one batch (each as it would be alone), those past the batch in turn; and its API without HTTP, request
+bodies in and OpenAI's dicts out, the thinking switch (chat_template_kwargs, /think) included."""
 import http.client
 import json
 import re
@@ -32,45 +32,63 @@ TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_
 
 
 class ScriptedModel:
-    """Stands in for the Transformer: replies with prepared token ids, then a filler token for as long as it is
-    allowed, one token every `delay` seconds. Records prompts, how many generations ran at once, closed ones, and
-    the threads it ran on."""
+    """Stands in for the Transformer in serve.py's batch: each row of the KV cache replies to its prompt with prepared
+    token ids, then a filler token for as long as it is allowed (logits with all their weight on that token), one
+    forward every `delay` seconds. Records the prompts, the tokens each was given, the most rows in use in one decode
+    step, and the threads it ran on; with `fail` set, every forward raises."""
+    compiled_decoding = False
 
     def __init__(self, reply, filler, max_seq_len=4096, delay=0.0):
-        self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
+        self.cfg = SimpleNamespace(max_seq_len=max_seq_len, vocab_size=512, rope_scaling=None)
         self.reply, self.filler, self.delay = reply, filler, delay
-        self.prompts, self.yielded, self.active, self.most_active, self.closed, self.fail = [], [], 0, 0, 0, False
-        self.threads = set()
+        self.prompts, self.yielded, self.most_active, self.fail = [], [], 0, False
+        self.of_row, self.threads = {}, set()  # of_row: each cache row's latest prompt, as its index in prompts
 
-    def generate_stream(self, prompt, max_new_tokens, stop_ids, **kwargs):
-        self.prompts.append(list(prompt))
+    def eval(self):
+        return self
+
+    def decode_cache(self, length, batch_size):
+        return SimpleNamespace(row=lambda b: b)  # a row's cache: its index
+
+    def __call__(self, tokens, cache, positions, last_only):
+        """A prompt's prefill into row `cache`: the logits of the reply's first token (1, 1, vocab_size)."""
+        self.forward()
+        self.prompts.append(tokens[0].tolist())
         self.yielded.append(0)
-        self.active += 1
-        self.most_active = max(self.most_active, self.active)
-        try:
-            if self.fail:
-                raise RuntimeError("scripted failure")
-            for i in range(max_new_tokens):
-                self.threads.add(threading.current_thread().name)
-                time.sleep(self.delay)
-                token = self.reply[i] if i < len(self.reply) else self.filler
-                self.yielded[-1] += 1
-                yield token
-                if token in stop_ids:
-                    return
-        finally:
-            self.active -= 1
-            self.closed += 1
+        self.of_row[cache] = len(self.prompts) - 1
+        return self.next_logits(cache)[None, None], None
+
+    def decode_step(self, tokens, positions, cache):
+        self.forward()
+        rows = [b for b in range(len(positions)) if positions[b, 0] > 0]  # a free row decodes at position 0
+        self.most_active = max(self.most_active, len(rows))
+        logits = torch.zeros(len(positions), self.cfg.vocab_size)
+        for b in rows:
+            logits[b] = self.next_logits(b)
+        return logits
+
+    def forward(self):
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("scripted failure")
+
+    def next_logits(self, row):
+        i = self.of_row[row]
+        n, self.yielded[i] = self.yielded[i], self.yielded[i] + 1
+        logits = torch.full((self.cfg.vocab_size,), float("-inf"))
+        logits[self.reply[n] if n < len(self.reply) else self.filler] = 0.0
+        return logits
 
 
 @contextmanager
 def serving(model, tok, **settings):
-    """A server on a free port in a thread of this process; yields its base URL."""
+    """A server on a free port in a thread of this process; yields its base URL and its ServedModel."""
     server = serve.ChatServer(model, tok, serve.ServeConfig(port=0, api_key=KEY, **settings))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.served
     finally:
         server.shutdown()
         server.server_close()
@@ -111,8 +129,8 @@ def ckpt(tokenizer_path, tmp_path_factory):
 def tiny(ckpt):
     """A random-weight model with a 64-token context, served as load_for_inference loads it."""
     model, tok, _ = load_for_inference(LoadSettings(ckpt=ckpt, device="cpu", dtype="float32"))
-    with serving(model, tok, ckpt=ckpt, repetition_penalty=1.0, max_body_bytes=4000) as url:
-        yield SimpleNamespace(url=url, model=model, tok=tok)
+    with serving(model, tok, ckpt=ckpt, repetition_penalty=1.0, max_body_bytes=4000) as (url, served):
+        yield SimpleNamespace(url=url, model=model, tok=tok, served=served)
 
 
 def reply_ids(tok, answer, think=None):
@@ -183,9 +201,113 @@ def test_completions_continue_the_prompt_as_inference_does(tiny):
     assert cut.usage.prompt_tokens == len(prompt_ids(tiny.tok, longest)) and cut.usage.total_tokens <= 64
 
 
+QUESTIONS = ["Tom found a red ball.", "Where is Lily?", "Count to three.", "Mia built a boat.", "Hi", "What is 3 + 4?",
+             "Sam lost the kite.", "Zoe watched a bird."]
+
+
+@pytest.fixture(scope="module")
+def varied(tok):
+    """A random model with a 1,024-token context whose weights (std 0.3) make every question's reply its own (rows
+    that mixed would show), served with the default 8 rows."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**TINY, "max_seq_len": 1024}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    with serving(model, tok) as (url, served):
+        yield SimpleNamespace(url=url, served=served, chat=lambda: client(url).chat.completions)
+
+
+def ask(chat, question, **settings):
+    """A streamed chat completion of one question."""
+    return chat.create(model="x", messages=[{"role": "user", "content": question}], stream=True, **settings)
+
+
+def at_once(calls) -> list:
+    """What the calls return (or raise), each called in a thread of its own, all let go together."""
+    results, start = [None] * len(calls), threading.Barrier(len(calls))
+
+    def run(i):
+        start.wait()
+        try:
+            results[i] = calls[i]()
+        except Exception as e:
+            results[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_concurrent_streams_decode_together_each_as_it_would_alone(varied):
+    greedy = dict(temperature=0, max_tokens=40)
+    alone = [stream_parts(ask(varied.chat(), q, **greedy)) for q in QUESTIONS]
+    assert len(set(alone)) == len(QUESTIONS)
+    varied.served.batch.most_rows = 0
+    together = at_once([lambda chat=varied.chat(), q=q: stream_parts(ask(chat, q, **greedy)) for q in QUESTIONS])
+    assert together == alone and varied.served.batch.most_rows > 1
+
+
+def test_the_batch_gives_each_request_the_tokens_model_generate_gives_it_alone(varied, tok):
+    """Prompts of different lengths in the rows of one batch, greedy and sampled (each request its own generator,
+    seeded), give what model.generate gives each alone: the server's tokens before batching."""
+    model, prompts = varied.served.model, [render_prompt(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+    def settings(seed):
+        return dict(max_new_tokens=60, top_k=50, temperature=0.9 if seed else 0, top_p=0.9, repetition_penalty=1.05,
+                    stop_ids=[special_ids(tok)["im_end"]], generator=torch.Generator().manual_seed(seed))
+    for seed in (0, 5):
+        alone = [model.generate(p, **settings(seed)) for p in prompts]
+        together = at_once([lambda p=p: list(varied.served.batch.tokens(p, settings(seed))) for p in prompts])
+        assert together == alone
+
+
+def test_a_dropped_stream_frees_its_row_while_the_others_go_on(varied, tok):
+    greedy = dict(temperature=0, max_tokens=40)
+    questions = QUESTIONS[:3]
+    alone = [stream_parts(ask(varied.chat(), q, **greedy)) for q in questions]
+    dropped = ask(varied.chat(), "Tell me about the sea.", temperature=0, max_tokens=900)  # no stop in 900 tokens
+    chunks = iter(dropped)
+    next(chunks), next(chunks)  # the role, then the first text: it has its row
+    (request,) = [r for r in varied.served.batch.rows if r is not None]
+    streaming = threading.Barrier(len(questions) + 1)
+
+    def other(chat, question):
+        stream = iter(ask(chat, question, **greedy))
+        first = next(stream)
+        streaming.wait()  # every stream under way before the drop
+        return stream_parts([first, *stream])
+    dropper = threading.Thread(target=lambda: (streaming.wait(), dropped.close()))
+    dropper.start()
+    together = at_once([lambda chat=varied.chat(), q=q: other(chat, q) for q in questions])
+    dropper.join()
+    assert together == alone
+    assert eventually(lambda: request not in varied.served.batch.rows)
+    assert request.made < 900 and request.last != special_ids(tok)["im_end"]  # it left before its end: freed
+
+
+def test_a_seeded_request_samples_the_same_text_beside_others(varied):
+    seeded = dict(temperature=1.0, top_p=0.95, seed=7, max_tokens=40)
+    alone = stream_parts(ask(varied.chat(), "Hi", **seeded))
+    assert alone != stream_parts(ask(varied.chat(), "Hi", **{**seeded, "seed": 8}))
+    others = [ask(varied.chat(), q, temperature=t, max_tokens=900) for q, t in
+              (("Where is Lily?", 0), ("Sam lost the kite.", 0), ("Count to three.", 0.8))]
+    for stream in others:
+        next(iter(stream)), next(iter(stream))  # under way, each in its row
+    varied.served.batch.most_rows = 0
+    beside = stream_parts(ask(varied.chat(), "Hi", **seeded))
+    assert varied.served.batch.most_rows > 1
+    for stream in others:
+        stream.close()
+    assert beside == alone
+
+
 def test_reasoning_comes_apart_from_the_answer_and_stop_strings_cut_it(tok):
     model = ScriptedModel(reply_ids(tok, "It is 7, so seven.", think="I add 3 and 4."), tok.encode("x")[0])
-    with serving(model, tok) as url:
+    with serving(model, tok) as (url, _):
         chat = client(url).chat.completions
         messages = [{"role": "user", "content": "What is 3 + 4?"}]
         message = chat.create(model="x", messages=messages).choices[0].message
@@ -232,7 +354,7 @@ def test_refusals_are_openai_errors(tiny):
 
 def test_a_bug_is_a_500_and_the_server_goes_on(tok, capfd):
     model = ScriptedModel(reply_ids(tok, "Fine."), tok.encode("x")[0])
-    with serving(model, tok) as url:
+    with serving(model, tok) as (url, _):
         chat = client(url).chat.completions
         messages = [{"role": "user", "content": "Hi"}]
         model.fail = True
@@ -248,9 +370,9 @@ def test_a_bug_is_a_500_and_the_server_goes_on(tok, capfd):
     assert re.search(r"POST /v1/chat/completions 200 \d+ tokens \d+\.\d\ds\n", err)
 
 
-def test_a_client_gone_mid_stream_frees_the_model_at_once(tok):
+def test_a_client_gone_mid_stream_frees_its_row_at_once(tok):
     model = ScriptedModel([], tok.encode("x")[0], delay=0.01)  # 4,096 tokens: 40 s if nothing stops it
-    with serving(model, tok) as url:
+    with serving(model, tok, batch_size=1) as (url, served):  # one row: the next request needs this one's
         body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "Hi"}], "stream": True}).encode()
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as s:
@@ -265,24 +387,35 @@ def test_a_client_gone_mid_stream_frees_the_model_at_once(tok):
         answer = client(url).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
                                                      max_tokens=5)
         assert answer.choices[0].message.content == "xxxxx" and time.perf_counter() - t0 < 2
-        assert model.closed == 2 and model.yielded[0] < 100
+        assert model.yielded == [model.yielded[0], 5] and model.yielded[0] < 100 and served.batch.rows == [None]
 
 
-def test_concurrent_requests_take_turns(tok):
-    model = ScriptedModel(reply_ids(tok, "Done."), tok.encode("x")[0], delay=0.02)
-    with serving(model, tok) as url:
-        results = []
+def eventually(condition, timeout=20.0) -> bool:
+    """Whether condition() comes true within timeout seconds."""
+    deadline = time.perf_counter() + timeout
+    while not condition() and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    return condition()
 
-        def ask(stream):
-            chat = client(url).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
-                                                       stream=stream)
-            results.append(stream_parts(chat)[1] if stream else chat.choices[0].message.content)
-        threads = [threading.Thread(target=ask, args=(stream,)) for stream in (False, True, False)]
-        for t in threads:
+
+def test_requests_decode_together_and_those_past_the_batch_wait_in_order(tok):
+    model = ScriptedModel([], tok.encode("x")[0], delay=0.01)
+    prompts = [[{"role": "user", "content": f"Question {i}"}] for i in range(4)]
+    with serving(model, tok, batch_size=2) as (url, served):
+        results = {}
+
+        def ask(i, stream):
+            chat = client(url).chat.completions.create(model="x", messages=prompts[i], max_tokens=50, stream=stream)
+            results[i] = stream_parts(chat)[1] if stream else chat.choices[0].message.content
+        threads = [threading.Thread(target=ask, args=(i, i % 2 == 1)) for i in range(4)]
+        for i, t in enumerate(threads):  # each one in its row or in the queue before the next comes
             t.start()
+            assert eventually(lambda: len(model.prompts) + len(served.batch.waiting) > i)
         for t in threads:
             t.join(timeout=20)
-    assert results == ["Done."] * 3 and model.most_active == 1
+    assert results == {i: "x" * 50 for i in range(4)}
+    assert model.most_active == served.batch.most_rows == 2  # two rows in one decode step, never more
+    assert model.prompts == [render_prompt(tok, p) for p in prompts]  # rows given first come, first served
     assert len(model.threads) == 1 and model.threads != {threading.current_thread().name}  # the model's own thread
 
 
@@ -309,6 +442,15 @@ def test_part_text_streams_exactly_the_text_it_gives_whole(text, stops, expected
 def api(model, tok):
     """The API without HTTP: a ServedModel to hand request bodies to, its model thread shut down on closing."""
     return closing(serve.ServedModel(model, tok, serve.ServeConfig(model_name="tiny")))
+
+
+def test_dynamic_rope_scaling_decodes_one_request_at_a_time(tok, capsys):
+    """Its RoPE tables follow a decode step's longest row, so rows decoded together would change each other."""
+    model = ScriptedModel([], tok.encode("x")[0])
+    model.cfg.rope_scaling = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 2048}
+    with api(model, tok) as served:
+        assert served.batch.rows == [None]
+    assert "one request decodes at a time" in capsys.readouterr().err
 
 
 def test_the_api_answers_a_body_with_openai_json(tok):
@@ -352,7 +494,7 @@ def test_the_api_takes_enable_thinking_from_chat_template_kwargs_or_the_soft_swi
         assert message["content"] == "It is 7."
         assert message["reasoning_content"] == ("I add 3 and 4." if model is reasoned else None)
     assert tok.decode(answered.prompts[0]).endswith("<|im_start|>assistant\n" + EMPTY_THINK)
-    with serving(answered, tok) as url:  # as an OpenAI client sends it to vLLM
+    with serving(answered, tok) as (url, _):  # as an OpenAI client sends it to vLLM
         chat = client(url).chat.completions
         message = chat.create(model="x", messages=[question], extra_body={
             "chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
@@ -386,14 +528,17 @@ def test_the_api_streams_the_role_then_the_deltas_then_the_finish(tok):
 
 
 def test_the_api_stops_generating_when_its_chunks_are_closed(tok):
-    model = ScriptedModel([], tok.encode("x")[0])  # 4,096 tokens if nothing stops it
+    model = ScriptedModel([], tok.encode("x")[0], delay=0.01)  # 4,096 tokens, 40 s, if nothing stops it
     with api(model, tok) as served:
         chunks = serve.chat_completion(served, {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
                                        serve.Tally())
         assert next(chunks)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         assert next(chunks)["choices"][0]["delta"] == {"content": "x"}
         chunks.close()  # as the Handler does when the client has gone
-        assert model.closed == 1 and model.yielded[0] < 10 and not served.lock.locked()
+        assert eventually(lambda: served.batch.rows.count(None) == len(served.batch.rows))
+        made = model.yielded[0]
+        time.sleep(0.1)
+        assert made < 50 and model.yielded == [made]  # its row freed: no more tokens
 
 
 @pytest.mark.parametrize("endpoint, body, param, code, message", [  # a 32-token context; "Hi" fits

@@ -1,6 +1,6 @@
 """The shape of the folder: which file may import which (an exact table: any other import fails), the rules the
 table keeps (library files import only library files listed before them; a stage script imports library and data
-files and at most one hub; nothing imports a stage; no chain longer than 5 files; at most 77 imports), the
+files and at most one hub; nothing imports a stage; no chain longer than 5 files; at most 78 imports), the
 README's file list against the table, and the files meant to be copied into another project, copied alone."""
 import ast
 import functools
@@ -45,7 +45,7 @@ IMPORTS = {
     "train_dpo": ["cli", "dataset_sft", "evaluate", "lora", "records", "runtime", "train"],
     "train_grpo": ["cli", "dataset_sft", "evaluate", "lora", "runtime", "tokenizer", "train"],
     "inference_sft": ["cli", "inference", "tokenizer"],
-    "serve": ["cli", "inference", "tokenizer"],
+    "serve": ["cli", "inference", "model", "tokenizer"],
     "convert_hf": ["cli", "dataset", "lora", "model", "quantize", "records", "tokenizer"],
     "bench": ["cli", "dataset_sft", "lora", "model", "offline_data", "quantize", "runtime"],
 }
@@ -93,8 +93,9 @@ def test_few_imports_and_short_chains():
     @functools.lru_cache(None)
     def chain(name):  # the longest import chain starting at this file, in files
         return 1 + max((chain(other) for other in IMPORTS[name]), default=0)
-    # ARCHITECTURE.md aims at ~70; train_grpo.py's seven (it samples, so it needs the tokenizer and LoRA's switch)
-    assert sum(map(len, IMPORTS.values())) <= 77
+    # ARCHITECTURE.md aims at ~70; train_grpo.py's seven (it samples, so it needs the tokenizer and LoRA's switch);
+    # serve.py's model (its batch samples each row with model.sample)
+    assert sum(map(len, IMPORTS.values())) <= 78
     assert max(map(chain, IMPORTS)) <= 5
 
 
