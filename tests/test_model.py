@@ -1,4 +1,6 @@
 """model.py: cached decoding, sampling conventions, checkpoint loading errors."""
+import copy
+
 import pytest
 import torch
 
@@ -266,3 +268,30 @@ def test_extend_context_keeps_the_weights_and_scales_rope(scaling):
     if scaling != "none":
         with pytest.raises(ModelError, match="scaled already"):
             extend_context(longer, 160, "yarn")
+
+
+@pytest.mark.slow
+def test_every_fast_decoding_path_gives_the_plain_greedy_tokens(monkeypatch):
+    """64 greedy tokens on several prompts: eager inference (oneDNN's products, only the cache's filled part read)
+    and compiled decoding (products written as sums, attention written out) against the plain path (BLAS's
+    products through F.linear); int8 weights compiled against int8 eager."""
+    import model as model_module
+    from quantize import quantize_model
+    model = tiny_model(max_seq_len=128)
+    with torch.no_grad():  # larger weights than at initialisation: varied tokens with clear margins
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    prompts = [[5, 17, 3], list(range(1, 30)), [42, 42, 7]]
+
+    def greedy(m):
+        return [m.generate(p, max_new_tokens=64, temperature=0) for p in prompts]
+    with monkeypatch.context() as plain:
+        plain.setattr(model_module, "ONEDNN", False)
+        reference = greedy(model)
+    assert len({tuple(t) for t in reference}) == 3 and all(len(set(t)) > 8 for t in reference)
+    assert greedy(model) == reference
+    int8 = quantize_model(copy.deepcopy(model))
+    int8_eager = greedy(int8)
+    assert greedy(compile_decoding(model)) == reference
+    assert greedy(compile_decoding(int8)) == int8_eager
