@@ -9,11 +9,17 @@ Speed measurements, printed as a table. Each row is one function below.
   python bench.py --dtype bfloat16   # both in bf16 (fast on CPUs with AVX512-BF16 / AMX)
 
 decode: batch-1 greedy generation of --new_tokens tokens after a --prompt_tokens prompt, with
-our generate() (eager; compiled with --compile true; with int8 weights, quantize.py) and with
-transformers' LlamaForCausalLM.generate() of the same shape (both random init: speed does not depend
-on the values). After a warm-up run, the best of --repeats runs. Beside them the roofline: every
-linear layer applied once to a one-token vector and nothing else, the bound of batch-1 decoding
-(it reads every weight once per token) on this machine in this dtype.
+our generate() (eager; compiled with --compile true; with int8 weights, quantize.py), with
+transformers' LlamaForCausalLM.generate() of the same shape and with llama.cpp (llama-cpp-python) on the
+same weights in f32 and q8_0 (random init: speed does not depend on the values). After a warm-up run,
+the best of --repeats runs, rows taken in turns. Beside them the bound: batch-1 decoding reads every
+weight and the keys and values once per token, so memory speed (a sum over 1 GiB, the same threads)
+divided by those bytes is the most tokens/s this machine can give.
+  python bench.py --preset smollm2-135m   # decode and serving rows only, at SmolLM2-135M's shape
+llama.cpp rows need llama-cpp-python, LLAMA_CPP_DIR (a llama.cpp source tree: its converter, as .ci/run sets)
+and a tokenizer for the export (--tokenizer); without them they are skipped with a note.
+serve: --serve_streams N,M,...: that many greedy streams of --new_tokens at once through serve.py (eager,
+continuous batching; needs --tokenizer) over HTTP, total tokens/s and the mean time to each stream's first token.
 train: one optimizer step of --grad_accum micro-batches of --batch_size x --seq_len tokens (fp32
 on CPU, bf16 autocast on CUDA), ours eager, ours compiled (--compile true) and transformers, with
 MFU and peak memory (torch.cuda.max_memory_allocated on CUDA; on CPU the live tensor bytes).
@@ -32,15 +38,18 @@ padded to the longest row against packed (--pack), in useful (conversation) toke
 """
 import contextlib
 import copy
+import http.client
 import io
 import itertools
 import json
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -48,6 +57,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -58,8 +68,9 @@ from dataset_sft import SFTData, shard_dir_for
 from lora import add_lora, cast_frozen, lora_params
 from model import ModelConfig, ModelError, Transformer, compile_decoding, fuse_projections
 from offline_data import english_chat
-from quantize import quantize_model
+from quantize import Int8Linear, quantize_model
 from runtime import Runtime, cap_memory, choose_device, choose_dtype, estimate_memory, peak_flops
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -88,6 +99,11 @@ class BenchConfig:
                                                         "the frozen model; 0: every weight trained"})
     memory_only: bool = field(default=False, metadata={"help": "print only the simulated bf16 memory row"})
     compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd training step and decode"})
+    decode_only: bool = field(default=False, metadata={"help": "only the decode and serving rows"})
+    llama_cpp: bool = field(default=True, metadata={
+        "help": "decode rows: also llama.cpp on the same weights, f32 and q8_0 (skipped with a note without it)"})
+    serve_streams: str = field(default="", metadata={
+        "help": "serving rows: comma-separated numbers of concurrent streams, e.g. 1,4,8; empty: none"})
     peak_tflops: float = field(default=0.0, metadata={"help": "for MFU; 0: the GPU table / measured CPU matmuls"})
     memory_cap_gib: float = field(default=0.0, metadata={
         "help": "CUDA: use at most this much GPU memory, e.g. 12 to act as a 12 GB card; 0: all"})
@@ -107,6 +123,9 @@ PRESETS = {
                  batch_size=8, seq_len=1024, grad_accum=8, compile=True),
 }
 LORA_12GB = dict(lora_rank=16, batch_size=4, seq_len=1024, max_seq_len=2048, grad_checkpointing=True, hf=False)
+PRESETS["smollm2-135m"] = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                               max_seq_len=2048, prompt_tokens=16, new_tokens=128, repeats=3, compile=True,
+                               decode_only=True, serve_streams="1,4,8")
 PRESETS.update({  # shapes of Hugging Face models that convert_hf.py imports, with train_sft.py's 12gb_lora settings
     "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, vocab_size=49152,
                          **LORA_12GB),
@@ -202,38 +221,94 @@ def generation(model: Transformer, prompt: list, cfg: BenchConfig):
     return run
 
 
-ROOFLINE_TOKENS = 10  # tokens per call of roofline_chain
+def read_bandwidth(device: str) -> float:
+    """Bytes per second this machine reads memory at, with the threads torch uses: the fastest of a few sums over
+    1 GiB, larger than any cache."""
+    data = torch.ones(256 * 1024 * 1024, device=device)  # 1 GiB of float32
+    return data.numel() * 4 / best_time(lambda: data.sum(), 3, device)
 
 
-def roofline_chain(model: Transformer, cfg: BenchConfig):
-    """A call of the bare chain of matrix-vector products that ROOFLINE_TOKENS tokens need: every weight
-    matrix (int8 ones included) applied once per token to a one-token vector, nothing else. The projections
-    are stacked as in compiled decoding (fuse_projections: 4 products per layer, then the output head), so
-    the chain pays as few per-product costs as decoding can. Batch-1 decoding reads every weight once per
-    token, so this is its bound on this machine, for this dtype."""
-    fused = fuse_projections(copy.deepcopy(model))
-    layers = [m for block in fused.layers for m in (block.attention.wqkv, block.attention.wo,
-                                                   block.feed_forward.w13, block.feed_forward.w2)]
-    layers.append(fused.output)
-    dtype = model.tok_embeddings.weight.dtype
-    inputs = [torch.randn(1, m.in_features, device=cfg.device, dtype=dtype) for m in layers]
+def bytes_per_token(model: Transformer, length: int) -> int:
+    """What batch-1 decoding reads for a token: every weight of the linear layers and the head (int8 ones with
+    their scales) and the keys and values of a cache `length` positions long (the whole generation's)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+    tensors = [t for m in layers for t in (m.weight, getattr(m, "scales", None)) if t is not None]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    c = model.cfg
+    return weights + 2 * c.n_layers * c.n_kv_heads * c.head_dim * length * model.tok_embeddings.weight.element_size()
 
-    @torch.no_grad()
-    def chain():
-        for _ in range(ROOFLINE_TOKENS):
-            for layer, x in zip(layers, inputs):
-                layer(x)
-    return chain
+
+# llama.cpp in a child process (its library aborts at interpreter exit when loaded beside torch's): it loads the
+# GGUFs, then for each name read from stdin decodes greedily as generate() does and answers "done".
+LLAMA_CPP_TIMER = r"""
+import json, sys
+import numpy as np
+import llama_cpp
+job = json.loads(sys.stdin.readline())
+models = {name: llama_cpp.Llama(model_path=path, n_ctx=job["n_ctx"], n_threads=job["threads"],
+                                n_threads_batch=job["threads"], verbose=False) for name, path in job["gguf"].items()}
+print("ready", flush=True)
+for line in sys.stdin:
+    llm = models[line.strip()]
+    llm.reset()
+    llm.eval(job["prompt"])
+    for _ in range(job["new_tokens"] - 1):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    print("done", flush=True)
+"""
+
+
+def llama_cpp_missing(cfg: BenchConfig) -> Optional[str]:
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    if not os.path.isfile(os.path.join(os.environ.get("LLAMA_CPP_DIR", ""), "convert_hf_to_gguf.py")):
+        return "LLAMA_CPP_DIR is not a llama.cpp source tree (its convert_hf_to_gguf.py)"
+    if not os.path.isfile(cfg.tokenizer):
+        return f"{cfg.tokenizer} is missing (llama.cpp's converter needs a tokenizer: --tokenizer)"
+    return None
+
+
+def llama_cpp_generations(model: Transformer, prompt: list, cfg: BenchConfig, folder: str) -> dict:
+    """{row name: a call of llama.cpp's greedy decoding of cfg.new_tokens tokens} for our weights exported
+    (convert_hf.py --to_hf) and converted by llama.cpp's own converter to f32 and q8_0."""
+    ckpt, hf = save_for_tools(model, cfg, folder), os.path.join(folder, "hf")
+    here = os.path.dirname(os.path.abspath(__file__))
+    commands = [[sys.executable, os.path.join(here, "convert_hf.py"), "--to_hf", ckpt, "--out", hf,
+                 "--tokenizer", cfg.tokenizer]]
+    gguf = {kind: os.path.join(folder, f"model_{kind}.gguf") for kind in ("f32", "q8_0")}
+    commands += [[sys.executable, os.path.join(os.environ["LLAMA_CPP_DIR"], "convert_hf_to_gguf.py"), hf,
+                  "--outfile", path, "--outtype", kind] for kind, path in gguf.items()]
+    for command in commands:
+        r = subprocess.run(command, capture_output=True, text=True)
+        if r.returncode:
+            raise UserError(f"{' '.join(command[1:3])} failed: {r.stderr.strip().splitlines()[-1]}")
+    child = subprocess.Popen([sys.executable, "-c", LLAMA_CPP_TIMER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    weakref.finalize(child, child.kill)
+    child.stdin.write(json.dumps({"gguf": gguf, "n_ctx": len(prompt) + cfg.new_tokens, "prompt": prompt,
+                                  "threads": torch.get_num_threads(), "new_tokens": cfg.new_tokens}) + "\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == "ready", "llama.cpp could not load the GGUFs"
+
+    def generation_of(kind):
+        def run():
+            child.stdin.write(kind + "\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "done"
+        return run
+    return {f"decode, llama.cpp {kind}": generation_of(kind) for kind in gguf}
 
 
 def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
-    """Decode speed eager and compiled (--compile), fp32 (or --dtype) and int8 weights, each next to the
-    roofline of its weights, and transformers' generate() on the same weights (--hf): all timed in turns."""
+    """Decode speed eager and compiled (--compile), fp32 (or --dtype) and int8 weights, transformers' generate()
+    and llama.cpp f32 / q8_0 on the same weights, all timed in turns; each next to the bound of its bytes per
+    token, and ours next to llama.cpp at the same precision."""
     int8 = quantize_model(copy.deepcopy(model))
-    timed, tokens = {}, {}
+    timed, read = {}, {}
+    bandwidth = read_bandwidth(cfg.device)
     for weights, m in (("", model), (", int8 weights", int8)):
-        timed[f"decode roofline{weights}"] = roofline_chain(m, cfg)
-        tokens[f"decode roofline{weights}"] = ROOFLINE_TOKENS
+        read[weights] = bytes_per_token(m, len(prompt) + cfg.new_tokens)
         timed[f"decode, ours{weights}"] = generation(m, prompt, cfg)
         if cfg.compile:
             t0 = time.perf_counter()
@@ -243,21 +318,98 @@ def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
             timed[f"decode, ours compiled{weights}"] = generation(compiled, prompt, cfg)
     if cfg.hf:
         timed["decode, transformers"] = transformers_generation(model, prompt, cfg)
-    seconds = fastest_in_turns(timed, cfg.repeats, cfg.device)
-    speed = {name: tokens.get(name, cfg.new_tokens) / s for name, s in seconds.items()}
-    rows = []
-    for weights in ("", ", int8 weights"):
-        roofline = speed[f"decode roofline{weights}"]
-        for how in ("", " compiled"):
-            if f"decode, ours{how}{weights}" in speed:
-                ours = speed[f"decode, ours{how}{weights}"]
-                rows.append((f"decode, ours{how}{weights}", ours, "tokens/s", f"{ours / roofline:.0%} of the roofline"))
-        rows.append((f"decode roofline{weights}", roofline, "tokens/s", "the bare matrix-vector products per token"))
+    missing = llama_cpp_missing(cfg) if cfg.llama_cpp and cfg.device == "cpu" else None
+    with tempfile.TemporaryDirectory() as folder:
+        if cfg.llama_cpp and cfg.device == "cpu" and not missing:
+            timed.update(llama_cpp_generations(model, prompt, cfg, folder))
+        seconds = fastest_in_turns(timed, cfg.repeats, cfg.device)
+    speed = {name: cfg.new_tokens / s for name, s in seconds.items()}
+    rows, bound = [], {weights: bandwidth / n for weights, n in read.items()}
+    for weights, theirs in (("", "decode, llama.cpp f32"), (", int8 weights", "decode, llama.cpp q8_0")):
+        for name in (f"decode, ours{weights}", f"decode, ours compiled{weights}", theirs):
+            if name in speed:
+                note = f"{speed[name] / bound[weights]:.0%} of the bound"
+                if theirs in speed and name != theirs:
+                    note += f", {speed[name] / speed[theirs]:.2f}x {theirs.removeprefix('decode, ')}"
+                rows.append((name, speed[name], "tokens/s", note))
+        rows.append((f"decode bound{weights}", bound[weights], "tokens/s",
+                     f"memory read at {bandwidth / 1e9:.1f} GB/s / {read[weights] / 1e6:.0f} MB a token"))
     if cfg.hf:
         theirs = speed["decode, transformers"]
         fastest = max(v for name, v in speed.items() if name.startswith("decode, ours") and "int8" not in name)
         rows.append(("decode, transformers", theirs, "tokens/s",
                      f"our fastest (same weights) is {fastest / theirs:.2f}x"))
+    if missing:
+        print(f"note: no llama.cpp rows: {missing}")
+    return rows
+
+
+def save_for_tools(model: Transformer, cfg: BenchConfig, folder: str) -> str:
+    """The model as a checkpoint of this project that names --tokenizer, for convert_hf.py and serve.py."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.pt")
+    if not os.path.exists(path):
+        torch.save({"model": model.float().state_dict(), "config": vars(model.cfg), "tokenizer": cfg.tokenizer}, path)
+    return path
+
+
+def serve_stream(port: int, prompt: str, cfg: BenchConfig, start: float, out: list):
+    """One greedy streamed completion from serve.py: appends (seconds to its first token, tokens made)."""
+    body = json.dumps({"prompt": prompt, "max_tokens": cfg.new_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    first, made = None, 0
+    for line in connection.getresponse():
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise UserError(f"serve.py: {chunk['error']['message']}")
+        if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+            first = time.perf_counter() - start
+        made = (chunk.get("usage") or {}).get("completion_tokens", made)
+    connection.close()
+    out.append((first or 0.0, made))
+
+
+def serving_rows(model: Transformer, cfg: BenchConfig, folder: str) -> list:
+    """serve.py (eager, continuous batching) on the same weights over HTTP: N greedy streams of --new_tokens at
+    once, for each N of --serve_streams, with their total tokens/s and the mean time to a stream's first token."""
+    streams = [int(n) for n in cfg.serve_streams.split(",")]
+    with socket.socket() as probe:  # a free port for the server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    served = copy.deepcopy(model).float()
+    with torch.no_grad():  # the head's rows past the tokenizer's pieces give 0: never picked, so always decodable
+        served.output.weight[load_tokenizer(cfg.tokenizer).vocab_size:] = 0
+    ckpt = save_for_tools(served, cfg, os.path.join(folder, "served"))
+    server = subprocess.Popen([sys.executable, os.path.join(here, "serve.py"), "--ckpt", ckpt, "--port", str(port),
+                               "--batch_size", str(max(streams)), "--device", cfg.device], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows, alone = [], None
+    try:
+        for _ in range(600):  # until it answers
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/v1/models")
+                break
+            except OSError:
+                time.sleep(0.2)
+        for n in streams:
+            out, start = [], time.perf_counter()
+            threads = [threading.Thread(target=serve_stream, args=(port, f"Once upon a time {i}", cfg, start, out))
+                       for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            total = sum(made for _, made in out) / (time.perf_counter() - start)
+            alone = alone or total
+            rows.append((f"serve, {n} stream{'s' if n > 1 else ''} at once", total, "tokens/s",
+                         f"{total / alone:.2f}x one stream; first token after {sum(f for f, _ in out) / n:.2f} s"))
+    finally:
+        server.terminate()
+        server.wait()
     return rows
 
 
@@ -512,7 +664,13 @@ def run(cfg: BenchConfig):
     print(f"model: {model.num_params() / 1e6:.1f}M parameters, {cfg.device}, "
           f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; "
           f"decode: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, greedy")
-    print_table(training_rows(model_cfg, cfg) + [memory_row(model_cfg, cfg)] + decode_rows(model, prompt, cfg))
+    rows = [] if cfg.decode_only else training_rows(model_cfg, cfg) + [memory_row(model_cfg, cfg)]
+    print_table(rows + decode_rows(model, prompt, cfg))
+    if cfg.serve_streams and not os.path.isfile(cfg.tokenizer):
+        print(f"note: no serving rows: {cfg.tokenizer} is missing (serve.py needs a tokenizer: --tokenizer)")
+    elif cfg.serve_streams:
+        with tempfile.TemporaryDirectory() as folder:
+            print_table(serving_rows(model, cfg, folder))
 
 
 def main(argv=None):

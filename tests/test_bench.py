@@ -1,13 +1,15 @@
+import importlib.util
+import os
 import subprocess
 import sys
 
 import pytest
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from bench import ROOFLINE_TOKENS, BenchConfig, roofline_chain
+from bench import bytes_per_token
 from conftest import ROOT
 from model import ModelConfig, Transformer
+from quantize import quantize_model
 
 
 def bench(*args):
@@ -26,9 +28,10 @@ def row(lines, name):
 def test_bench_cpu_preset_prints_every_row_and_column():
     lines = bench("--preset", "cpu", "--new_tokens", "8", "--batch_size", "2", "--seq_len", "64", "--compile", "false")
     for name in ("train, ours", "train, transformers", "memory, bf16 step", "decode, ours", "decode, transformers",
-                 "decode roofline", "decode, ours, int8 weights", "decode roofline, int8 weights"):
+                 "decode bound", "decode, ours, int8 weights", "decode bound, int8 weights"):
         assert float(row(lines, name).split()[0]) > 0
-    assert "of the roofline" in row(lines, "decode, ours") and "x" in row(lines, "decode, transformers")
+    assert "of the bound" in row(lines, "decode, ours") and "x" in row(lines, "decode, transformers")
+    assert "GB/s" in row(lines, "decode bound") and "MB a token" in row(lines, "decode bound")
     for name in ("train, ours", "train, transformers"):
         line = row(lines, name)
         assert "tokens/s" in line and "MFU" in line and "peak memory" in line and "GiB" in line
@@ -36,13 +39,41 @@ def test_bench_cpu_preset_prints_every_row_and_column():
     assert "estimate" in row(lines, "memory, bf16 step")
 
 
-def test_the_roofline_chain_multiplies_every_weight_matrix_once_per_token():
-    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=32))
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    with FlopCounterMode(display=False) as flops:
-        roofline_chain(model, BenchConfig(device="cpu"))()
-    assert flops.get_total_flops() == 2 * weights * ROOFLINE_TOKENS  # a multiply and an add per weight
-    assert model.layers[0].attention.wqkv is None  # stacked on a copy: the model itself is left as it was
+def test_the_decode_bound_reads_every_weight_and_the_cache_once_a_token():
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=32)
+    model = Transformer(cfg)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # the tied head included
+    cache = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 20  # keys and values of 20 positions
+    assert bytes_per_token(model, 20) == 4 * (weights + cache)
+    scales = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    assert bytes_per_token(quantize_model(model), 20) == weights + 4 * scales + 4 * cache  # int8 and float scales
+
+
+def test_bench_serving_rows_batch_streams_together(tokenizer_path):
+    lines = bench("--preset", "tiny", "--decode_only", "true", "--llama_cpp", "false", "--hf", "false",
+                  "--serve_streams", "1,4", "--tokenizer", tokenizer_path)
+    assert "train, ours" not in "\n".join(lines)
+    for name in ("serve, 1 stream at once", "serve, 4 streams at once"):
+        assert float(row(lines, name).split()[0]) > 0 and "first token after" in row(lines, name)
+    assert "1.00x one stream" in row(lines, "serve, 1 stream at once")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or
+                    not os.path.isfile(os.path.join(os.environ.get("LLAMA_CPP_DIR", ""), "convert_hf_to_gguf.py")),
+                    reason="needs llama-cpp-python and LLAMA_CPP_DIR (a llama.cpp source tree), as .ci/run installs")
+def test_bench_times_llama_cpp_on_the_same_weights(tokenizer_path):
+    lines = bench("--preset", "tiny", "--decode_only", "true", "--hf", "false", "--tokenizer", tokenizer_path)
+    for name in ("decode, llama.cpp f32", "decode, llama.cpp q8_0"):
+        assert float(row(lines, name).split()[0]) > 0 and "of the bound" in row(lines, name)
+    assert "x llama.cpp f32" in row(lines, "decode, ours")
+    assert "x llama.cpp q8_0" in row(lines, "decode, ours, int8 weights")
+
+
+def test_bench_without_llama_cpp_says_why(tmp_path):
+    lines = bench("--preset", "tiny", "--decode_only", "true", "--hf", "false", "--tokenizer", str(tmp_path / "no"))
+    assert not any(line.startswith("decode, llama.cpp") for line in lines)
+    assert any(line.startswith("note: no llama.cpp rows: ") for line in lines)
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The shape of the folder: which file may import which (an exact table: any other import fails), the rules the
 table keeps (library files import only library files listed before them; a stage script imports library and data
-files and at most one hub; nothing imports a stage; no chain longer than 5 files; at most 78 imports), the
+files and at most one hub; nothing imports a stage; no chain longer than 5 files; at most 79 imports), the
 README's file list against the table, and the files meant to be copied into another project, copied alone."""
 import ast
 import functools
@@ -47,7 +47,7 @@ IMPORTS = {
     "inference_sft": ["cli", "inference", "tokenizer"],
     "serve": ["cli", "inference", "model", "tokenizer"],
     "convert_hf": ["cli", "dataset", "lora", "model", "quantize", "records", "tokenizer"],
-    "bench": ["cli", "dataset_sft", "lora", "model", "offline_data", "quantize", "runtime"],
+    "bench": ["cli", "dataset_sft", "lora", "model", "offline_data", "quantize", "runtime", "tokenizer"],
 }
 LIBRARY_ORDER = [name for name, kind in KINDS.items() if kind == "library"]
 
@@ -94,8 +94,8 @@ def test_few_imports_and_short_chains():
     def chain(name):  # the longest import chain starting at this file, in files
         return 1 + max((chain(other) for other in IMPORTS[name]), default=0)
     # ARCHITECTURE.md aims at ~70; train_grpo.py's seven (it samples, so it needs the tokenizer and LoRA's switch);
-    # serve.py's model (its batch samples each row with model.sample)
-    assert sum(map(len, IMPORTS.values())) <= 78
+    # serve.py's model (its batch samples each row with model.sample); bench.py's tokenizer (its serving rows)
+    assert sum(map(len, IMPORTS.values())) <= 79
     assert max(map(chain, IMPORTS)) <= 5
 
 
