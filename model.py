@@ -211,13 +211,14 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0  # positions stored by calls that did not give theirs (see Transformer.forward)
 
-    def row(self, b: int) -> "KVCache":
-        """Row b as a cache of one row whose keys and values are views of this cache's: a forward through it (a
-        prompt's prefill, positions (T,)) writes row b here and leaves the other rows alone."""
-        row = object.__new__(KVCache)  # no new tensors
-        row.max_len, row.pos = self.max_len, 0
-        row.k, row.v = [k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v]
-        return row
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start to stop - 1 as a cache whose keys and values are views of this cache's: a forward through it
+        (a prompt's prefill into one row, a decode step of the first rows) writes those rows here and leaves the
+        others alone."""
+        part = object.__new__(KVCache)  # no new tensors
+        part.max_len, part.pos = self.max_len, 0
+        part.k, part.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        return part
 
 
 class Attention(nn.Module):

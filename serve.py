@@ -26,7 +26,8 @@ that leaves no room in the context is refused, and max_tokens is cut to the room
 Requests generate together (continuous batching): one model thread decodes up to --batch_size of them
 in one batch, each in a row of one KV cache at its own positions. A new request's prompt fills a
 free row at the next step while the others go on decoding, and further requests wait for a row,
-first come first served. Each row samples with its own request's settings and seed, so a request
+first come first served; a step decodes the rows up to the last one in use (rows are taken lowest
+first), so a request alone costs one row, not the batch. Each row samples with its own request's settings and seed, so a request
 gets the tokens it would get alone (past the trained context, --max_seq_len's dynamic RoPE scaling
 rotates a step's rows by the longest one's length: then one request decodes at a time). A request
 that ends, or whose client goes away mid-stream, frees its row at the next step. Errors are
@@ -331,8 +332,8 @@ class Batch:
         """Row b's prompt in one forward through that row's view of the cache: the logits of its first token."""
         request = self.rows[b]
         prompt = torch.tensor(request.prompt, device=self.device)  # (T,)
-        logits = self.model(prompt[None], cache=cache.row(b), positions=torch.arange(len(prompt), device=self.device),
-                            last_only=True)[0]  # (1, 1, vocab_size)
+        logits = self.model(prompt[None], cache=cache.rows(b, b + 1), last_only=True,
+                            positions=torch.arange(len(prompt), device=self.device))[0]  # (1, 1, vocab_size)
         request.logits = logits[0, -1].float()
         request.seen = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
         request.seen[prompt] = True
@@ -351,13 +352,18 @@ class Batch:
             self.end(b)
 
     def decode(self, cache):
-        """One decode step for every row: the latest token of a row in use at its position, and in a free row a dummy
-        token at position 0 (what it writes there, the next prefill overwrites); each row's next logits."""
-        rows = self.rows
+        """One decode step for the rows up to the last one in use (compiled: for every row, the graph's shape): the
+        latest token of a row in use at its position, and in a free row a dummy token at position 0 (what it writes
+        there, the next prefill overwrites); each row's next logits. Rows are taken lowest first, so one stream
+        alone decodes one row, not --batch_size."""
+        n = len(self.rows) if self.model.compiled_decoding else \
+            1 + max(b for b, request in enumerate(self.rows) if request is not None)
+        rows = self.rows[:n]
         tokens = torch.tensor([[0 if r is None else r.last] for r in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[0 if r is None else len(r.prompt) + r.made - 1] for r in rows],
                                  device=self.device)  # (B, 1)
-        logits = self.model.decode_step(tokens, positions, cache)  # (B, vocab_size)
+        part = cache if n == len(self.rows) else cache.rows(0, n)  # compiled: the cache it was compiled for
+        logits = self.model.decode_step(tokens, positions, part)  # (n, vocab_size)
         for b, request in enumerate(rows):
             if request is not None:
                 request.logits = logits[b]

@@ -42,13 +42,14 @@ class ScriptedModel:
         self.cfg = SimpleNamespace(max_seq_len=max_seq_len, vocab_size=512, rope_scaling=None)
         self.reply, self.filler, self.delay = reply, filler, delay
         self.prompts, self.yielded, self.most_active, self.fail = [], [], 0, False
+        self.widest = 0  # the most rows one decode step was given
         self.of_row, self.threads = {}, set()  # of_row: each cache row's latest prompt, as its index in prompts
 
     def eval(self):
         return self
 
     def decode_cache(self, length, batch_size):
-        return SimpleNamespace(row=lambda b: b)  # a row's cache: its index
+        return SimpleNamespace(rows=lambda start, stop: start)  # a part's cache: its first row's index
 
     def __call__(self, tokens, cache, positions, last_only):
         """A prompt's prefill into row `cache`: the logits of the reply's first token (1, 1, vocab_size)."""
@@ -62,6 +63,7 @@ class ScriptedModel:
         self.forward()
         rows = [b for b in range(len(positions)) if positions[b, 0] > 0]  # a free row decodes at position 0
         self.most_active = max(self.most_active, len(rows))
+        self.widest = max(self.widest, len(positions))
         logits = torch.zeros(len(positions), self.cfg.vocab_size)
         for b in rows:
             logits[b] = self.next_logits(b)
@@ -321,6 +323,7 @@ def test_reasoning_comes_apart_from_the_answer_and_stop_strings_cut_it(tok):
                 ("I add 3 and 4.", "It is 7", "stop")
         choice = chat.create(model="x", messages=messages, max_tokens=3).choices[0]
         assert choice.finish_reason == "length" and choice.message.content == ""
+    assert model.widest == 1  # one request at a time: each step decodes its row alone, not the batch's 8
     assert tok.decode(model.prompts[0]) == "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
 
 
