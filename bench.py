@@ -395,6 +395,7 @@ def serving_rows(model: Transformer, cfg: BenchConfig, folder: str) -> list:
                 break
             except OSError:
                 time.sleep(0.2)
+        serve_stream(port, "Warm up", cfg, time.perf_counter(), [])  # the server's first request pays its set-up
         for n in streams:
             out, start = [], time.perf_counter()
             threads = [threading.Thread(target=serve_stream, args=(port, f"Once upon a time {i}", cfg, start, out))
