@@ -39,6 +39,7 @@ padded to the longest row against packed (--pack), in useful (conversation) toke
 import contextlib
 import copy
 import http.client
+import importlib.util
 import io
 import itertools
 import json
@@ -259,7 +260,6 @@ for line in sys.stdin:
 
 
 def llama_cpp_missing(cfg: BenchConfig) -> Optional[str]:
-    import importlib.util
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed"
     if not os.path.isfile(os.path.join(os.environ.get("LLAMA_CPP_DIR", ""), "convert_hf_to_gguf.py")):
@@ -272,7 +272,7 @@ def llama_cpp_missing(cfg: BenchConfig) -> Optional[str]:
 def llama_cpp_generations(model: Transformer, prompt: list, cfg: BenchConfig, folder: str) -> dict:
     """{row name: a call of llama.cpp's greedy decoding of cfg.new_tokens tokens} for our weights exported
     (convert_hf.py --to_hf) and converted by llama.cpp's own converter to f32 and q8_0."""
-    ckpt, hf = save_for_tools(model, cfg, folder), os.path.join(folder, "hf")
+    ckpt, hf = save_for_tools(model, cfg, os.path.join(folder, "model.pt")), os.path.join(folder, "hf")
     here = os.path.dirname(os.path.abspath(__file__))
     commands = [[sys.executable, os.path.join(here, "convert_hf.py"), "--to_hf", ckpt, "--out", hf,
                  "--tokenizer", cfg.tokenizer]]
@@ -318,9 +318,10 @@ def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
             timed[f"decode, ours compiled{weights}"] = generation(compiled, prompt, cfg)
     if cfg.hf:
         timed["decode, transformers"] = transformers_generation(model, prompt, cfg)
-    missing = llama_cpp_missing(cfg) if cfg.llama_cpp and cfg.device == "cpu" else None
+    with_llama_cpp = cfg.llama_cpp and cfg.device == "cpu"  # (llama-cpp-python's wheel here is a CPU build)
+    missing = llama_cpp_missing(cfg) if with_llama_cpp else None
     with tempfile.TemporaryDirectory() as folder:
-        if cfg.llama_cpp and cfg.device == "cpu" and not missing:
+        if with_llama_cpp and not missing:
             timed.update(llama_cpp_generations(model, prompt, cfg, folder))
         seconds = fastest_in_turns(timed, cfg.repeats, cfg.device)
     speed = {name: cfg.new_tokens / s for name, s in seconds.items()}
@@ -344,12 +345,11 @@ def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
     return rows
 
 
-def save_for_tools(model: Transformer, cfg: BenchConfig, folder: str) -> str:
-    """The model as a checkpoint of this project that names --tokenizer, for convert_hf.py and serve.py."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "model.pt")
-    if not os.path.exists(path):
-        torch.save({"model": model.float().state_dict(), "config": vars(model.cfg), "tokenizer": cfg.tokenizer}, path)
+def save_for_tools(model: Transformer, cfg: BenchConfig, path: str) -> str:
+    """The model in float32 (the model itself left in its dtype) as a checkpoint of this project that names
+    --tokenizer, for convert_hf.py and serve.py."""
+    state = {name: t.float() for name, t in model.state_dict().items()}
+    torch.save({"model": state, "config": vars(model.cfg), "tokenizer": cfg.tokenizer}, path)
     return path
 
 
@@ -381,12 +381,13 @@ def serving_rows(model: Transformer, cfg: BenchConfig, folder: str) -> list:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     here = os.path.dirname(os.path.abspath(__file__))
-    served = copy.deepcopy(model).float()
+    served = copy.deepcopy(model)
     with torch.no_grad():  # the head's rows past the tokenizer's pieces give 0: never picked, so always decodable
         served.output.weight[load_tokenizer(cfg.tokenizer).vocab_size:] = 0
-    ckpt = save_for_tools(served, cfg, os.path.join(folder, "served"))
+    ckpt = save_for_tools(served, cfg, os.path.join(folder, "served.pt"))
     server = subprocess.Popen([sys.executable, os.path.join(here, "serve.py"), "--ckpt", ckpt, "--port", str(port),
-                               "--batch_size", str(max(streams)), "--device", cfg.device], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--batch_size", str(max(streams)), "--device", cfg.device],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows, alone = [], None
     try:
         for _ in range(600):  # until it answers

@@ -521,9 +521,9 @@ def main(argv=None):
                        for preset in HUB_SETS for lang in HUB_SETS[preset])
     run_guarded(download, parse_config(
         DownloadConfig, argv, presets=PRESETS, description=f"Write pretrain / sft / r1 / dpo (/ math online) jsonl "
-        f"data for a preset. Online sources: {sources} Offline (--offline true, or when the hub cannot be reached with the cpu "
-        f"preset): a built-in generator of stories, chats, checkable reasoning problems and preference pairs of "
-        f"their right and wrong answers."))
+        f"data for a preset. Online sources: {sources} Offline (--offline true, or when the hub cannot be reached "
+        f"with the cpu preset): a built-in generator of stories, chats, checkable reasoning problems and preference "
+        f"pairs of their right and wrong answers."))
 
 
 if __name__ == "__main__":

@@ -85,16 +85,14 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, **kwargs)
 
     def forward(self, x):
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
-            return F.linear(x, self.weight)
-        if torch.compiler.is_compiling():  # (the compiler cannot lower oneDNN's linear with a plain weight)
-            if x.shape[:-1].numel() == 1:
-                return (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
-            return F.linear(x, self.weight)
-        if ONEDNN:
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, None, "none",
-                                                     [], "")
-            return out.view(*x.shape[:-1], self.out_features)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():  # (the compiler cannot lower oneDNN's linear with a plain weight)
+                if x.shape[:-1].numel() == 1:
+                    return (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+            elif ONEDNN:
+                out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, None,
+                                                         "none", [], "")
+                return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
 

@@ -27,13 +27,13 @@ Requests generate together (continuous batching): one model thread decodes up to
 in one batch, each in a row of one KV cache at its own positions. A new request's prompt fills a
 free row at the next step while the others go on decoding, and further requests wait for a row,
 first come first served; a step decodes the rows up to the last one in use (rows are taken lowest
-first), so a request alone costs one row, not the batch. Each row samples with its own request's settings and seed, so a request
-gets the tokens it would get alone (past the trained context, --max_seq_len's dynamic RoPE scaling
-rotates a step's rows by the longest one's length: then one request decodes at a time). A request
-that ends, or whose client goes away mid-stream, frees its row at the next step. Errors are
-OpenAI's JSON ({"error": {"message", "type", "param", "code"}}) with their status; a bug is a 500
-with its traceback on stderr, and the server goes on. One line per request to stderr: method,
-path, status, tokens, seconds.
+first), so a request alone costs one row, not the batch. Each row samples with its own request's
+settings and seed, so a request gets the tokens it would get alone (past the trained context,
+--max_seq_len's dynamic RoPE scaling rotates a step's rows by the longest one's length: then one
+request decodes at a time). A request that ends, or whose client goes away mid-stream, frees its
+row at the next step. Errors are OpenAI's JSON ({"error": {"message", "type", "param", "code"}})
+with their status; a bug is a 500 with its traceback on stderr, and the server goes on. One line
+per request to stderr: method, path, status, tokens, seconds.
 
 The API itself (chat_completion, text_completion, models) takes a request's JSON body and gives OpenAI's
 JSON, or its stream's chunks, as dicts; Handler only carries them over HTTP.
@@ -236,8 +236,8 @@ class Batch:
     of batch_size rows x the model's context, allocated once. A request joins at the next step, its prompt prefilled
     into a free row (through a view of that row: the others are untouched), or waits for one, first come first
     served. Each step samples a token for every row in use, with its request's own settings and generator, then runs
-    one decode step over all the rows, each at its own position. A row is freed when its request is done or its
-    caller has gone. Rows never mix, so a request's tokens are the ones it would get alone."""
+    one decode step over the rows up to the last one in use, each at its own position. A row is freed when its
+    request is done or its caller has gone. Rows never mix, so a request's tokens are the ones it would get alone."""
 
     def __init__(self, model, batch_size: int, device):
         self.model, self.device = model, device
@@ -310,8 +310,8 @@ class Batch:
                 except Exception as e:
                     self.end(b, e)
         if in_use := [b for b, request in enumerate(self.rows) if request is not None]:
-            try:
-                self.decode(cache)
+            try:  # compiled: every row, the shape its graph was compiled for
+                self.decode(cache, len(self.rows) if self.model.compiled_decoding else in_use[-1] + 1)
             except Exception as e:
                 for b in in_use:
                     self.end(b, e)
@@ -351,18 +351,15 @@ class Batch:
         if token in s["stop_ids"] or request.made == s["max_new_tokens"]:
             self.end(b)
 
-    def decode(self, cache):
-        """One decode step for the rows up to the last one in use (compiled: for every row, the graph's shape): the
-        latest token of a row in use at its position, and in a free row a dummy token at position 0 (what it writes
-        there, the next prefill overwrites); each row's next logits. Rows are taken lowest first, so one stream
-        alone decodes one row, not --batch_size."""
-        n = len(self.rows) if self.model.compiled_decoding else \
-            1 + max(b for b, request in enumerate(self.rows) if request is not None)
+    def decode(self, cache, n: int):
+        """One decode step for the first n rows: the latest token of a row in use at its position, and in a free row
+        a dummy token at position 0 (what it writes there, the next prefill overwrites); each row's next logits.
+        Rows are taken lowest first, so one stream alone decodes one row, not --batch_size."""
         rows = self.rows[:n]
-        tokens = torch.tensor([[0 if r is None else r.last] for r in rows], device=self.device)  # (B, 1)
+        tokens = torch.tensor([[0 if r is None else r.last] for r in rows], device=self.device)  # (n, 1)
         positions = torch.tensor([[0 if r is None else len(r.prompt) + r.made - 1] for r in rows],
-                                 device=self.device)  # (B, 1)
-        part = cache if n == len(self.rows) else cache.rows(0, n)  # compiled: the cache it was compiled for
+                                 device=self.device)  # (n, 1)
+        part = cache if n == len(self.rows) else cache.rows(0, n)  # all rows: the cache it was compiled for
         logits = self.model.decode_step(tokens, positions, part)  # (n, vocab_size)
         for b, request in enumerate(rows):
             if request is not None:
