@@ -47,6 +47,18 @@ class ModelConfig:
     max_seq_len: int = 512
     tie_embeddings: bool = True
     dropout: float = 0.0
+    # mixture of experts (MoE): n_experts > 0 makes each layer's feed-forward (after the first first_dense_layers)
+    # n_experts SwiGLU experts of width moe_hidden_dim (None: hidden_dim), each token routed to the
+    # n_experts_per_tok with the highest router probabilities and their outputs summed with those weights
+    n_experts: int = 0
+    n_experts_per_tok: int = 2
+    n_shared_experts: int = 0    # every token also passes one SwiGLU of n_shared_experts * moe_hidden_dim
+    moe_hidden_dim: Optional[int] = None
+    norm_topk_prob: bool = True  # the chosen k weights renormalised to sum to 1 (Mixtral); False: raw (Qwen2-MoE)
+    shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(a learned gate) (Qwen2-MoE)
+    first_dense_layers: int = 0  # layers before the first MoE one keep a dense feed-forward (DeepSeek)
+    router_aux_loss_coef: float = 0.01  # training: Switch/Mixtral load-balancing loss, joined to the model's loss
+    router_z_loss_coef: float = 0.001   # training: ST-MoE's router z-loss (keeps router logits small)
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -56,6 +68,17 @@ class ModelConfig:
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        if self.n_experts:
+            self.moe_hidden_dim = self.moe_hidden_dim or self.hidden_dim
+            if not 1 <= self.n_experts_per_tok <= self.n_experts:
+                raise ModelError(f"n_experts_per_tok {self.n_experts_per_tok} must be between 1 and n_experts "
+                                 f"{self.n_experts}")
+            if not 0 <= self.first_dense_layers < self.n_layers:
+                raise ModelError(f"first_dense_layers {self.first_dense_layers} leaves no MoE layer of "
+                                 f"{self.n_layers}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer >= self.first_dense_layers
 
     @property
     def head_dim(self) -> int:
@@ -279,16 +302,68 @@ class FeedForward(nn.Module):
     w2 the down projection back to dim; the names are Meta's LLaMA code's (transformers: gate_proj,
     up_proj, down_proj)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden_dim: Optional[int] = None):
         super().__init__()
-        self.w1 = Linear(cfg.dim, cfg.hidden_dim)  # gate
-        self.w2 = Linear(cfg.hidden_dim, cfg.dim)  # down
-        self.w3 = Linear(cfg.dim, cfg.hidden_dim)  # up
+        hidden_dim = hidden_dim or cfg.hidden_dim
+        self.w1 = Linear(cfg.dim, hidden_dim)  # gate
+        self.w2 = Linear(hidden_dim, cfg.dim)  # down
+        self.w3 = Linear(cfg.dim, hidden_dim)  # up
         self.w13 = None  # w1 and w3 stacked into one layer for generation (fuse_projections)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))
         return self.w2(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """A mixture of SwiGLU experts (Switch, Mixtral, Qwen2-MoE): a router scores the experts for each token
+    (softmax), the token goes to its top n_experts_per_tok, and their outputs are summed weighted by those
+    probabilities (renormalised over the chosen ones with norm_topk_prob), plus an optional shared expert
+    that every token passes. Dropless: tokens are grouped by expert and every group runs, whatever its size.
+    In training it keeps aux_loss (the balancing and z-losses, weighted) and load (tokens each expert got)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Linear(cfg.dim, cfg.n_experts)
+        self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_hidden_dim) for _ in range(cfg.n_experts))
+        self.shared = FeedForward(cfg, cfg.n_shared_experts * cfg.moe_hidden_dim) if cfg.n_shared_experts else None
+        self.shared_gate = Linear(cfg.dim, 1) if cfg.shared_expert_gate else None
+        self.aux_loss, self.load = None, None
+
+    def forward(self, x):
+        c, shape = self.cfg, x.shape
+        x = x.reshape(-1, shape[-1])  # (N, dim): every token of the batch
+        logits = self.router(x).float()  # (N, n_experts)
+        probs = logits.softmax(-1)
+        weights, chosen = probs.topk(c.n_experts_per_tok, dim=-1)  # (N, k) each
+        if c.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        if torch.compiler.is_compiling() and not self.training:
+            # a compiled decode step has fixed shapes, so no groups of varying size: every expert runs on the
+            # few tokens and an expert that was not chosen gets weight 0
+            dense = torch.zeros_like(probs, dtype=x.dtype).scatter(-1, chosen, weights)  # (N, n_experts)
+            out = sum(expert(x) * dense[:, e, None] for e, expert in enumerate(self.experts))
+        else:
+            # the N*k (token, expert) pairs ordered by expert: pair i is token i // k's (i % k)-th choice
+            order = chosen.flatten().argsort(stable=True)
+            load = chosen.flatten().bincount(minlength=c.n_experts)  # (n_experts,) tokens sent to each
+            out = torch.zeros_like(x)
+            for expert, pairs in zip(self.experts, order.split(load.tolist())):
+                token = pairs // c.n_experts_per_tok
+                out.index_add_(0, token, (expert(x[token]) * weights.flatten()[pairs, None]).to(out.dtype))
+            if self.training:
+                self.load = load
+                # Switch's balancing loss: n_experts * sum_e (share of the N*k choices that went to e) * (mean
+                # router probability of e); k at perfect balance. ST-MoE's z-loss: mean squared logsumexp.
+                balance = c.n_experts * (load / x.shape[0] * probs.mean(0)).sum()
+                z = torch.logsumexp(logits, -1).square().mean()
+                self.aux_loss = c.router_aux_loss_coef * balance + c.router_z_loss_coef * z
+        if self.shared is not None:
+            shared = self.shared(x)
+            out = out + (shared * torch.sigmoid(self.shared_gate(x)) if self.shared_gate is not None else shared)
+        return out.view(shape)
 
 
 class Block(nn.Module):
@@ -298,7 +373,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer) else FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, mask=None, positions=None):
@@ -319,6 +394,9 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.grad_checkpointing = False  # recompute each block in backward to save activations
         self.compiled_decoding, self.decode_caches = False, {}  # see compile_decoding
+        self.moe = [block.feed_forward for block in self.layers if cfg.is_moe_layer(block.layer)]  # (not registered)
+        if self.moe:  # tokens each expert of each MoE layer got in training, summed until the loop reads and clears it
+            self.register_buffer("expert_load", torch.zeros(len(self.moe), cfg.n_experts), persistent=False)
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -326,7 +404,7 @@ class Transformer(nn.Module):
         # Residual projections are scaled down so the residual stream's variance does not
         # grow with depth (GPT-2 / nanoGPT).
         for name, p in self.named_parameters():
-            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            if name.endswith(("attention.wo.weight", ".w2.weight")):  # (every expert's too)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
@@ -391,9 +469,14 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
         logits = self.output(h)
+        if self.moe and self.training:
+            self.expert_load += torch.stack([m.load for m in self.moe])
         if targets is None:
             return logits, None
-        return logits, self.loss(logits, targets, loss_weight)
+        loss = self.loss(logits, targets, loss_weight)
+        if self.moe and self.training:  # the routers' balancing and z-losses, averaged over the MoE layers
+            loss = loss + sum(m.aux_loss for m in self.moe) / len(self.moe)
+        return logits, loss
 
     @staticmethod
     def loss(logits, targets, loss_weight=None):
@@ -405,15 +488,21 @@ class Transformer(nn.Module):
             per_token = per_token * loss_weight.reshape(-1).to(per_token.dtype)
         return per_token.sum() / n
 
-    def num_params(self, embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+    def num_params(self, embedding: bool = True, active: bool = False) -> int:
+        """Weights, tied ones counted once; active: only those a token uses (its k routed experts of each MoE layer)."""
+        n = sum(p.numel() for p in self.parameters())
+        if active and self.moe:
+            c = self.cfg
+            n -= len(self.moe) * (c.n_experts - c.n_experts_per_tok) * 3 * c.dim * c.moe_hidden_dim
         return n if embedding else n - self.tok_embeddings.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 per weight that takes part in a
-        matmul, plus attention's score and value products (PaLM appendix B)."""
+        matmul (of an MoE layer, the token's own experts only), plus attention's score and value products
+        (PaLM appendix B)."""
         c = self.cfg
-        matmul_params = self.num_params(embedding=False) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
+        head = c.vocab_size * c.dim if c.tie_embeddings else 0
+        matmul_params = self.num_params(embedding=False, active=True) + head
         return 6 * matmul_params + 12 * c.n_layers * c.dim * seq_len
 
     def new_cache(self, batch_size: int = 1, max_len: Optional[int] = None) -> KVCache:
@@ -652,10 +741,12 @@ def fuse_projections(model: Transformer) -> Transformer:
     per kernel launch on a GPU). The state_dict and parameters() are unchanged (the stacked layers are not
     registered); move the model to its device and dtype first, and do not train it afterwards."""
     for block in model.layers:
-        attention, ffn = block.attention, block.feed_forward
+        attention = block.attention
         # object.__setattr__: nn.Module would register them as submodules, saved and counted twice
         object.__setattr__(attention, "wqkv", stack_linears([attention.wq, attention.wk, attention.wv]))
-        object.__setattr__(ffn, "w13", stack_linears([ffn.w1, ffn.w3]))
+        for ffn in block.feed_forward.modules():  # the layer's SwiGLU, or each expert of a mixture
+            if isinstance(ffn, FeedForward):
+                object.__setattr__(ffn, "w13", stack_linears([ffn.w1, ffn.w3]))
     return model
 
 
