@@ -27,10 +27,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelConfig, ModelError, Transformer, model_from_checkpoint, read_checkpoint
+from model import MoE, ModelConfig, ModelError, Transformer, model_from_checkpoint, read_checkpoint
 
-# every attention and MLP projection (transformers: q_proj k_proj v_proj o_proj gate_proj down_proj up_proj)
+# every attention and MLP projection (transformers: q_proj k_proj v_proj o_proj gate_proj down_proj up_proj). In a
+# mixture of experts w1 w2 w3 adapt the dense layers and the shared expert; "experts" adds them to every routed
+# expert too (each its own adapters: n_experts times as many)
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+EXPERTS = "experts"
+
+
+def adapted_parents(block, targets) -> list:
+    """The modules of a block whose projections LoRA adapts: attention and the feed-forward, or in a mixture of
+    experts its shared expert and, if targets name "experts", each routed one."""
+    ffn = block.feed_forward
+    if not isinstance(ffn, MoE):
+        return [block.attention, ffn]
+    return [block.attention] + ([ffn.shared] if ffn.shared is not None else []) + \
+        (list(ffn.experts) if EXPERTS in targets else [])
 
 
 class LoRALinear(nn.Module):
@@ -94,14 +107,14 @@ def add_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0, 
              new_token_ids=()) -> Transformer:
     """Freeze every weight of `model` and wrap the `targets` projections of every block (in place). The rows
     of new_token_ids (tokens without a trained embedding yet) are trained too."""
-    unknown = sorted(set(targets) - set(TARGETS))
-    if rank < 1 or not targets or unknown:
-        raise ModelError(f"LoRA needs a rank of at least 1 and targets among {','.join(TARGETS)}"
-                         + (f" (unknown: {','.join(unknown)})" if unknown else ""))
+    unknown = sorted(set(targets) - set(TARGETS) - {EXPERTS})
+    if rank < 1 or not set(targets) & set(TARGETS) or unknown:
+        raise ModelError(f"LoRA needs a rank of at least 1 and targets among {','.join(TARGETS)} (and {EXPERTS} for "
+                         f"a mixture of experts)" + (f" (unknown: {','.join(unknown)})" if unknown else ""))
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.layers:
-        for parent in (block.attention, block.feed_forward):
+        for parent in adapted_parents(block, targets):
             for name in targets:
                 if hasattr(parent, name):
                     setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
@@ -145,7 +158,7 @@ def merge_lora(model: Transformer) -> Transformer:
     """Fold the adapters into the weights (in place): a plain Transformer again, with the state_dict names and
     fp32 weights it had before add_lora, every weight trainable."""
     for block in model.layers:
-        for parent in (block.attention, block.feed_forward):
+        for parent in adapted_parents(block, [EXPERTS]):
             for name, module in list(parent.named_children()):
                 if isinstance(module, LoRALinear):
                     setattr(parent, name, module.merged())
@@ -167,9 +180,14 @@ def adapter_state(model: Transformer) -> dict:
 def lora_params(model_cfg, rank: int, targets=TARGETS) -> int:
     """Trainable weights of the adapters on a model of this shape (without the few new token rows)."""
     c, kv = model_cfg, model_cfg.n_kv_heads * model_cfg.head_dim
-    shapes = {"wq": (c.dim, c.dim), "wk": (c.dim, kv), "wv": (c.dim, kv), "wo": (c.dim, c.dim),
-              "w1": (c.dim, c.hidden_dim), "w2": (c.hidden_dim, c.dim), "w3": (c.dim, c.hidden_dim)}
-    return c.n_layers * sum(rank * sum(shapes[t]) for t in targets)
+    attention = {"wq": 2 * c.dim, "wk": c.dim + kv, "wv": c.dim + kv, "wo": 2 * c.dim}  # in + out, per adapter
+    n_moe = c.n_layers - c.first_dense_layers if c.n_experts else 0
+    widths = [c.hidden_dim] * (c.n_layers - n_moe)  # the width of each SwiGLU adapted
+    if n_moe:
+        widths += [c.n_shared_experts * c.moe_hidden_dim] * (n_moe if c.n_shared_experts else 0) + \
+            [c.moe_hidden_dim] * (n_moe * c.n_experts if EXPERTS in targets else 0)
+    n_ffn = sum(1 for t in targets if t in ("w1", "w2", "w3"))
+    return rank * (c.n_layers * sum(attention.get(t, 0) for t in targets) + n_ffn * sum(c.dim + w for w in widths))
 
 
 def file_sha256(path: str) -> str:

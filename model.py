@@ -346,24 +346,33 @@ class MoE(nn.Module):
             dense = torch.zeros_like(probs, dtype=x.dtype).scatter(-1, chosen, weights)  # (N, n_experts)
             out = sum(expert(x) * dense[:, e, None] for e, expert in enumerate(self.experts))
         else:
-            # the N*k (token, expert) pairs ordered by expert: pair i is token i // k's (i % k)-th choice
-            order = chosen.flatten().argsort(stable=True)
-            load = chosen.flatten().bincount(minlength=c.n_experts)  # (n_experts,) tokens sent to each
-            out = torch.zeros_like(x)
-            for expert, pairs in zip(self.experts, order.split(load.tolist())):
-                token = pairs // c.n_experts_per_tok
-                out.index_add_(0, token, (expert(x[token]) * weights.flatten()[pairs, None]).to(out.dtype))
+            out, ran = self.grouped(x, chosen, weights)
             if self.training:
-                self.load = load
+                self.load = ran  # the log checks that it adds up to every token's k experts (dropless)
                 # Switch's balancing loss: n_experts * sum_e (share of the N*k choices that went to e) * (mean
                 # router probability of e); k at perfect balance. ST-MoE's z-loss: mean squared logsumexp.
-                balance = c.n_experts * (load / x.shape[0] * probs.mean(0)).sum()
+                chosen_share = F.one_hot(chosen, c.n_experts).sum((0, 1)) / x.shape[0]
+                balance = c.n_experts * (chosen_share * probs.mean(0)).sum()
                 z = torch.logsumexp(logits, -1).square().mean()
                 self.aux_loss = c.router_aux_loss_coef * balance + c.router_z_loss_coef * z
         if self.shared is not None:
             shared = self.shared(x)
             out = out + (shared * torch.sigmoid(self.shared_gate(x)) if self.shared_gate is not None else shared)
         return out.view(shape)
+
+    # torch.compile (training) would recompile for every size of every group: these few lines run eagerly
+    @torch.compiler.disable
+    def grouped(self, x, chosen, weights):
+        """(the experts' weighted sum for each token (N, dim), the tokens each expert ran (n_experts,))."""
+        k = self.cfg.n_experts_per_tok
+        order = chosen.flatten().argsort(stable=True)  # the N*k (token, choice) pairs ordered by expert
+        load = chosen.flatten().bincount(minlength=self.cfg.n_experts)  # (n_experts,) pairs of each expert
+        out, ran = torch.zeros_like(x), []
+        for expert, pairs in zip(self.experts, order.split(load.tolist())):
+            token = pairs // k  # pair i is token i // k's (i % k)-th choice
+            out.index_add_(0, token, (expert(x[token]) * weights.flatten()[pairs, None]).to(out.dtype))
+            ran.append(len(token))
+        return out, torch.tensor(ran, dtype=torch.float, device=x.device)
 
 
 class Block(nn.Module):
@@ -395,8 +404,10 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False  # recompute each block in backward to save activations
         self.compiled_decoding, self.decode_caches = False, {}  # see compile_decoding
         self.moe = [block.feed_forward for block in self.layers if cfg.is_moe_layer(block.layer)]  # (not registered)
-        if self.moe:  # tokens each expert of each MoE layer got in training, summed until the loop reads and clears it
+        if self.moe:  # in training, the tokens each expert of each MoE layer ran, and the tokens routed (each to
+            # n_experts_per_tok experts), summed until the loop reads them (train.py's log) and clears them
             self.register_buffer("expert_load", torch.zeros(len(self.moe), cfg.n_experts), persistent=False)
+            self.register_buffer("routed_tokens", torch.zeros(()), persistent=False)
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -471,6 +482,7 @@ class Transformer(nn.Module):
         logits = self.output(h)
         if self.moe and self.training:
             self.expert_load += torch.stack([m.load for m in self.moe])
+            self.routed_tokens += B * T
         if targets is None:
             return logits, None
         loss = self.loss(logits, targets, loss_weight)

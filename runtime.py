@@ -266,10 +266,16 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
     the fp32 adapters have gradients and optimizer state; the activations are the same (each adapter needs the
     input its base layer sees). Checked against measured and simulated peaks in the tests (README: Measured)."""
     with torch.device("meta"):
-        n_params = Transformer(model_cfg).num_params()
+        model = Transformer(model_cfg)
+    n_params = model.num_params()
     c, e = model_cfg, dtype.itemsize
     kv_dim = c.n_kv_heads * c.head_dim
     per_layer = 16 * c.dim + e * (4 * c.dim + 2 * kv_dim + 4 * c.hidden_dim) + 4 * c.n_heads
+    if c.n_experts:  # a token's k experts (and the shared one) instead of one SwiGLU; each expert also keeps its
+        # copy of the token's input and its output, and the router its fp32 logits and probabilities
+        k, width = c.n_experts_per_tok, (c.n_experts_per_tok + c.n_shared_experts) * c.moe_hidden_dim
+        moe_layer = per_layer + e * (4 * width - 4 * c.hidden_dim + 2 * k * c.dim) + 8 * c.n_experts
+        per_layer = (c.first_dense_layers * per_layer + (c.n_layers - c.first_dense_layers) * moe_layer) / c.n_layers
     head = 8 * c.dim + 12 * c.vocab_size  # final norm, log-probabilities and their gradients
     # Checkpointing keeps each block's input; in backward the head's peak comes first, then
     # one block at a time is recomputed.
@@ -277,11 +283,12 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
         else c.n_layers * per_layer + head
     # fp32 master weights, plus the low-precision copies autocast makes of them for the matmuls
     weights = 4 * n_params + (e * n_params if e < 4 else 0)
-    activations = batch_size * seq_len * per_token
+    activations = int(batch_size * seq_len * per_token)
     if adapters:
         return {"weights": e * n_params + 4 * adapters, "gradients": 4 * adapters, "optimizer": 8 * adapters,
                 "activations": activations}
-    block_matrices = c.n_layers * (2 * c.dim * c.dim + 2 * c.dim * kv_dim + 3 * c.dim * c.hidden_dim)
+    block_matrices = sum(p.numel() for name, p in model.named_parameters()  # what Muon trains (experts too)
+                         if name.startswith("layers.") and p.dim() == 2)
     optimizer_bytes = 8 * n_params - (4 * block_matrices if optimizer == "muon" else 0)
     return {"weights": weights, "gradients": 4 * n_params, "optimizer": optimizer_bytes, "activations": activations}
 

@@ -87,7 +87,8 @@ class FinetuneConfig(TrainConfig):
     lora_rank: int = 0             # > 0: train LoRA adapters of this rank on the frozen model; 0: every weight
     lora_alpha: float = 32.0       # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
-    lora_targets: str = ",".join(TARGETS)  # projections to adapt (transformers: q k v o_proj, gate down up_proj)
+    lora_targets: str = ",".join(TARGETS)  # projections to adapt (transformers: q k v o_proj, gate down up_proj;
+    # add "experts" to adapt a mixture of experts' routed experts too)
     # after training: what the stage kept and forgot (report_held_out)
     text_val: str = "data/pretrain_val.bin"  # pretraining's held-out text, its loss; empty: not measured
     chat_val: str = ""             # held-out chats: the chat report (records that say how to score them) and the loss
@@ -119,6 +120,15 @@ class PretrainConfig(TrainConfig):
     rope_theta: float = 10000.0
     dropout: float = 0.0
     tie_embeddings: bool = True
+    # mixture of experts (model.py's MoE): n_experts > 0 replaces each feed-forward after first_dense_layers by
+    # n_experts SwiGLUs of moe_hidden_dim (unset: hidden_dim), n_experts_per_tok of them run for each token
+    n_experts: int = 0
+    n_experts_per_tok: int = 2
+    n_shared_experts: int = 0
+    moe_hidden_dim: int = field(default=None, metadata={"help": "each expert's SwiGLU width; unset: hidden_dim"})
+    first_dense_layers: int = 0
+    router_aux_loss_coef: float = 0.01  # the load-balancing loss's weight in the loss
+    router_z_loss_coef: float = 0.001   # the router z-loss's weight
 
 
 PRESETS = {
@@ -127,6 +137,14 @@ PRESETS = {
     "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, seq_len=1024, batch_size=8, grad_accum=8,
                  max_steps=20000, lr=6e-4, min_lr=6e-5, warmup_steps=500, eval_every=500, eval_batches=50,
                  log_every=20, compile=True),
+    # the cpu model with 8 experts of half its SwiGLU width in each layer, 2 a token: the same active weights
+    # (attention, 2 x 192 = 384 SwiGLU units), 3.1M in all against 1.3M
+    "cpu_moe": dict(n_experts=8, n_experts_per_tok=2, moe_hidden_dim=192),
+    # the 12gb model likewise: 8 experts of 1024, 2 a token, as active as the dense 2048; 255M in all against 85M,
+    # in micro-batches of 4 (the same 65,536 tokens a step) to stay under the dense preset's 7 GiB
+    "12gb_moe": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, seq_len=1024, batch_size=4, grad_accum=16,
+                     max_steps=20000, lr=6e-4, min_lr=6e-5, warmup_steps=500, eval_every=500, eval_batches=50,
+                     log_every=20, compile=True, n_experts=8, n_experts_per_tok=2, moe_hidden_dim=1024),
 }
 
 
@@ -296,6 +314,22 @@ def log_metrics(path: str, record: dict, rt: Runtime):
             f.write(json.dumps(record) + "\n")
 
 
+def expert_report(model: Transformer) -> dict:
+    """A mixture of experts' routing since the last log (then cleared): each expert's share of its layer's tokens,
+    their coefficient of variation averaged over the layers (0: even), the routers' weighted balancing and z-loss
+    of the last micro-batch, and how many of the routed (token, expert) choices did not run (0: dropless)."""
+    load = model.expert_load  # (MoE layers, n_experts)
+    share = load / load.sum(-1, keepdim=True).clamp(min=1)
+    cv = (share.std(-1, correction=0) / share.mean(-1)).mean()
+    dropped = model.routed_tokens * model.cfg.n_experts_per_tok * len(model.moe) - load.sum()
+    router_loss = sum(m.aux_loss.detach() for m in model.moe) / len(model.moe)
+    record = {"router_loss": router_loss.item(), "expert_load_cv": cv.item(), "dropped": int(dropped.item()),
+              "expert_load": [[round(x, 4) for x in row] for row in share.tolist()]}
+    load.zero_()
+    model.routed_tokens.zero_()
+    return record
+
+
 def stop_if_diverged(model: Transformer, window_loss: float, step: int, last_path: str):
     """Every rank, before every save and at log steps: the losses since the last check, and the weights
     themselves (a step can make them non-finite while its own loss was finite)."""
@@ -400,8 +434,11 @@ def train(cfg: TrainConfig, model: Transformer, train_data, val_data=None, rt: R
                 record = window.summary(step, lr, peak)  # the only per-log host sync
                 if not math.isfinite(record["loss"]):
                     stop_if_diverged(model, record["loss"], step, last_path)
+                if model.moe:
+                    record.update(expert_report(model))
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                mfu=f"{record['mfu']:.1%}")
+                                mfu=f"{record['mfu']:.1%}", **({"load_cv": f"{record['expert_load_cv']:.2f}"}
+                                                               if model.moe else {}))
                 log_metrics(metrics, record, rt)
                 window = LogWindow(rt, model.flops_per_token)
             # ---- evaluate, save (best.pt when the validation loss improved, then last.pt), stop
@@ -470,13 +507,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
     # ---- model: new weights of this shape, or --init_from's, or --resume's
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                             vocab_size=train_data.vocab_size, hidden_dim=cfg.hidden_dim, rope_theta=cfg.rope_theta,
-                            max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
+                            max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout,
+                            n_experts=cfg.n_experts, n_experts_per_tok=cfg.n_experts_per_tok,
+                            n_shared_experts=cfg.n_shared_experts, moe_hidden_dim=cfg.moe_hidden_dim,
+                            first_dense_layers=cfg.first_dense_layers, router_aux_loss_coef=cfg.router_aux_loss_coef,
+                            router_z_loss_coef=cfg.router_z_loss_coef)
     model, start = resume_or_init(cfg, None if cfg.init_from else model_cfg, init_from=cfg.init_from)
     if train_data.vocab_size > model.cfg.vocab_size:
         raise UserError(f"{cfg.train_data} was tokenized with {train_data.vocab_size} pieces but the model's "
                         f"vocab_size is {model.cfg.vocab_size}")
     if rt.master:
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
+        active = f" ({model.num_params(active=True) / 1e6:.2f}M active a token)" if model.moe else ""
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters{active}, {rt.device} {str(rt.dtype).removeprefix('torch.')}, "
               f"{train_data.num_tokens:,} training tokens")
     # ---- train: next-token prediction on every position
     return train(cfg, model, train_data, val_data, rt, tokenizer=cfg.tokenizer, start=start)

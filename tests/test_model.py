@@ -271,13 +271,16 @@ def test_extend_context_keeps_the_weights_and_scales_rope(scaling):
 
 
 @pytest.mark.slow
-def test_every_fast_decoding_path_gives_the_plain_greedy_tokens(monkeypatch):
+@pytest.mark.parametrize("overrides", [{}, {"n_experts": 4, "moe_hidden_dim": 40, "n_shared_experts": 1,
+                                            "shared_expert_gate": True}])
+def test_every_fast_decoding_path_gives_the_plain_greedy_tokens(monkeypatch, overrides):
     """64 greedy tokens on several prompts: eager inference (oneDNN's products, only the cache's filled part read)
-    and compiled decoding (products written as sums, attention written out) against the plain path (BLAS's
-    products through F.linear); int8 weights compiled against int8 eager."""
+    and compiled decoding (products written as sums, attention written out; a mixture runs every expert weighted 0
+    or its router's weight) against the plain path (BLAS's products through F.linear); int8 weights compiled against
+    int8 eager."""
     import model as model_module
     from quantize import quantize_model
-    model = tiny_model(max_seq_len=128)
+    model = tiny_model(max_seq_len=128, **overrides)
     with torch.no_grad():  # larger weights than at initialisation: varied tokens with clear margins
         for p in model.parameters():
             if p.dim() == 2:

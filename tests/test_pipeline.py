@@ -295,9 +295,10 @@ def preset_model(name):
     import train_tokenizer
     from model import ModelConfig
     p = preset(train.PretrainConfig, train.PRESETS, name)
-    vocab = preset(train_tokenizer.TokenizerConfig, train_tokenizer.PRESETS, name)["vocab_en"]
+    vocab = preset(train_tokenizer.TokenizerConfig, train_tokenizer.PRESETS, name.removesuffix("_moe"))["vocab_en"]
     return ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"],
-                       vocab_size=vocab, max_seq_len=p["seq_len"])
+                       vocab_size=vocab, max_seq_len=p["seq_len"], n_experts=p["n_experts"],
+                       n_experts_per_tok=p["n_experts_per_tok"], moe_hidden_dim=p["moe_hidden_dim"])
 
 
 def preset(config_class, presets: dict, name: str) -> dict:
@@ -305,17 +306,18 @@ def preset(config_class, presets: dict, name: str) -> dict:
     return {**dataclasses.asdict(config_class()), **presets[name]}
 
 
+@pytest.mark.parametrize("name", ["cpu", "cpu_moe"])
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_memory_estimate_is_close_to_the_peak_of_the_cpu_training_loop(tmp_path, grad_checkpointing):
-    """The estimate against the bytes of tensors alive at the peak of train.train(), cpu preset, fp32."""
+def test_memory_estimate_is_close_to_the_peak_of_the_cpu_training_loop(tmp_path, grad_checkpointing, name):
+    """The estimate against the bytes of tensors alive at the peak of train.train(), cpu presets, fp32."""
     import train
     from bench import PeakMemory
     from model import Transformer
-    p = preset(train.PretrainConfig, train.PRESETS, "cpu")
+    p = preset(train.PretrainConfig, train.PRESETS, name)
     cfg = train.TrainConfig(out_dir=str(tmp_path), batch_size=p["batch_size"], grad_accum=2, max_steps=2,
                             warmup_steps=1, eval_every=100, log_every=1, device="cpu",
                             grad_checkpointing=grad_checkpointing)
-    model_cfg = preset_model("cpu")
+    model_cfg = preset_model(name)
     with PeakMemory() as meter:
         train.train(cfg, Transformer(model_cfg), RandomTokens(model_cfg.vocab_size, p["batch_size"], p["seq_len"]))
     estimate = sum(runtime.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], torch.float32,
@@ -339,6 +341,24 @@ def test_memory_estimate_is_close_to_a_simulated_12gb_step(dtype, grad_checkpoin
                                            grad_checkpointing).values())
     assert ESTIMATE_FACTOR[0] < estimate / peak < ESTIMATE_FACTOR[1], (estimate, peak)
     assert peak < 7 * 2**30
+
+
+def test_the_moe_presets_have_the_dense_ones_active_weights_and_fit_the_budget():
+    """cpu_moe and 12gb_moe: each token uses as many weights as in the dense preset (their routers aside), the
+    total is about 2.4x (cpu) and 3x (12gb), and the 12gb_moe step's estimate (bf16; fake tensors cannot run a
+    router's data-dependent groups, and the estimate matched the cpu_moe loop's measured peak above) stays under
+    the 7 GiB of the dense one."""
+    import train
+    from model import Transformer
+    for name, ratio in (("cpu", 2.4), ("12gb", 3.0)):
+        with torch.device("meta"):
+            dense, moe = Transformer(preset_model(name)), Transformer(preset_model(f"{name}_moe"))
+        assert moe.num_params(active=True) - dense.num_params() == sum(m.router.weight.numel() for m in moe.moe)
+        assert round(moe.num_params() / dense.num_params(), 1) == ratio
+    p = train.PRESETS["12gb_moe"]
+    estimate = sum(runtime.estimate_memory(preset_model("12gb_moe"), p["batch_size"], p["seq_len"],
+                                           torch.bfloat16).values())
+    assert estimate < 7 * 2**30
 
 
 def test_grad_checkpointing_gives_same_loss_and_gradients():
