@@ -84,6 +84,9 @@ class BenchConfig:
     hidden_dim: Optional[int] = field(default=None, metadata={"help": "SwiGLU width; unset: 8/3 * dim"})
     tie_embeddings: bool = True
     max_seq_len: int = 512
+    n_experts: int = field(default=0, metadata={"help": "> 0: a mixture of this many experts in each layer"})
+    n_experts_per_tok: int = 2
+    moe_hidden_dim: Optional[int] = field(default=None, metadata={"help": "each expert's width; unset: hidden_dim"})
     prompt_tokens: int = 16
     new_tokens: int = 256
     repeats: int = field(default=3, metadata={
@@ -123,6 +126,7 @@ PRESETS = {
     "12gb": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=12000, max_seq_len=1024,
                  batch_size=8, seq_len=1024, grad_accum=8, compile=True),
 }
+PRESETS["cpu_moe"] = dict(PRESETS["cpu"], n_experts=8, moe_hidden_dim=352)  # as active as cpu's SwiGLU of 704
 LORA_12GB = dict(lora_rank=16, batch_size=4, seq_len=1024, max_seq_len=2048, grad_checkpointing=True, hf=False)
 PRESETS["smollm2-135m"] = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
                                max_seq_len=2048, prompt_tokens=16, new_tokens=128, repeats=3, compile=True,
@@ -236,6 +240,9 @@ def bytes_per_token(model: Transformer, length: int) -> int:
     tensors = [t for m in layers for t in (m.weight, getattr(m, "scales", None)) if t is not None]
     weights = sum(t.numel() * t.element_size() for t in tensors)
     c = model.cfg
+    for moe in model.moe:  # a token reads only its own experts
+        idle = sum(t.numel() * t.element_size() for t in moe.experts[0].parameters())
+        weights -= (c.n_experts - c.n_experts_per_tok) * idle
     return weights + 2 * c.n_layers * c.n_kv_heads * c.head_dim * length * model.tok_embeddings.weight.element_size()
 
 
@@ -316,7 +323,8 @@ def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
             compiled.generate(prompt, max_new_tokens=2, temperature=0)
             print(f"compiled the decode step{weights} in {time.perf_counter() - t0:.1f}s")
             timed[f"decode, ours compiled{weights}"] = generation(compiled, prompt, cfg)
-    if cfg.hf:
+    with_hf = cfg.hf and not model.moe  # (transformers_llama is a dense Llama)
+    if with_hf:
         timed["decode, transformers"] = transformers_generation(model, prompt, cfg)
     with_llama_cpp = cfg.llama_cpp and cfg.device == "cpu"  # (llama-cpp-python's wheel here is a CPU build)
     missing = llama_cpp_missing(cfg) if with_llama_cpp else None
@@ -335,7 +343,7 @@ def decode_rows(model: Transformer, prompt: list, cfg: BenchConfig) -> list:
                 rows.append((name, speed[name], "tokens/s", note))
         rows.append((f"decode bound{weights}", bound[weights], "tokens/s",
                      f"memory read at {bandwidth / 1e9:.1f} GB/s / {read[weights] / 1e6:.0f} MB a token"))
-    if cfg.hf:
+    if with_hf:
         theirs = speed["decode, transformers"]
         fastest = max(v for name, v in speed.items() if name.startswith("decode, ours") and "int8" not in name)
         rows.append(("decode, transformers", theirs, "tokens/s",
@@ -486,7 +494,8 @@ def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:
     variants = [(ours, lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast))]
     if cfg.compile:
         variants.append(("train, ours compiled", lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast, True)))
-    if cfg.hf and not cfg.lora_rank:  # (transformers with PEFT would be the comparison: not timed here)
+    if cfg.hf and not cfg.lora_rank and not model_cfg.n_experts:  # (transformers with PEFT would be the comparison
+        # for LoRA, its Mixtral for a mixture: not timed here)
         variants.append(("train, transformers", lambda: train_transformers_timer(model_cfg, cfg, rt.device, rt.autocast)))
     rows = []
     for name, make in variants:
@@ -504,11 +513,13 @@ def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:
 
 def memory_row(model_cfg: ModelConfig, cfg: BenchConfig) -> tuple:
     """Simulated bf16 peak of our training step, next to the training scripts' estimate."""
-    simulated = simulated_peak(model_cfg, cfg)
     adapters = lora_params(model_cfg, cfg.lora_rank) if cfg.lora_rank else 0
     estimate = sum(estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, torch.bfloat16, cfg.grad_checkpointing,
                                    adapters=adapters).values())
     name = "memory, bf16 step" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
+    if model_cfg.n_experts:  # fake tensors have no values to route by
+        return name, estimate / 2**30, "GiB", "the training scripts' estimate (a mixture of experts is not simulated)"
+    simulated = simulated_peak(model_cfg, cfg)
     return (name, simulated / 2**30, "GiB", f"on fake tensors; the training scripts estimate "
             f"{estimate / 2**30:.2f} GiB ({estimate / simulated:.2f}x)")
 
@@ -654,7 +665,8 @@ def run(cfg: BenchConfig):
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                             vocab_size=cfg.vocab_size, hidden_dim=cfg.hidden_dim, tie_embeddings=cfg.tie_embeddings,
-                            max_seq_len=cfg.max_seq_len)
+                            max_seq_len=cfg.max_seq_len, n_experts=cfg.n_experts,
+                            n_experts_per_tok=cfg.n_experts_per_tok, moe_hidden_dim=cfg.moe_hidden_dim)
     if cfg.memory_only:
         print_table([memory_row(model_cfg, cfg)])
         return
@@ -663,7 +675,8 @@ def run(cfg: BenchConfig):
         return
     model = Transformer(model_cfg).to(device=cfg.device, dtype=dtype).eval()
     prompt = torch.randint(0, cfg.vocab_size, (cfg.prompt_tokens,)).tolist()
-    print(f"model: {model.num_params() / 1e6:.1f}M parameters, {cfg.device}, "
+    active = f" ({model.num_params(active=True) / 1e6:.1f}M active a token)" if model.moe else ""
+    print(f"model: {model.num_params() / 1e6:.1f}M parameters{active}, {cfg.device}, "
           f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; "
           f"decode: {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} new tokens, greedy")
     rows = [] if cfg.decode_only else training_rows(model_cfg, cfg) + [memory_row(model_cfg, cfg)]

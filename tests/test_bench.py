@@ -49,6 +49,22 @@ def test_the_decode_bound_reads_every_weight_and_the_cache_once_a_token():
     assert bytes_per_token(quantize_model(model), 20) == weights + 4 * scales + 4 * cache  # int8 and float scales
 
 
+def test_the_decode_bound_of_a_mixture_reads_a_tokens_experts_only():
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=32, n_experts=4,
+                      n_experts_per_tok=2, moe_hidden_dim=48)
+    dense = Transformer(ModelConfig(**{**cfg.__dict__, "n_experts": 0, "hidden_dim": 96}))
+    routers = 2 * 4 * 64 * 4  # bytes of the two routers
+    assert bytes_per_token(Transformer(cfg), 20) == bytes_per_token(dense, 20) + routers
+
+
+def test_bench_of_a_mixture_counts_active_weights_and_estimates_its_memory():
+    lines = bench("--preset", "tiny", "--n_experts", "4", "--moe_hidden_dim", "32", "--llama_cpp", "false",
+                  "--new_tokens", "8")
+    assert "active a token" in lines[0] and "decode, transformers" not in "\n".join(lines)
+    assert float(row(lines, "train, ours").split()[0]) > 0 and "MFU" in row(lines, "train, ours")
+    assert "estimate" in row(lines, "memory, bf16 step") and float(row(lines, "decode, ours").split()[0]) > 0
+
+
 def test_bench_serving_rows_batch_streams_together(tokenizer_path):
     lines = bench("--preset", "tiny", "--decode_only", "true", "--llama_cpp", "false", "--hf", "false",
                   "--serve_streams", "1,4", "--tokenizer", tokenizer_path)
