@@ -194,3 +194,16 @@ def test_int8_weights_keep_the_routing():
         int8 = quantize_model(model)
         assert isinstance(int8.layers[0].feed_forward.experts[3].w2, Int8Linear)
         assert (int8(tokens)[0].argmax(-1) == reference).float().mean() > 0.8  # the next token of 128 contexts
+
+
+def test_batched_greedy_rows_equal_each_prompt_alone():
+    """generate_batch (serve.py's and GRPO's sampling): padded prompts of different lengths in one batch; a token's
+    experts depend on that token only, so each row is its prompt's generate()."""
+    model = moe_model(n_shared_experts=1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    prompts = [[5, 17, 3], list(range(1, 20)), [42, 42, 7, 8]]
+    alone = [model.generate(p, max_new_tokens=16, temperature=0) for p in prompts]
+    assert model.generate_batch(prompts, max_new_tokens=16, temperature=0) == alone
