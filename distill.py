@@ -80,7 +80,7 @@ def teacher_loss(teacher, cfg: DistillConfig):
     t = cfg.kd_temperature
 
     def loss_fn(model, batch):
-        logits, ce = model(**batch)
+        logits, ce = model(**batch, keep_logits=True)  # (the KL needs the whole logits: no chunked loss)
         with torch.no_grad():  # the same rows, without targets (packed rows keep their positions and documents)
             teacher_logits = teacher(**{k: v for k, v in batch.items() if k not in ("targets", "loss_weight")})[0]
         trained = batch["targets"] != -100

@@ -93,6 +93,8 @@ class ModelConfig:
         return cls(**d)
 
 
+# Above this many bytes of float32 logits, the loss is computed a chunk of rows at a time (Transformer.chunked_loss)
+LOSS_CHUNK_BYTES = 2**27
 ONEDNN = torch.backends.mkldnn.is_available()  # oneDNN's CPU kernels (x86 and Arm builds of torch)
 
 
@@ -424,8 +426,9 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, targets=None, loss_weight=None, cache: Optional[KVCache] = None,
-                last_only: bool = False, positions=None, document_ids=None, logits_at=None):
-        """Return (logits, loss). Targets equal to -100 are ignored. With loss_weight (same
+                last_only: bool = False, positions=None, document_ids=None, logits_at=None, keep_logits=False):
+        """Return (logits, loss). Targets equal to -100 are ignored; with targets whose logits would exceed
+        LOSS_CHUNK_BYTES the loss is computed in chunks (chunked_loss) and logits is None, unless keep_logits. With loss_weight (same
         shape as targets), each token's loss is multiplied by its weight and the sum is
         divided by the number of trained (non -100) tokens, not by the sum of weights, so
         a weight of 10 makes that token count ten times as much as an ordinary one.
@@ -479,16 +482,35 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         elif logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
-        logits = self.output(h)
         if self.moe and self.training:
             self.expert_load += torch.stack([m.load for m in self.moe])
             self.routed_tokens += B * T
         if targets is None:
-            return logits, None
-        loss = self.loss(logits, targets, loss_weight)
-        if self.moe and self.training:  # the routers' balancing and z-losses, averaged over the MoE layers
-            loss = loss + sum(m.aux_loss for m in self.moe) / len(self.moe)
-        return logits, loss
+            return self.output(h), None
+        if 4 * targets.numel() * self.cfg.vocab_size > LOSS_CHUNK_BYTES and not keep_logits:  # they would be large
+            return None, self.chunked_loss(h, targets, loss_weight) + self.router_loss()
+        logits = self.output(h)
+        return logits, self.loss(logits, targets, loss_weight) + self.router_loss()
+
+    def router_loss(self):
+        """In training, a mixture of experts' balancing and z-losses (weighted), averaged over its layers; else 0."""
+        return sum(m.aux_loss for m in self.moe) / len(self.moe) if self.moe and self.training else 0.0
+
+    def chunked_loss(self, h, targets, loss_weight=None):
+        """loss() without the whole (rows, vocab_size) logits: the final hidden states h (B, T, dim) go through the
+        output head and the cross-entropy a chunk of rows at a time, and backward recomputes each chunk's logits
+        (checkpoint), so one chunk's logits and their gradient exist at once, not the batch's (gigabytes with a
+        128k vocabulary). The same loss and gradients, up to the order of the sums."""
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (rows, dim), (rows,)
+        weights = loss_weight.reshape(-1) if loss_weight is not None else torch.ones_like(targets, dtype=torch.float)
+        rows = max(1, LOSS_CHUNK_BYTES // (4 * self.cfg.vocab_size))
+
+        def chunk_sum(h, targets, weights):
+            per_token = F.cross_entropy(self.output(h).float(), targets, ignore_index=-100, reduction="none")
+            return (per_token * weights.to(per_token.dtype)).sum()
+        total = sum(checkpoint(chunk_sum, h[i:i + rows], targets[i:i + rows], weights[i:i + rows],
+                               use_reentrant=False) for i in range(0, len(targets), rows))
+        return total / (targets != -100).sum().clamp(min=1)
 
     @staticmethod
     def loss(logits, targets, loss_weight=None):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import UserError, die, run_guarded
-from model import ModelConfig, ModelError, Transformer
+from model import LOSS_CHUNK_BYTES, ModelConfig, ModelError, Transformer
 
 DTYPES = ("float32", "bfloat16", "float16")
 COMPILES = {"cuda": True, "mps": False, "cpu": True}      # torch.compile used where it is asked for
@@ -270,20 +270,24 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
     n_params = model.num_params()
     c, e = model_cfg, dtype.itemsize
     kv_dim = c.n_kv_heads * c.head_dim
-    per_layer = 16 * c.dim + e * (4 * c.dim + 2 * kv_dim + 4 * c.hidden_dim) + 4 * c.n_heads
+    r = e if adapters else 4  # the residual stream: fp32, or with LoRA the frozen embedding's compute dtype
+    per_layer = 4 * r * c.dim + e * (4 * c.dim + 2 * kv_dim + 4 * c.hidden_dim) + 4 * c.n_heads
     if c.n_experts:  # a token's k experts (and the shared one) instead of one SwiGLU; each expert also keeps its
         # copy of the token's input and its output, and the router its fp32 logits and probabilities
         k, width = c.n_experts_per_tok, (c.n_experts_per_tok + c.n_shared_experts) * c.moe_hidden_dim
         moe_layer = per_layer + e * (4 * width - 4 * c.hidden_dim + 2 * k * c.dim) + 8 * c.n_experts
         per_layer = (c.first_dense_layers * per_layer + (c.n_layers - c.first_dense_layers) * moe_layer) / c.n_layers
     head = 8 * c.dim + 12 * c.vocab_size  # final norm, log-probabilities and their gradients
+    chunk = 0
+    if 4 * batch_size * seq_len * c.vocab_size > LOSS_CHUNK_BYTES:  # model.chunked_loss: one chunk's logits,
+        head, chunk = 8 * c.dim, 3 * LOSS_CHUNK_BYTES  # log-probabilities and gradient at a time
     # Checkpointing keeps each block's input; in backward the head's peak comes first, then
     # one block at a time is recomputed.
-    per_token = c.n_layers * 4 * c.dim + max(per_layer, head) if grad_checkpointing \
-        else c.n_layers * per_layer + head
+    tokens = batch_size * seq_len
+    activations = int(tokens * c.n_layers * r * c.dim + max(tokens * per_layer, tokens * head + chunk)
+                      if grad_checkpointing else tokens * (c.n_layers * per_layer + head) + chunk)
     # fp32 master weights, plus the low-precision copies autocast makes of them for the matmuls
     weights = 4 * n_params + (e * n_params if e < 4 else 0)
-    activations = int(batch_size * seq_len * per_token)
     if adapters:
         return {"weights": e * n_params + 4 * adapters, "gradients": 4 * adapters, "optimizer": 8 * adapters,
                 "activations": activations}

@@ -259,11 +259,12 @@ def test_memory_estimate_of_a_lora_run_is_close_to_the_cpu_loops_peak(tmp_path):
     assert 0.9 < estimate / meter.peak < 1.15, (estimate, meter.peak)
 
 
-@pytest.mark.parametrize("shape, fits", [("smollm2-360m", True), ("tinyllama-1.1b", True), ("llama3.2-1b", True),
-                                         ("smollm2-1.7b", True), ("llama3.2-3b", False)])
+@pytest.mark.parametrize("shape, gib", [("smollm2-360m", 1.41), ("tinyllama-1.1b", 2.97), ("llama3.2-1b", 3.21),
+                                        ("smollm2-1.7b", 4.32), ("llama3.2-3b", 7.52)])
 @pytest.mark.slow
-def test_lora_preset_fits_11_gib_up_to_1_7b_simulated_and_the_estimate_agrees(shape, fits):
-    """The README's table: train_sft.py --preset 12gb_lora on these shapes, a bf16 step on fake tensors."""
+def test_lora_preset_fits_every_shape_simulated_and_the_estimate_agrees(shape, gib):
+    """The README's table: train_sft.py --preset 12gb_lora on these shapes, a bf16 step on fake tensors (the loss
+    chunked: model.chunked_loss), and the estimate within 10%."""
     from bench import PRESETS, BenchConfig, simulated_peak
     from train_sft import PRESETS as SFT_PRESETS
     p = {k: v for k, v in PRESETS[shape].items() if k in BenchConfig.__dataclass_fields__}
@@ -277,8 +278,8 @@ def test_lora_preset_fits_11_gib_up_to_1_7b_simulated_and_the_estimate_agrees(sh
     peak = simulated_peak(model_cfg, bench_cfg)
     estimate = sum(runtime.estimate_memory(model_cfg, p["batch_size"], p["seq_len"], torch.bfloat16, True,
                                            adapters=lora.lora_params(model_cfg, p["lora_rank"])).values())
-    assert (peak < 11 * 2**30) == fits
-    assert 0.9 < estimate / peak < 1.15, (estimate, peak)
+    assert round(peak / 2**30, 2) == gib
+    assert 0.9 < estimate / peak < 1.1, (estimate, peak)
 
 
 def test_inference_loads_a_lora_checkpoint_merged(tmp_path, tokenizer_path):

@@ -298,3 +298,50 @@ def test_every_fast_decoding_path_gives_the_plain_greedy_tokens(monkeypatch, ove
     int8_eager = greedy(int8)
     assert greedy(compile_decoding(model)) == reference
     assert greedy(compile_decoding(int8)) == int8_eager
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_gives_the_full_loss_and_gradients(monkeypatch, tie):
+    """Logits past LOSS_CHUNK_BYTES: the loss a chunk of rows at a time (here 7 rows of 40, the last chunk short),
+    with loss weights and ignored targets, equals the whole computation in fp32, and so do all gradients."""
+    import model as model_module
+    model = tiny_model(tie_embeddings=tie).train()
+    tokens, targets = torch.randint(0, 97, (2, 20)), torch.randint(0, 97, (2, 20))
+    targets[0, :5] = -100
+    weight = torch.rand(2, 20) * 3
+
+    def loss_and_grads():
+        model.zero_grad()
+        logits, loss = model(tokens, targets=targets, loss_weight=weight)
+        loss.backward()
+        return logits, loss.detach(), [p.grad.clone() for p in model.parameters()]
+    full_logits, full, full_grads = loss_and_grads()
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_BYTES", 7 * 97 * 4)
+    logits, chunked, grads = loss_and_grads()
+    assert full_logits is not None and logits is None
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=0)
+    for a, b in zip(grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert model(tokens, targets=targets, keep_logits=True)[0] is not None
+
+
+def test_chunked_loss_never_holds_the_whole_logits():
+    """The peak of a training step's forward and backward, over the bytes of tensors alive, falls by at least the
+    batch's float32 logits and their gradient when the loss is chunked."""
+    import model as model_module
+    from bench import PeakMemory
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8192, max_seq_len=256))
+    tokens = torch.randint(0, 8192, (4, 256))
+    logits_bytes = 4 * tokens.numel() * 8192  # 32 MiB
+
+    def peak(chunk_bytes):
+        model_module.LOSS_CHUNK_BYTES = chunk_bytes
+        with PeakMemory() as meter:
+            model(tokens, targets=tokens)[1].backward()
+        return meter.peak
+    saved = model_module.LOSS_CHUNK_BYTES
+    try:
+        full, chunked = peak(2**40), peak(2**20)
+    finally:
+        model_module.LOSS_CHUNK_BYTES = saved
+    assert full - chunked > 2 * logits_bytes, (full, chunked)
