@@ -73,6 +73,9 @@ class ModelConfig:
             if not 1 <= self.n_experts_per_tok <= self.n_experts:
                 raise ModelError(f"n_experts_per_tok {self.n_experts_per_tok} must be between 1 and n_experts "
                                  f"{self.n_experts}")
+            if self.n_experts_per_tok == 1 and self.norm_topk_prob:
+                raise ModelError("n_experts_per_tok 1 with norm_topk_prob: every token's weight would be 1 and the "
+                                 "router would learn nothing from the loss; set norm_topk_prob false (Switch)")
             if not 0 <= self.first_dense_layers < self.n_layers:
                 raise ModelError(f"first_dense_layers {self.first_dense_layers} leaves no MoE layer of "
                                  f"{self.n_layers}")

@@ -126,6 +126,7 @@ class PretrainConfig(TrainConfig):
     n_experts_per_tok: int = 2
     n_shared_experts: int = 0
     moe_hidden_dim: int = field(default=None, metadata={"help": "each expert's SwiGLU width; unset: hidden_dim"})
+    norm_topk_prob: bool = True    # a token's k weights renormalised to sum to 1; false with 1 expert a token
     first_dense_layers: int = 0
     router_aux_loss_coef: float = 0.01  # the load-balancing loss's weight in the loss
     router_z_loss_coef: float = 0.001   # the router z-loss's weight
@@ -510,6 +511,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                             max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout,
                             n_experts=cfg.n_experts, n_experts_per_tok=cfg.n_experts_per_tok,
                             n_shared_experts=cfg.n_shared_experts, moe_hidden_dim=cfg.moe_hidden_dim,
+                            norm_topk_prob=cfg.norm_topk_prob,
                             first_dense_layers=cfg.first_dense_layers, router_aux_loss_coef=cfg.router_aux_loss_coef,
                             router_z_loss_coef=cfg.router_z_loss_coef)
     model, start = resume_or_init(cfg, None if cfg.init_from else model_cfg, init_from=cfg.init_from)

@@ -40,7 +40,7 @@ def by_hand(moe: MoE, x, norm_topk_prob: bool):
 
 @pytest.mark.parametrize("overrides", [{}, {"norm_topk_prob": False},
                                        {"n_shared_experts": 2, "shared_expert_gate": True, "norm_topk_prob": False},
-                                       {"n_shared_experts": 1, "n_experts_per_tok": 1}])
+                                       {"n_shared_experts": 1, "n_experts_per_tok": 1, "norm_topk_prob": False}])
 def test_a_token_gets_the_weighted_sum_of_its_top_k_experts(overrides):
     """Top-k of the router's softmax, renormalised over the k (Mixtral) or not (Qwen2-MoE), plus the shared expert
     (gated or not): the grouped computation equals each token's experts run one by one."""
@@ -121,6 +121,8 @@ def test_active_parameters_and_flops_count_a_tokens_experts_only():
 def test_bad_moe_settings_are_one_line_errors():
     with pytest.raises(ModelError, match="n_experts_per_tok 5"):
         ModelConfig(**{**MOE, "n_experts_per_tok": 5})
+    with pytest.raises(ModelError, match="learn nothing"):  # weight p / p = 1: no gradient to the router
+        ModelConfig(**{**MOE, "n_experts_per_tok": 1})
     with pytest.raises(ModelError, match="first_dense_layers 3"):
         ModelConfig(**{**MOE, "first_dense_layers": 3})
 
