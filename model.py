@@ -429,9 +429,12 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, targets=None, loss_weight=None, cache: Optional[KVCache] = None,
-                last_only: bool = False, positions=None, document_ids=None, logits_at=None, keep_logits=False):
+                last_only: bool = False, positions=None, document_ids=None, logits_at=None, keep_logits=False,
+                target_logprobs=False, temperature: float = 1.0):
         """Return (logits, loss). Targets equal to -100 are ignored; with targets whose logits would exceed
-        LOSS_CHUNK_BYTES the loss is computed in chunks (chunked_loss) and logits is None, unless keep_logits. With loss_weight (same
+        LOSS_CHUNK_BYTES the loss is computed in chunks (logprobs_of) and logits is None, unless keep_logits.
+        target_logprobs: (None, log p(target) (B, T) float32 at temperature, 0 where the target is -100) instead,
+        chunked alike (DPO's and GRPO's losses). With loss_weight (same
         shape as targets), each token's loss is multiplied by its weight and the sum is
         divided by the number of trained (non -100) tokens, not by the sum of weights, so
         a weight of 10 makes that token count ten times as much as an ordinary one.
@@ -490,8 +493,14 @@ class Transformer(nn.Module):
             self.routed_tokens += B * T
         if targets is None:
             return self.output(h), None
-        if 4 * targets.numel() * self.cfg.vocab_size > LOSS_CHUNK_BYTES and not keep_logits:  # they would be large
-            return None, self.chunked_loss(h, targets, loss_weight) + self.router_loss()
+        whole = 4 * targets.numel() * self.cfg.vocab_size <= LOSS_CHUNK_BYTES or keep_logits
+        if target_logprobs:
+            return None, self.logprobs_of(h, targets, temperature, whole)
+        if not whole:  # Transformer.loss, from log-probabilities computed a chunk at a time
+            logp = self.logprobs_of(h, targets, whole=False)
+            if loss_weight is not None:
+                logp = logp * loss_weight.to(logp.dtype)
+            return None, -logp.sum() / (targets != -100).sum().clamp(min=1) + self.router_loss()
         logits = self.output(h)
         return logits, self.loss(logits, targets, loss_weight) + self.router_loss()
 
@@ -499,21 +508,20 @@ class Transformer(nn.Module):
         """In training, a mixture of experts' balancing and z-losses (weighted), averaged over its layers; else 0."""
         return sum(m.aux_loss for m in self.moe) / len(self.moe) if self.moe and self.training else 0.0
 
-    def chunked_loss(self, h, targets, loss_weight=None):
-        """loss() without the whole (rows, vocab_size) logits: the final hidden states h (B, T, dim) go through the
-        output head and the cross-entropy a chunk of rows at a time, and backward recomputes each chunk's logits
-        (checkpoint), so one chunk's logits and their gradient exist at once, not the batch's (gigabytes with a
-        128k vocabulary). The same loss and gradients, up to the order of the sums."""
-        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)  # (rows, dim), (rows,)
-        weights = loss_weight.reshape(-1) if loss_weight is not None else torch.ones_like(targets, dtype=torch.float)
+    def logprobs_of(self, h, targets, temperature: float = 1.0, whole: bool = True):
+        """log p(target) (B, T) float32 of the final hidden states h (B, T, dim) through the output head at
+        temperature, 0 where the target is -100. Not whole: a chunk of rows at a time, and backward recomputes
+        each chunk's logits (checkpoint), so one chunk's logits and their gradient exist at once, not the batch's
+        (gigabytes with a 128k vocabulary): the same values and gradients, up to the order of the sums."""
+        def chunk(h, targets):  # (rows, dim), (rows,) -> (rows,)
+            logits = self.output(h).float() / temperature
+            return -F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+        h, flat = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if whole:
+            return chunk(h, flat).view(targets.shape)
         rows = max(1, LOSS_CHUNK_BYTES // (4 * self.cfg.vocab_size))
-
-        def chunk_sum(h, targets, weights):
-            per_token = F.cross_entropy(self.output(h).float(), targets, ignore_index=-100, reduction="none")
-            return (per_token * weights.to(per_token.dtype)).sum()
-        total = sum(checkpoint(chunk_sum, h[i:i + rows], targets[i:i + rows], weights[i:i + rows],
-                               use_reentrant=False) for i in range(0, len(targets), rows))
-        return total / (targets != -100).sum().clamp(min=1)
+        return torch.cat([checkpoint(chunk, h[i:i + rows], flat[i:i + rows], use_reentrant=False)
+                          for i in range(0, len(flat), rows)]).view(targets.shape)
 
     @staticmethod
     def loss(logits, targets, loss_weight=None):

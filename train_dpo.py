@@ -83,12 +83,6 @@ PRESETS = {
 }
 
 
-def reply_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(rows,) log-probability of each row's trained targets (its reply), summed; masked positions add 0."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-    return -nll.view(targets.shape).sum(-1)  # (rows, T) -> (rows,)
-
-
 def preference_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: DPOConfig) -> tuple:
     """(per-pair losses, chosen rewards, rejected rewards), each (B,), for the chosen loss."""
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
@@ -104,8 +98,8 @@ def preference_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 
 def pair_logps(model, batch: dict) -> tuple:
     """Log-probabilities of the chosen and the rejected replies, (B,) each: rows 0..B-1 of the batch are the
     chosen replies, rows B..2B-1 the rejected replies of the same pairs."""
-    logits = model(batch["tokens"])[0]  # (2B, T, vocab)
-    return reply_logps(logits, batch["targets"]).chunk(2)
+    # each row's trained targets (its reply): log-probabilities (2B, T), 0 where masked, summed per row
+    return model(batch["tokens"], targets=batch["targets"], target_logprobs=True)[1].sum(-1).chunk(2)
 
 
 def dpo_loss(cfg: DPOConfig, reference):

@@ -97,14 +97,9 @@ PRESETS = {
 
 def token_logprobs(model, tokens, targets, temperature: float):
     """log p(target) of each answer position under the tempered distribution the answers were sampled from; 0
-    where the target is -100 (the prompt, padding), whose logits are never normalised. tokens, targets: (B, T) ->
-    (B, T) float32."""
-    logits = model(tokens)[0]  # (B, T, vocab_size)
-    answer = targets != -100
-    picked = logits[answer].float() / temperature  # (answer tokens, vocab_size)
-    logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    logp[answer] = picked.gather(1, targets[answer][:, None])[:, 0] - picked.logsumexp(dim=-1)
-    return logp
+    where the target is -100 (the prompt, padding). tokens, targets: (B, T) -> (B, T) float32, computed a chunk of
+    rows at a time where the logits would be large (model.Transformer.logprobs_of)."""
+    return model(tokens, targets=targets, target_logprobs=True, temperature=temperature)[1]
 
 
 def grpo_loss(cfg: GRPOConfig, stats: dict):

@@ -35,6 +35,21 @@ class RandomTokens:
         return {"tokens": x[:, :-1], "targets": x[:, 1:]}
 
 
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are given: forward(tokens) -> (logits, None); with targets and target_logprobs, as
+    model.Transformer gives them, (None, log p(target) at temperature, 0 where the target is -100)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, tokens, targets=None, target_logprobs=False, temperature=1.0):
+        if not target_logprobs:
+            return self.logits, None
+        logp = torch.log_softmax(self.logits.float() / temperature, -1)
+        return None, logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+
+
 def small_corpus(n_lines: int = 3000, seed: int = 0):
     """Varied English sentences with some Chinese and digits: enough to train a tiny tokenizer."""
     rng = random.Random(seed)

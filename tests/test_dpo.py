@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
+from conftest import FixedLogits
 from model import ModelConfig, Transformer
 from train_dpo import DPOConfig, dpo_loss, make_reference, pair_logps, preference_losses
 
@@ -34,17 +35,6 @@ def test_each_loss_equals_a_hand_computation(loss, label_smoothing):
         assert losses[i].item() == pytest.approx(expected, rel=1e-6)
         assert chosen_reward[i].item() == pytest.approx(0.1 * chosen_ratio, rel=1e-6)
         assert rejected_reward[i].item() == pytest.approx(0.1 * rejected_ratio, rel=1e-6)
-
-
-class FixedLogits(torch.nn.Module):
-    """A 'model' whose logits are a given leaf tensor, to inspect the loss's gradient position by position."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, tokens, targets=None):
-        return self.logits, None
 
 
 def tiny_pair_batch():

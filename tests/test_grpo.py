@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_grpo
+from conftest import FixedLogits
 from model import ModelConfig, Transformer, save_checkpoint
 from test_distill import reasoning_file
 from train_grpo import GRPOConfig, advantages, grpo, grpo_loss, reward
@@ -38,17 +39,6 @@ def test_advantages_are_centred_per_group_and_flat_groups_get_zero():
     assert torch.allclose(group[0], none[0] / (rewards[0].std() + 1e-4))
 
 
-class FixedLogits(torch.nn.Module):
-    """A 'model' whose logits are a parameter: forward(tokens) -> (logits, None)."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits.clone())
-
-    def forward(self, tokens):
-        return self.logits, None
-
-
 def test_the_loss_equals_a_hand_computation():
     """Two answers of two and one tokens (the rest masked), advantages +1 and -2, old log-probs that put one
     token's ratio above 1 + epsilon_high, one below 1 - epsilon and one inside; beta 0.1 to the reference."""
@@ -75,7 +65,7 @@ def test_the_loss_equals_a_hand_computation():
     stats = dict(clipped=0, tokens=0, kl=0.0)
     batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "targets": targets, "advantages": torch.tensor([1.0, -2.0]),
              "step_tokens": torch.tensor(step_tokens), "old_logp": old, "ref_logp": ref}
-    loss = grpo_loss(cfg, stats)(FixedLogits(logits), batch)
+    loss = grpo_loss(cfg, stats)(FixedLogits(torch.nn.Parameter(logits.clone())), batch)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # the clipped tokens: A > 0 with the ratio above 1 + eps_high, A < 0 with it below 1 - eps
     assert stats["clipped"] == 2 and stats["tokens"] == 3
@@ -83,7 +73,7 @@ def test_the_loss_equals_a_hand_computation():
 
 def test_flat_groups_give_zero_gradient():
     cfg = GRPOConfig(beta=0.0)
-    model = FixedLogits(torch.randn(4, 5, 7))
+    model = FixedLogits(torch.nn.Parameter(torch.randn(4, 5, 7)))
     targets = torch.randint(0, 7, (4, 5))
     rewards = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # two groups of two, each all equal
     batch = {"tokens": torch.zeros(4, 5, dtype=torch.long), "targets": targets,

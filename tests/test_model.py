@@ -345,3 +345,28 @@ def test_chunked_loss_never_holds_the_whole_logits():
     finally:
         model_module.LOSS_CHUNK_BYTES = saved
     assert full - chunked > 2 * logits_bytes, (full, chunked)
+
+
+def test_target_logprobs_chunked_equal_the_whole_logits_at_a_temperature(monkeypatch):
+    """DPO's and GRPO's log p(target): from the whole logits (log-softmax at temperature 0.7, gathered), and chunked
+    (5 rows at a time), with the same gradients; 0 where the target is -100."""
+    import model as model_module
+    model = tiny_model().train()
+    tokens, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    targets[1, :6] = -100
+    logits = model(tokens)[0] / 0.7
+    expected = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+
+    def logprobs_and_grads():
+        model.zero_grad()
+        logp = model(tokens, targets=targets, target_logprobs=True, temperature=0.7)[1]
+        (logp * torch.linspace(0, 1, 32).view(2, 16)).sum().backward()
+        return logp.detach(), [p.grad.clone() for p in model.parameters()]
+    whole, whole_grads = logprobs_and_grads()
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_BYTES", 5 * 97 * 4)
+    chunked, grads = logprobs_and_grads()
+    torch.testing.assert_close(whole, expected.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    assert (whole[1, :6] == 0).all()
+    for a, b in zip(grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
