@@ -53,7 +53,8 @@ from records import atomic_path, atomic_write
 from tokenizer import (CHAT_MARKERS, CHAT_TEMPLATE_JINJA, SPECIAL_PIECES, add_chat_pieces, load_tokenizer,
                        read_sentencepiece, special_ids, tokenizer_json, without_space_prefix)
 
-# Our per-layer module names -> Hugging Face's (under model.layers.{i}.)
+# Our per-layer module names -> Hugging Face's (under model.layers.{i}.): all of a Llama layer, and the attention,
+# the norms and a dense feed-forward (Qwen2-MoE's mlp_only_layers) of a mixture of experts
 LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj",
     "attention.wk": "self_attn.k_proj",
@@ -66,16 +67,90 @@ LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 
+# The feed-forward of an MoE layer as each family's hub checkpoints store it ({e}: an expert), which is also what
+# transformers' save_pretrained and llama.cpp's converter write and read. (transformers 5 fuses the experts in
+# memory: split_fused_experts reads that layout.)
+MOE_NAMES = {
+    "mixtral": {
+        "feed_forward.router": "block_sparse_moe.gate",
+        "feed_forward.experts.{e}.w1": "block_sparse_moe.experts.{e}.w1",
+        "feed_forward.experts.{e}.w2": "block_sparse_moe.experts.{e}.w2",
+        "feed_forward.experts.{e}.w3": "block_sparse_moe.experts.{e}.w3",
+    },
+    "qwen2_moe": {
+        "feed_forward.router": "mlp.gate",
+        "feed_forward.experts.{e}.w1": "mlp.experts.{e}.gate_proj",
+        "feed_forward.experts.{e}.w2": "mlp.experts.{e}.down_proj",
+        "feed_forward.experts.{e}.w3": "mlp.experts.{e}.up_proj",
+        "feed_forward.shared.w1": "mlp.shared_expert.gate_proj",
+        "feed_forward.shared.w2": "mlp.shared_expert.down_proj",
+        "feed_forward.shared.w3": "mlp.shared_expert.up_proj",
+        "feed_forward.shared_gate": "mlp.shared_expert_gate",
+    },
+}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """The model_type that runs a model with this config: llama, mixtral (experts only) or qwen2_moe (with a
+    gated shared expert); a one-line error for a mixture that neither expresses."""
+    if not cfg.n_experts:
+        return "llama"
+    if cfg.n_shared_experts:
+        if not cfg.shared_expert_gate:
+            raise UserError("Qwen2-MoE, the family with a shared expert, always gates it: a shared expert without "
+                            "shared_expert_gate does not export")
+        return "qwen2_moe"
+    if not cfg.norm_topk_prob:
+        raise UserError("Mixtral, the family without a shared expert, always renormalises the top-k weights: "
+                        "norm_topk_prob false does not export")
+    if cfg.first_dense_layers:
+        raise UserError("Mixtral, the family without a shared expert, has no dense layers: first_dense_layers "
+                        f"{cfg.first_dense_layers} does not export")
+    return "mixtral"
+
 
 def hf_names(cfg: ModelConfig) -> dict:
-    """Our tensor name -> Hugging Face's, for every tensor a model with this config stores."""
+    """Our tensor name -> Hugging Face's, for every tensor a model with this config stores (and uses)."""
+    family = hf_family(cfg)
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not cfg.tie_embeddings:  # tied: HF stores no lm_head and ties it on load
         names["output.weight"] = "lm_head.weight"
     for i in range(cfg.n_layers):
-        for ours, theirs in LAYER_NAMES.items():
+        layer = dict(LAYER_NAMES)
+        if cfg.is_moe_layer(i):
+            layer = {ours: theirs for ours, theirs in layer.items() if not ours.startswith("feed_forward.")}
+            for ours, theirs in MOE_NAMES[family].items():
+                if "{e}" in ours:
+                    layer.update({ours.format(e=e): theirs.format(e=e) for e in range(cfg.n_experts)})
+                elif not ours.startswith("feed_forward.shared") or cfg.n_shared_experts:
+                    layer[ours] = theirs
+        for ours, theirs in layer.items():
             names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
     return names
+
+
+def split_fused_experts(hf: dict, family: str) -> dict:
+    """The hub's per-expert tensors from transformers 5's in-memory layout (a file written from its state_dict):
+    each layer's experts fused into mlp.experts.gate_up_proj (E, 2H, D), the gate's H rows first as its
+    chunk(2) reads them, and mlp.experts.down_proj (E, D, H); Mixtral's block_sparse_moe is named mlp there."""
+    names, out = MOE_NAMES[family], {}
+    for name, tensor in hf.items():
+        layer, _, module = name.partition(".mlp.")
+        if module == "experts.gate_up_proj":
+            parts = dict(zip(("w1", "w3"), tensor.chunk(2, dim=1)))
+        elif module == "experts.down_proj":
+            parts = {"w2": tensor}
+        elif module == "gate.weight":  # the router
+            out[f"{layer}.{names['feed_forward.router']}.weight"] = tensor
+            continue
+        else:
+            out[name] = tensor
+            continue
+        for w, stacked in parts.items():
+            for e, weight in enumerate(stacked):
+                out[f"{layer}.{names['feed_forward.experts.{e}.' + w].format(e=e)}.weight"] = weight
+    return out
 
 
 # ----------------------------------------------------------------------------- config
@@ -88,22 +163,28 @@ ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """ModelConfig from a LlamaForCausalLM config.json; one-line error for what we cannot run."""
+    """ModelConfig from a Llama, Mixtral or Qwen2-MoE config.json; one-line error for what we cannot run."""
     def refuse(why):
-        raise UserError(f"{source}: {why}; only plain Llama models convert")
+        raise UserError(f"{source}: {why}; only plain Llama, Mixtral and Qwen2-MoE models convert")
 
     def need(key):
         if key not in hf:
             raise UserError(f"{source}: no {key!r}")
         return hf[key]
 
-    if hf.get("model_type") != "llama":
-        refuse(f"model_type is {hf.get('model_type')!r}, not 'llama'")
+    family = hf.get("model_type")
+    if family not in ARCHITECTURES:
+        refuse(f"model_type is {family!r}, not {', '.join(map(repr, ARCHITECTURES))}")
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act is {hf['hidden_act']!r}, not 'silu'")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             refuse(f"{flag} is true (we have no biases)")
+    if family == "qwen2_moe" and hf.get("qkv_bias", True):  # transformers' default, as in Qwen1.5-MoE
+        refuse("qkv_bias is true (our attention has no biases)")
+    if hf.get("use_sliding_window") or (family == "mixtral" and hf.get("sliding_window") is not None
+                                        and hf["sliding_window"] < need("max_position_embeddings")):
+        refuse("it attends over a sliding window (we attend over the whole context)")
     dim, n_heads = need("hidden_size"), need("num_attention_heads")
     if hf.get("head_dim") not in (None, dim // n_heads):
         refuse(f"head_dim {hf['head_dim']} is not hidden_size / num_attention_heads = {dim // n_heads}")
@@ -127,29 +208,64 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             max_len = int(max_len * scaling["factor"])
         if rope_scaling.get("factor") is None:  # YaRN's default: the extended over the original length
             rope_scaling["factor"] = max_len / rope_scaling["original_max_position_embeddings"]
+    n_layers = need("num_hidden_layers")
+    moe = {}
+    if family == "mixtral":  # softmax, top k, renormalised; every layer a mixture of intermediate_size experts
+        moe = dict(n_experts=need("num_local_experts"), moe_hidden_dim=need("intermediate_size"),
+                   norm_topk_prob=True, router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+    elif family == "qwen2_moe":  # the same routing (renormalised or not), and a shared expert behind a sigmoid gate
+        expert, shared = need("moe_intermediate_size"), need("shared_expert_intermediate_size")
+        if shared <= 0 or shared % expert:
+            refuse(f"shared_expert_intermediate_size {shared} is not a multiple of moe_intermediate_size {expert}")
+        # transformers makes layer i dense when it is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0
+        step, only = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+        dense = [i for i in range(n_layers) if i in only or (i + 1) % step]
+        if dense != list(range(len(dense))) or len(dense) == n_layers:
+            refuse(f"its dense layers {dense} (mlp_only_layers, decoder_sparse_step) are not the first ones "
+                   f"before at least one mixture (first_dense_layers)")
+        moe = dict(n_experts=need("num_experts"), moe_hidden_dim=expert, n_shared_experts=shared // expert,
+                   shared_expert_gate=True, norm_topk_prob=hf.get("norm_topk_prob", False),
+                   first_dense_layers=len(dense), router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+    if moe:
+        if moe["n_experts"] < 1:
+            refuse("it has no experts")
+        moe["n_experts_per_tok"] = need("num_experts_per_tok")
     return ModelConfig(
-        dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
+        dim=dim, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=need("vocab_size"),
         hidden_dim=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_scaling=rope_scaling,
-        max_seq_len=max_len, tie_embeddings=hf.get("tie_word_embeddings", False))
+        max_seq_len=max_len, tie_embeddings=hf.get("tie_word_embeddings", False), **moe)
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: dict = None) -> dict:
-    """config.json for a LlamaForCausalLM equal to our model (token_ids: bos/eos/pad ids or None)."""
+    """config.json for a Llama, Mixtral or Qwen2-MoE model (hf_family) equal to ours (token_ids: bos/eos/pad
+    ids or None)."""
+    family = hf_family(cfg)
     rope = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else {"rope_type": "default"}
     max_len = cfg.max_seq_len
     if rope["rope_type"] == "dynamic":  # transformers scales beyond max_position_embeddings: the trained length
         max_len = rope.pop("original_max_position_embeddings")
     token_ids = token_ids or {}
     dtype_name = str(dtype).removeprefix("torch.")
+    if family == "llama":
+        layers = {"intermediate_size": cfg.hidden_dim, "attention_bias": False, "mlp_bias": False}
+    elif family == "mixtral":
+        layers = {"intermediate_size": cfg.moe_hidden_dim, "num_local_experts": cfg.n_experts, "sliding_window": None}
+    else:  # Qwen2-MoE: dense layers first (mlp_only_layers) of intermediate_size, then the mixtures
+        layers = {"intermediate_size": cfg.hidden_dim, "moe_intermediate_size": cfg.moe_hidden_dim,
+                  "shared_expert_intermediate_size": cfg.n_shared_experts * cfg.moe_hidden_dim,
+                  "num_experts": cfg.n_experts, "norm_topk_prob": cfg.norm_topk_prob, "qkv_bias": False,
+                  "decoder_sparse_step": 1, "mlp_only_layers": list(range(cfg.first_dense_layers)),
+                  "use_sliding_window": False}
+    if family != "llama":
+        layers.update(num_experts_per_tok=cfg.n_experts_per_tok, router_aux_loss_coef=cfg.router_aux_loss_coef)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+        "architectures": [ARCHITECTURES[family]], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, **layers,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": max_len, "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "max_position_embeddings": max_len, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         # Both spellings: transformers >= 5 reads rope_parameters; transformers 4, llama.cpp
         # and vLLM read rope_theta and rope_scaling.
         "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
@@ -195,7 +311,7 @@ def read_weights_file(path: str) -> dict:
 
 
 def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
-    """Our Transformer (fp32, CPU) from a Hugging Face LlamaForCausalLM folder."""
+    """Our Transformer (fp32, CPU) from a Hugging Face Llama, Mixtral or Qwen2-MoE folder."""
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
@@ -206,6 +322,8 @@ def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
             raise UserError(f"{config_path}: not valid JSON ({e})") from None
     cfg = config_from_hf(hf_cfg, config_path)
     hf = read_hf_tensors(model_dir)
+    if cfg.n_experts:
+        hf = split_fused_experts(hf, hf_cfg["model_type"])
     names = hf_names(cfg)
     ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied models store it anyway
     extra = sorted(k for k in hf if k not in names.values() and k not in ignored
@@ -225,10 +343,11 @@ def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
 
 
 def save_hf(model: Transformer, out_dir: str, tokenizer: str = None):
-    """Write `model` as a HF LlamaForCausalLM folder, with the tokenizer files when given its tokenizer
-    (our SentencePiece model, or an imported tokenizer.json). Every file is written under a temporary
-    name and renamed; config.json comes last, so a folder with a config.json is complete."""
+    """Write `model` as a HF Llama, Mixtral or Qwen2-MoE folder (hf_family), with the tokenizer files when given
+    its tokenizer (our SentencePiece model, or an imported tokenizer.json). Every file is written under a
+    temporary name and renamed; config.json comes last, so a folder with a config.json is complete."""
     save_file = _safetensors().save_file
+    hf_family(model.cfg)  # refuse a mixture no family expresses before writing anything
     os.makedirs(out_dir, exist_ok=True)
     token_ids = None
     if tokenizer:
@@ -236,6 +355,9 @@ def save_hf(model: Transformer, out_dir: str, tokenizer: str = None):
         token_ids = save(tokenizer, out_dir, model.cfg)
     state = model.state_dict()
     tensors = {theirs: state[ours].detach().cpu().contiguous() for ours, theirs in hf_names(model.cfg).items()}
+    if model.cfg.tie_embeddings and hf_family(model.cfg) == "qwen2_moe":
+        # llama.cpp's qwen2moe needs an output tensor (its converter does not tie); transformers ties it anyway
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     dtype = model.tok_embeddings.weight.dtype
