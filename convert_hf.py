@@ -1,6 +1,6 @@
 """
-Convert checkpoints: to and from Hugging Face transformers' Llama format, a LoRA run's adapters for PEFT or
-merged into their base, and float weights to int8 for faster inference.
+Convert checkpoints: to and from Hugging Face transformers' Llama, Mixtral and Qwen2-MoE formats, a LoRA run's
+adapters for PEFT or merged into their base, and float weights to int8 for faster inference.
 
   python convert_hf.py --from_hf path/to/llama_folder --out out/base.pt   # then fine-tune it with our scripts
   python convert_hf.py --to_hf out/sft/best.pt --out out/hf               # tokenizer: the one the checkpoint names
@@ -15,15 +15,22 @@ them; the model grows an embedding and output row for each (the mean of the exis
 fine-tuning then trains (a LoRA run too). Pass that tokenizer.json to the other scripts with --tokenizer.
 
 The export is a plain LlamaForCausalLM (config.json + model.safetensors; a LoRA checkpoint is merged
-first) with its tokenizer (our tokenizer.model plus an exact tokenizer.json, or an imported model's
-tokenizer.json) and dataset_sft.py's ChatML template, so
-transformers' AutoModelForCausalLM / AutoTokenizer load it. tokenizer_config.json also tells GGUF
+first), or for a mixture of experts a MixtralForCausalLM (no shared expert: Mixtral renormalises the top-k
+weights and has no dense layers, so norm_topk_prob false or first_dense_layers are refused) or a
+Qwen2MoeForCausalLM (a shared expert, which Qwen2-MoE always gates), with its tokenizer (our
+tokenizer.model plus an exact tokenizer.json, or an imported model's tokenizer.json) and dataset_sft.py's
+ChatML template, so transformers' AutoModelForCausalLM / AutoTokenizer load it. tokenizer_config.json also tells GGUF
 converters which pieces are special (llama.cpp's convert_hf_to_gguf.py makes the chat markers
 control tokens and <think> </think> user-defined ones) and that no space prefix is added; a
 Modelfile beside it runs the converted model.gguf in ollama with the same template.
 
 Our weights already use HF's rotate-half RoPE layout, so converting is a renaming of tensors:
-nothing is permuted. Needs the `safetensors` package (pip install safetensors); transformers
+nothing is permuted. Experts are written one tensor each, as hub checkpoints hold them and llama.cpp's
+converter reads them; import also takes transformers 5's fused gate_up_proj / down_proj. llama.cpp runs a
+Mixtral export as it runs Llama's; its qwen2moe adds the top-k weights as they are and has no dense layers
+(so only norm_topk_prob false and first_dense_layers 0 run there), needs an output tensor (a tied model's is
+written too) and its converter reads only a byte-level BPE tokenizer.json such as Qwen's, not our
+SentencePiece one. Needs the `safetensors` package (pip install safetensors); transformers
 is not needed to convert, only to use the result.
 
 --to_int8 writes quantize.py's int8 checkpoint and reports what it costs on held-out text (--val_data, a token
@@ -519,15 +526,17 @@ def save_peft(ckpt_path: str, out_dir: str) -> str:
     if "lora" not in ckpt:
         raise UserError(f"{ckpt_path} is not a LoRA checkpoint (train_sft.py --lora_rank N makes one)")
     meta, cfg = ckpt["lora"], ModelConfig.from_dict(ckpt["config"])
-    rows = {"tok_embeddings.rows": "model.embed_tokens", "output.rows": "lm_head"}
+    if cfg.n_experts and "experts" in meta["targets"]:
+        raise UserError(f"{ckpt_path} adapts the routed experts, which transformers 5 fuses into one parameter per "
+                        f"layer that PEFT's LoRA layers do not reach: export it merged (--to_hf {ckpt_path})")
+    rows, names = {"tok_embeddings.rows": "model.embed_tokens", "output.rows": "lm_head"}, hf_names(cfg)
     tensors = {}
     for name, tensor in ckpt["model"].items():
         if name in rows:
             theirs = f"{rows[name]}.token_adapter.trainable_tokens_delta"
         else:  # layers.{i}.attention.wq.lora_A -> model.layers.{i}.self_attn.q_proj.lora_A.weight
             where, kind = name.rsplit(".", 1)
-            _, layer, module = where.split(".", 2)
-            theirs = f"model.layers.{layer}.{LAYER_NAMES[module]}.{kind}.weight"
+            theirs = f"{names[where + '.weight'].removesuffix('.weight')}.{kind}.weight"
         tensors[f"base_model.model.{theirs}"] = tensor.float().contiguous()
     new_ids = meta["new_token_ids"]
     token_indices = None  # a tied head shares the embedding's rows

@@ -187,3 +187,37 @@ def test_exported_config_names_the_family(tmp_path):
         (["Qwen2MoeForCausalLM"], [0], 48)
     # llama.cpp's qwen2moe needs an output tensor: a tied head is written too
     assert "lm_head.weight" in safetensors.load_file(str(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("variant", ["mixtral-tied", "qwen2moe-norm-tied-dense-yarn"])
+def test_peft_adapters_of_a_mixture_give_our_logits(variant, tmp_path):
+    """LoRA on attention, the dense layers and the shared expert: PEFT's adapters on the exported base give the
+    logits of our model with its adapters; adapters on the routed experts are refused in one line (transformers 5
+    fuses the experts into parameters, not the Linear layers PEFT adapts)."""
+    peft = pytest.importorskip("peft")
+    import lora
+    torch.manual_seed(4)
+    cfg = ModelConfig(**SMALL, **OURS[variant][1])
+    base = Transformer(cfg)
+    randomise(base)
+    save_checkpoint({"model": base.state_dict(), "config": asdict(cfg), "step": 0}, str(tmp_path / "base.pt"))
+    model = lora.add_lora(base, rank=4, alpha=8.0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):  # zeros at the start: make the adapters count
+                p.normal_(0, 0.1)
+    ckpt = {"model": lora.adapter_state(model), "config": asdict(cfg), "step": 1,
+            "lora": lora.base_entries(model, str(tmp_path / "base.pt"))}
+    save_checkpoint(ckpt, str(tmp_path / "lora.pt"))
+    convert_hf.main(["--to_hf", str(tmp_path / "base.pt"), "--out", str(tmp_path / "base_hf")])
+    convert_hf.main(["--to_peft", str(tmp_path / "lora.pt"), "--out", str(tmp_path / "adapter")])
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base_hf"))
+    with_peft = peft.PeftModel.from_pretrained(base_hf, str(tmp_path / "adapter")).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(with_peft(tokens).logits, model(tokens)[0], atol=1e-4, rtol=0)
+    save_checkpoint({**ckpt, "lora": {**ckpt["lora"], "targets": [*lora.TARGETS, lora.EXPERTS]}},
+                    str(tmp_path / "experts.pt"))
+    with pytest.raises(ValueError, match="routed experts") as err:
+        convert_hf.save_peft(str(tmp_path / "experts.pt"), str(tmp_path / "refused"))
+    assert "\n" not in str(err.value)

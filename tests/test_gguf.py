@@ -1,7 +1,8 @@
 """llama.cpp reads our export as we do. The GGUF that llama.cpp's own converter makes from a
 `convert_hf.py --to_hf` folder marks the chat markers as control tokens and the think tags as
 user-defined ones, adds no space prefix and ends generation at <|im_end|>; llama.cpp then tokenizes
-chat prompts to exactly our ids and decodes greedily as our generate() does.
+chat prompts to exactly our ids and decodes greedily as our generate() does, a mixture of experts too (exported
+as Mixtral, which llama.cpp runs as llama, and as Qwen2-MoE, its qwen2moe).
 
 Needs llama.cpp: LLAMA_CPP_DIR, a llama.cpp source tree (its convert_hf_to_gguf.py and gguf-py), and
 the llama_cpp package (llama-cpp-python) built from the same release; skipped without them. The
@@ -76,10 +77,27 @@ def llama_cpp_job(**job) -> dict:
     return json.loads(r.stdout)
 
 
-def to_gguf(hf_dir: Path) -> Path:
+# llama.cpp's Qwen2-MoE converter reads only a byte-level BPE tokenizer.json (GPT-2's, with a pre-tokenizer that it
+# knows by hash, as Qwen's): for our SentencePiece tokenizer it gets the vocabulary reader of its dense Qwen2
+# converter (tokenizer.model first). That is the one change; the weights go through the converter as they are.
+QWEN2MOE_WITH_SENTENCEPIECE = r"""
+import runpy, sys
+from pathlib import Path
+sys.argv = sys.argv[1:]  # the converter's own command line
+sys.path[:0] = [str(Path(sys.argv[0]).parent), str(Path(sys.argv[0]).parent / "gguf-py")]
+from conversion.qwen import Qwen2Model, Qwen2MoeModel
+Qwen2MoeModel.set_vocab = Qwen2Model.set_vocab
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def to_gguf(hf_dir: Path, sentencepiece_qwen2moe: bool = False) -> Path:
     out = hf_dir / "model.gguf"
-    r = subprocess.run([sys.executable, str(LLAMA_CPP_DIR / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile",
-                        str(out), "--outtype", "f32"], capture_output=True, text=True, timeout=600)
+    converter = [str(LLAMA_CPP_DIR / "convert_hf_to_gguf.py")]
+    if sentencepiece_qwen2moe:
+        converter = ["-c", QWEN2MOE_WITH_SENTENCEPIECE, *converter]
+    r = subprocess.run([sys.executable, *converter, str(hf_dir), "--outfile", str(out), "--outtype", "f32"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -148,6 +166,10 @@ def test_llama_cpp_tokenizes_chat_prompts_to_our_ids(exported):
 
 def test_llama_cpp_greedy_decoding_equals_ours(exported):
     model, tok, path = exported
+    assert_llama_cpp_decodes_as_we_do(model, tok, path)
+
+
+def assert_llama_cpp_decodes_as_we_do(model: Transformer, tok, path: Path):
     prompts = [render_prompt(tok, messages[:1]) for messages in conversations(4)]
     ours = [model.generate(prompt, max_new_tokens=min(32, model.cfg.max_seq_len - len(prompt)), temperature=0)
             for prompt in prompts]
@@ -158,3 +180,26 @@ def test_llama_cpp_greedy_decoding_equals_ours(exported):
         assert run["tokens"] == our_tokens
         np.testing.assert_allclose(np.array(run["scores"]), model(torch.tensor([prompt + our_tokens[:-1]]))[0][0]
                                    .detach().numpy(), atol=1e-4, rtol=0)  # the logits, position by position
+
+
+# A mixture of each family llama.cpp runs (its architecture in the GGUF): Mixtral is its llama with experts;
+# its qwen2moe needs the shared expert and adds the top k weights as they are (norm_topk_prob false)
+MIXTURES = {"llama": dict(n_experts=4, n_experts_per_tok=2),
+            "qwen2moe": dict(n_experts=4, n_experts_per_tok=2, n_shared_experts=1, shared_expert_gate=True,
+                             norm_topk_prob=False)}
+
+
+@pytest.mark.parametrize("arch", MIXTURES)
+def test_llama_cpp_greedy_decoding_of_a_mixture_equals_ours(arch, tokenizer_path, tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=128,
+                                    moe_hidden_dim=64, **MIXTURES[arch]))
+    with torch.no_grad():  # as in `exported`: greedy output varies, with clear margins (the router's too)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    convert_hf.save_hf(model.eval(), str(tmp_path), tokenizer_path)
+    path = to_gguf(tmp_path, sentencepiece_qwen2moe=arch == "qwen2moe")
+    fields = gguf_fields(path)
+    assert (fields["general.architecture"], fields[f"{arch}.expert_count"]) == (arch, 4)
+    assert_llama_cpp_decodes_as_we_do(model, load_tokenizer(tokenizer_path), path)
