@@ -69,7 +69,8 @@ def assert_same_model(ours: Transformer, hf, vocab_size: int):
     assert diff <= 1e-4, f"logits differ by {diff}"
     prompt = tokens[0, :5].tolist()
     mine = ours.generate(prompt, max_new_tokens=20, temperature=0)
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+    theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),  # (else a
+                         max_new_tokens=20, min_new_tokens=20, do_sample=False,  # prompt's id 0 is masked as padding)
                          pad_token_id=0)[0, 5:].tolist()
     assert mine == theirs
 

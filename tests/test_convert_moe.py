@@ -8,6 +8,7 @@ import torch
 
 import convert_hf
 from model import ModelConfig, Transformer, load_model, save_checkpoint
+from test_convert_hf import assert_same_model
 
 transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors.torch")
@@ -65,20 +66,6 @@ def randomise(module: torch.nn.Module):
                 p.normal_(0, 0.15)
 
 
-def assert_same_model(ours: Transformer, hf, label: str):
-    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 40))
-    with torch.no_grad():
-        diff = (ours(tokens)[0] - hf(tokens).logits).abs().max().item()
-    print(f"{label}: max logit difference {diff:.1e}")
-    assert diff <= 1e-4, f"logits differ by {diff}"
-    prompt = tokens[0, :5].tolist()
-    mine = ours.generate(prompt, max_new_tokens=12, temperature=0)
-    theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),  # (else a
-                         max_new_tokens=12, min_new_tokens=12, do_sample=False,  # prompt's id 0 is masked as padding)
-                         pad_token_id=0)[0, 5:].tolist()
-    assert mine == theirs
-
-
 @pytest.mark.parametrize("variant", OURS)
 def test_ours_to_hf(variant, tmp_path):
     architecture, v = OURS[variant]
@@ -89,7 +76,7 @@ def test_ours_to_hf(variant, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(hf).__name__ == architecture
     assert hf.config.router_aux_loss_coef == model.cfg.router_aux_loss_coef
-    assert_same_model(model, hf, f"ours -> {variant}")
+    assert_same_model(model, hf, model.cfg.vocab_size)
 
 
 def hf_model(variant: str, seed: int):
@@ -108,7 +95,7 @@ def test_hf_to_ours(variant, tmp_path):
     assert any(".experts.0." in name for name in safetensors.load_file(str(tmp_path / "model.safetensors")))
     model, cfg = convert_hf.load_hf(str(tmp_path))
     assert cfg == ModelConfig(**{**SMALL, "n_experts_per_tok": 2, "norm_topk_prob": True, **THEIRS[variant][2]})
-    assert_same_model(model.eval(), hf, f"{variant} -> ours")
+    assert_same_model(model.eval(), hf, model.cfg.vocab_size)
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen2moe-norm-mlp-only"])
@@ -121,7 +108,7 @@ def test_transformers_fused_experts_import(variant, tmp_path):
     assert any(name.endswith("mlp.experts.gate_up_proj") for name in state)
     safetensors.save_file(state, str(tmp_path / "model.safetensors"))
     model, _ = convert_hf.load_hf(str(tmp_path))
-    assert_same_model(model.eval(), hf, f"{variant} (fused) -> ours")
+    assert_same_model(model.eval(), hf, model.cfg.vocab_size)
 
 
 @pytest.mark.parametrize("variant", ["mixtral-tied", "qwen2moe-norm-tied-dense-yarn"])
