@@ -1,13 +1,14 @@
 """
 A LLaMA-style decoder in one file: RMSNorm, rotary embeddings (with the context-extending
-scalings llama3, linear, dynamic NTK and YaRN), grouped-query attention, SwiGLU, a KV cache and a sampler. Rows that
+scalings llama3, linear, dynamic NTK and YaRN), grouped-query attention, SwiGLU (or a mixture of SwiGLU experts),
+a KV cache and a sampler. Past a size, the loss is computed without the whole logits (logprobs_of). Rows that
 pack several documents take per-token positions and document ids: each document attends
 only to itself, with its positions starting at 0. generate_batch samples n completions of several
 prompts of different lengths in one batch and one KV cache, each row at its own positions.
 
 Imports torch and the standard library only, so it can be copied into another project
-alone. Weight layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE), so
-conversion to and from transformers is a pure renaming of tensors (see convert_hf.py).
+alone. Weight layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE; a mixture, Mixtral's or
+Qwen2-MoE's), so conversion to and from transformers is a pure renaming of tensors (see convert_hf.py).
 """
 import math
 import os
