@@ -267,6 +267,24 @@ def test_the_batch_gives_each_request_the_tokens_model_generate_gives_it_alone(v
         assert together == alone
 
 
+def test_a_mixture_of_experts_batches_each_request_as_it_would_alone(tok):
+    """The batch on a mixture of experts: a token's experts depend on that token alone, so the rows do not mix."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**TINY, "max_seq_len": 256, "n_experts": 4, "moe_hidden_dim": 32,
+                                       "n_shared_experts": 1, "shared_expert_gate": True}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    settings = dict(max_new_tokens=40, top_k=None, temperature=0, top_p=None, repetition_penalty=1.0,
+                    stop_ids=[special_ids(tok)["im_end"]], generator=None)
+    alone = [model.generate(p, **settings) for p in prompts]
+    assert len({tuple(a) for a in alone}) == len(prompts)
+    with serving(model, tok) as (url, served):
+        assert at_once([lambda p=p: list(served.batch.tokens(p, settings)) for p in prompts]) == alone
+
+
 def test_a_dropped_stream_frees_its_row_while_the_others_go_on(varied, tok):
     greedy = dict(temperature=0, max_tokens=40)
     questions = QUESTIONS[:3]
