@@ -97,7 +97,7 @@ class ModelConfig:
         return cls(**d)
 
 
-# Above this many bytes of float32 logits, the loss is computed a chunk of rows at a time (Transformer.chunked_loss)
+# Above this many bytes of float32 logits, the loss is computed a chunk of rows at a time (Transformer.logprobs_of)
 LOSS_CHUNK_BYTES = 2**27
 ONEDNN = torch.backends.mkldnn.is_available()  # oneDNN's CPU kernels (x86 and Arm builds of torch)
 
@@ -357,8 +357,7 @@ class MoE(nn.Module):
                 self.load = ran  # the log checks that it adds up to every token's k experts (dropless)
                 # Switch's balancing loss: n_experts * sum_e (share of the N*k choices that went to e) * (mean
                 # router probability of e); k at perfect balance. ST-MoE's z-loss: mean squared logsumexp.
-                chosen_share = F.one_hot(chosen, c.n_experts).sum((0, 1)) / x.shape[0]
-                balance = c.n_experts * (chosen_share * probs.mean(0)).sum()
+                balance = c.n_experts * (ran / x.shape[0] * probs.mean(0)).sum()
                 z = torch.logsumexp(logits, -1).square().mean()
                 self.aux_loss = c.router_aux_loss_coef * balance + c.router_z_loss_coef * z
         if self.shared is not None:
@@ -498,10 +497,8 @@ class Transformer(nn.Module):
         if target_logprobs:
             return None, self.logprobs_of(h, targets, temperature, whole)
         if not whole:  # Transformer.loss, from log-probabilities computed a chunk at a time
-            logp = self.logprobs_of(h, targets, whole=False)
-            if loss_weight is not None:
-                logp = logp * loss_weight.to(logp.dtype)
-            return None, -logp.sum() / (targets != -100).sum().clamp(min=1) + self.router_loss()
+            nll = -self.logprobs_of(h, targets, whole=False)
+            return None, self.trained_mean(nll.reshape(-1), targets, loss_weight) + self.router_loss()
         logits = self.output(h)
         return logits, self.loss(logits, targets, loss_weight) + self.router_loss()
 
@@ -528,8 +525,12 @@ class Transformer(nn.Module):
     def loss(logits, targets, loss_weight=None):
         per_token = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                     ignore_index=-100, reduction="none")
-        trained = (targets.reshape(-1) != -100)
-        n = trained.sum().clamp(min=1)
+        return Transformer.trained_mean(per_token, targets, loss_weight)
+
+    @staticmethod
+    def trained_mean(per_token, targets, loss_weight=None):
+        """The per-token losses (rows,), each times its weight, summed and divided by the trained tokens' count."""
+        n = (targets.reshape(-1) != -100).sum().clamp(min=1)
         if loss_weight is not None:
             per_token = per_token * loss_weight.reshape(-1).to(per_token.dtype)
         return per_token.sum() / n
@@ -538,8 +539,8 @@ class Transformer(nn.Module):
         """Weights, tied ones counted once; active: only those a token uses (its k routed experts of each MoE layer)."""
         n = sum(p.numel() for p in self.parameters())
         if active and self.moe:
-            c = self.cfg
-            n -= len(self.moe) * (c.n_experts - c.n_experts_per_tok) * 3 * c.dim * c.moe_hidden_dim
+            idle = self.cfg.n_experts - self.cfg.n_experts_per_tok
+            n -= sum(idle * sum(p.numel() for p in moe.experts[0].parameters()) for moe in self.moe)
         return n if embedding else n - self.tok_embeddings.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -279,7 +279,7 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
         per_layer = (c.first_dense_layers * per_layer + (c.n_layers - c.first_dense_layers) * moe_layer) / c.n_layers
     head = 8 * c.dim + 12 * c.vocab_size  # final norm, log-probabilities and their gradients
     chunk = 0
-    if 4 * batch_size * seq_len * c.vocab_size > LOSS_CHUNK_BYTES:  # model.chunked_loss: one chunk's logits,
+    if 4 * batch_size * seq_len * c.vocab_size > LOSS_CHUNK_BYTES:  # Transformer.logprobs_of: one chunk's logits,
         head, chunk = 8 * c.dim, 3 * LOSS_CHUNK_BYTES  # log-probabilities and gradient at a time
     # Checkpointing keeps each block's input; in backward the head's peak comes first, then
     # one block at a time is recomputed.

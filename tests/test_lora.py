@@ -264,7 +264,7 @@ def test_memory_estimate_of_a_lora_run_is_close_to_the_cpu_loops_peak(tmp_path):
 @pytest.mark.slow
 def test_lora_preset_fits_every_shape_simulated_and_the_estimate_agrees(shape, gib):
     """The README's table: train_sft.py --preset 12gb_lora on these shapes, a bf16 step on fake tensors (the loss
-    chunked: model.chunked_loss), and the estimate within 10%."""
+    chunked: Transformer.logprobs_of), and the estimate within 10%."""
     from bench import PRESETS, BenchConfig, simulated_peak
     from train_sft import PRESETS as SFT_PRESETS
     p = {k: v for k, v in PRESETS[shape].items() if k in BenchConfig.__dataclass_fields__}
