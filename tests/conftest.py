@@ -35,6 +35,16 @@ class RandomTokens:
         return {"tokens": x[:, :-1], "targets": x[:, 1:]}
 
 
+@torch.no_grad()
+def spread_weights(model, std: float = 0.3):
+    """Every matrix of the model drawn from N(0, std), wider than at initialisation: greedy tokens vary from
+    prompt to prompt, with clear margins between the best and the next."""
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.normal_(0, std)
+    return model
+
+
 class FixedLogits(torch.nn.Module):
     """A 'model' whose logits are given: forward(tokens) -> (logits, None); with targets and target_logprobs, as
     model.Transformer gives them, (None, log p(target) at temperature, 0 where the target is -100)."""

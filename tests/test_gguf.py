@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import convert_hf
-from tokenizer import render_prompt
+from conftest import spread_weights
 from model import ModelConfig, Transformer, load_model
 from offline_data import GENERATORS
-from tokenizer import SPECIAL_PIECES, load_tokenizer
+from tokenizer import SPECIAL_PIECES, load_tokenizer, render_prompt
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent"))
 if importlib.util.find_spec("llama_cpp") is None:
@@ -112,10 +112,7 @@ def exported(tokenizer_path, tmp_path_factory):
     else:
         torch.manual_seed(0)
         model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=128))
-        with torch.no_grad():  # larger weights than at initialisation: greedy output varies, with clear margins
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.2)
+        spread_weights(model, 0.2)
     convert_hf.save_hf(model.eval(), str(out), tokenizer_path)
     return model, load_tokenizer(tokenizer_path), to_gguf(out)
 
@@ -194,10 +191,7 @@ def test_llama_cpp_greedy_decoding_of_a_mixture_equals_ours(arch, tokenizer_path
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=128,
                                     moe_hidden_dim=64, **MIXTURES[arch]))
-    with torch.no_grad():  # as in `exported`: greedy output varies, with clear margins (the router's too)
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
+    spread_weights(model, 0.2)  # as in `exported` (the routers too: every expert is used)
     convert_hf.save_hf(model.eval(), str(tmp_path), tokenizer_path)
     path = to_gguf(tmp_path, sentencepiece_qwen2moe=arch == "qwen2moe")
     fields = gguf_fields(path)

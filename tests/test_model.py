@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from conftest import spread_weights
 from model import (KVCache, ModelConfig, ModelError, Transformer, compile_decoding, fuse_projections,
                    load_state_dict_checked, read_checkpoint, sample)
 
@@ -281,10 +282,7 @@ def test_every_fast_decoding_path_gives_the_plain_greedy_tokens(monkeypatch, ove
     import model as model_module
     from quantize import quantize_model
     model = tiny_model(max_seq_len=128, **overrides)
-    with torch.no_grad():  # larger weights than at initialisation: varied tokens with clear margins
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    spread_weights(model)
     prompts = [[5, 17, 3], list(range(1, 30)), [42, 42, 7]]
 
     def greedy(m):

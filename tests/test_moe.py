@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lora
 import train
-from conftest import RandomTokens
+from conftest import RandomTokens, spread_weights
 from model import ModelConfig, ModelError, MoE, Transformer
 
 MOE = dict(dim=48, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=80, max_seq_len=64, n_experts=4,
@@ -186,10 +186,7 @@ def test_lora_adapts_attention_and_the_experts_only_when_asked():
 def test_int8_weights_keep_the_routing():
     from quantize import Int8Linear, quantize_model
     model = moe_model().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    spread_weights(model)
     tokens = torch.randint(0, 97, (4, 32))
     with torch.no_grad():
         reference = model(tokens)[0].argmax(-1)
@@ -202,10 +199,7 @@ def test_batched_greedy_rows_equal_each_prompt_alone():
     """generate_batch (serve.py's and GRPO's sampling): padded prompts of different lengths in one batch; a token's
     experts depend on that token only, so each row is its prompt's generate()."""
     model = moe_model(n_shared_experts=1).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    spread_weights(model)
     prompts = [[5, 17, 3], list(range(1, 20)), [42, 42, 7, 8]]
     alone = [model.generate(p, max_new_tokens=16, temperature=0) for p in prompts]
     assert model.generate_batch(prompts, max_new_tokens=16, temperature=0) == alone

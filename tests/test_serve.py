@@ -21,7 +21,7 @@ import torch
 
 import serve
 from cli import UserError
-from conftest import ROOT
+from conftest import ROOT, spread_weights
 from tokenizer import render_prompt
 from inference import LoadSettings, load_for_inference, prompt_ids
 from model import ModelConfig, Transformer, save_checkpoint
@@ -213,10 +213,7 @@ def varied(tok):
     that mixed would show), served with the default 8 rows."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**TINY, "max_seq_len": 1024}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    spread_weights(model)
     with serving(model, tok) as (url, served):
         yield SimpleNamespace(url=url, served=served, chat=lambda: client(url).chat.completions)
 
@@ -272,10 +269,7 @@ def test_a_mixture_of_experts_batches_each_request_as_it_would_alone(tok):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**TINY, "max_seq_len": 256, "n_experts": 4, "moe_hidden_dim": 32,
                                        "n_shared_experts": 1, "shared_expert_gate": True}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
+    spread_weights(model)
     prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
     settings = dict(max_new_tokens=40, top_k=None, temperature=0, top_p=None, repetition_penalty=1.0,
                     stop_ids=[special_ids(tok)["im_end"]], generator=None)
