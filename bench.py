@@ -28,8 +28,11 @@ peak a GPU would need, found on any machine in seconds, next to the training scr
   python bench.py --preset 12gb --memory_only true    # does the 12gb preset fit, without a GPU
   python bench.py --preset tinyllama-1.1b --memory_only true   # LoRA (train_sft.py --preset 12gb_lora) on it
 --lora_rank N: the training and memory rows train LoRA adapters on a frozen base (lora.py), kept in
-the compute dtype; the presets named after Hugging Face models are their shapes with the 12gb_lora
-settings (batch 4 x 1,024 tokens, activation checkpointing).
+the compute dtype (with --base_quant nf4: in 4 bits, QLoRA); the presets named after Hugging Face models are
+their shapes with the 12gb_lora settings (batch 4 x 1,024 tokens, activation checkpointing), the 7-8B ones
+with an NF4 base (train_sft.py --preset 12gb_qlora).
+  python bench.py --preset llama3.1-8b --memory_only true     # QLoRA on an 8B base, simulated
+  python bench.py --preset cpu --lora_rank 16 --base_quant nf4 --decode_only false --hf false   # NF4 step speed
 chat data (--sft_mb N, these rows only): --sft_mb MB of the offline generator's chats tokenized into
 chat shards (dataset_sft.py) with --sft_workers processes, time and peak memory, then a second launch
 that must reuse them; then SFT steps on --sft_spread_mb MB of chats with a realistic spread of lengths,
@@ -53,14 +56,14 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -101,6 +104,8 @@ class BenchConfig:
     grad_checkpointing: bool = field(default=False, metadata={"help": "training rows: recompute activations"})
     lora_rank: int = field(default=0, metadata={"help": "training and memory rows: LoRA adapters of this rank on "
                                                         "the frozen model; 0: every weight trained"})
+    base_quant: str = field(default="", metadata={"help": "with --lora_rank: nf4 holds the frozen base in 4 bits "
+                                                          "(QLoRA); empty: in the compute dtype"})
     memory_only: bool = field(default=False, metadata={"help": "print only the simulated bf16 memory row"})
     compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd training step and decode"})
     decode_only: bool = field(default=False, metadata={"help": "only the decode and serving rows"})
@@ -142,6 +147,10 @@ PRESETS.update({  # shapes of Hugging Face models that convert_hf.py imports, wi
                          **LORA_12GB),
     "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
                         **LORA_12GB),
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=128256,
+                        tie_embeddings=False, **LORA_12GB, base_quant="nf4"),
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32768,
+                       tie_embeddings=False, **LORA_12GB, base_quant="nf4"),  # v0.3: the llama layout
 })
 
 
@@ -156,8 +165,9 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+        for t in tree_leaves(out):  # (meta tensors and wrappers such as an NF4 tensor have no memory of their own)
+            plain = isinstance(t, torch.Tensor) and not is_traceable_wrapper_subclass(t) and not t.is_meta
+            storage = t.untyped_storage() if plain else None
             if storage is not None and storage not in self.seen:
                 self.seen[storage] = True
                 self.live += storage.nbytes()
@@ -463,11 +473,12 @@ def optimizer_step(model, loss_of, cfg: BenchConfig, device, autocast):
 
 
 def train_step_timer(model_cfg: ModelConfig, cfg: BenchConfig, device, autocast, compiled: bool = False):
-    """One optimizer step of our model (with --lora_rank: of its adapters, the frozen base in the compute dtype)."""
+    """One optimizer step of our model (with --lora_rank: of its adapters, the frozen base in the compute dtype or
+    in NF4)."""
     with torch.device(device):
         model = Transformer(model_cfg)
     if cfg.lora_rank:
-        add_lora(model, cfg.lora_rank, 2.0 * cfg.lora_rank)
+        add_lora(model, cfg.lora_rank, 2.0 * cfg.lora_rank, base_quant=cfg.base_quant)
         cast_frozen(model, getattr(autocast, "fast_dtype", torch.float32))
     model.grad_checkpointing = cfg.grad_checkpointing
     step_model = torch.compile(model) if compiled else model
@@ -490,8 +501,13 @@ def training_rows(model_cfg: ModelConfig, cfg: BenchConfig) -> list:
     peak = peak_flops(rt.device, cfg.peak_tflops)
     tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
     flops = Transformer(model_cfg).flops_per_token(cfg.seq_len) * tokens
-    ours = f"train, ours LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "train, ours"
+    ours = f"train, ours LoRA rank {cfg.lora_rank}" + (f", {cfg.base_quant} base" if cfg.base_quant else "") \
+        if cfg.lora_rank else "train, ours"
     variants = [(ours, lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast))]
+    if cfg.lora_rank and cfg.base_quant:  # the same adapters on the base in the compute dtype, to compare
+        plain = replace(cfg, base_quant="")
+        variants.append((f"train, ours LoRA rank {cfg.lora_rank}, {str(rt.dtype).removeprefix('torch.')} base",
+                         lambda: train_step_timer(model_cfg, plain, rt.device, rt.autocast)))
     if cfg.compile:
         variants.append(("train, ours compiled", lambda: train_step_timer(model_cfg, cfg, rt.device, rt.autocast, True)))
     if cfg.hf and not cfg.lora_rank and not model_cfg.n_experts:  # (transformers with PEFT would be the comparison
@@ -515,8 +531,9 @@ def memory_row(model_cfg: ModelConfig, cfg: BenchConfig) -> tuple:
     """Simulated bf16 peak of our training step, next to the training scripts' estimate."""
     adapters = lora_params(model_cfg, cfg.lora_rank) if cfg.lora_rank else 0
     estimate = sum(estimate_memory(model_cfg, cfg.batch_size, cfg.seq_len, torch.bfloat16, cfg.grad_checkpointing,
-                                   adapters=adapters).values())
-    name = "memory, bf16 step" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
+                                   adapters=adapters, base_quant=cfg.base_quant if adapters else "").values())
+    name = "memory, bf16 step" + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "") + \
+        (f", {cfg.base_quant} base" if cfg.lora_rank and cfg.base_quant else "")
     if model_cfg.n_experts:  # fake tensors have no values to route by
         return name, estimate / 2**30, "GiB", "the training scripts' estimate (a mixture of experts is not simulated)"
     simulated = simulated_peak(model_cfg, cfg)

@@ -43,6 +43,7 @@ completion put </s> before a prompt (as inference.py does). For chat, eos is <|i
 generation_config.json stops at <|im_end|> and </s>.
 """
 import copy
+import functools
 import json
 import os
 import shutil
@@ -50,11 +51,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn as nn
+from tqdm import tqdm
 
 from cli import UserError, parse_config, run_guarded
 from dataset import TokenShards
-from lora import load_merged, merged_model
-from model import ModelConfig, ModelError, Transformer, load_state_dict_checked, read_checkpoint, save_checkpoint
+from lora import BASE_QUANTS, NF4Linear, base_projections, load_merged, merged_model, nf4_checkpoint_state, to_nf4
+from model import ModelConfig, ModelError, Transformer, empty_model, read_checkpoint, save_checkpoint
 from quantize import format_report, int8_model, quality_report, quantize_model, quantized_checkpoint
 from records import atomic_path, atomic_write
 from tokenizer import (CHAT_MARKERS, CHAT_TEMPLATE_JINJA, SPECIAL_PIECES, add_chat_pieces, load_tokenizer,
@@ -284,41 +287,49 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: d
 
 # ----------------------------------------------------------------------------- weights
 
-def read_hf_tensors(model_dir: str) -> dict:
-    """All tensors of a HF model folder: model.safetensors, its sharded index, or pytorch_model.bin."""
+def hf_tensor_files(model_dir: str) -> dict:
+    """Which file holds each tensor of a HF model folder (model.safetensors, its sharded index, or
+    pytorch_model.bin): tensor name -> path. Nothing is read but the names."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
             with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+                return {name: os.path.join(model_dir, shard) for name, shard in json.load(f)["weight_map"].items()}
         except (json.JSONDecodeError, KeyError, AttributeError):
             raise UserError(f"{index}: not a safetensors index (no weight_map)") from None
-        tensors = {}
-        for shard in shards:
-            tensors.update(read_weights_file(os.path.join(model_dir, shard)))
-        return tensors
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.exists(os.path.join(model_dir, name)):
-            return read_weights_file(os.path.join(model_dir, name))
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            return dict.fromkeys(weights_file(path).keys(), path)
     raise UserError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def read_weights_file(path: str) -> dict:
-    """The tensors of one .safetensors or .bin file, with a one-line error if it is damaged."""
-    if path.endswith(".safetensors"):
-        load = _safetensors().load_file
-    else:
-        def load(p):
-            return torch.load(p, map_location="cpu", weights_only=True)  # never run pickled code
+@functools.lru_cache(maxsize=1)
+def weights_file(path: str):
+    """One .safetensors file opened (memory-mapped: a tensor is read when asked for) or a .bin file's tensors (mapped
+    too), with a one-line error if it is damaged."""
     try:
-        return load(path)
+        if path.endswith(".safetensors"):
+            return _safetensors().safe_open(path, framework="pt")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # never run pickled code
     except Exception as e:  # safetensors, zip and unpickling errors share no narrower base class
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: cannot read the weights (corrupt or truncated?): {detail}") from None
 
 
-def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
-    """Our Transformer (fp32, CPU) from a Hugging Face Llama, Mixtral or Qwen2-MoE folder."""
+def read_hf_tensor(files: dict, name: str) -> torch.Tensor:
+    """One tensor of a HF model folder (hf_tensor_files), read from its file alone."""
+    opened = weights_file(files[name])
+    try:
+        return opened.get_tensor(name) if hasattr(opened, "get_tensor") else opened[name]
+    except Exception as e:
+        raise UserError(f"{files[name]}: cannot read {name} (corrupt or truncated?): {e}") from None
+
+
+def load_hf(model_dir: str, base_quant: str = "") -> "tuple[Transformer, ModelConfig]":
+    """Our Transformer (fp32, CPU) from a Hugging Face Llama, Mixtral or Qwen2-MoE folder, read one tensor at a time
+    into a model that holds nothing else (a shard is never whole in memory); base_quant "nf4": each projection
+    quantized as it is read (lora.py), so an 8B import needs about 8 GB, not 32."""
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
@@ -328,9 +339,10 @@ def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
         except json.JSONDecodeError as e:
             raise UserError(f"{config_path}: not valid JSON ({e})") from None
     cfg = config_from_hf(hf_cfg, config_path)
-    hf = read_hf_tensors(model_dir)
-    if cfg.n_experts:
-        hf = split_fused_experts(hf, hf_cfg["model_type"])
+    files = hf_tensor_files(model_dir)
+    hf = dict.fromkeys(files)
+    if cfg.n_experts:  # (transformers 5 fuses the experts: a mixture is read whole, to split them)
+        hf = split_fused_experts({name: read_hf_tensor(files, name) for name in files}, hf_cfg["model_type"])
     names = hf_names(cfg)
     ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied models store it anyway
     extra = sorted(k for k in hf if k not in names.values() and k not in ignored
@@ -341,11 +353,24 @@ def load_hf(model_dir: str) -> "tuple[Transformer, ModelConfig]":
     missing = [theirs for theirs in names.values() if theirs not in hf]
     if missing:
         raise UserError(f"{model_dir}: missing tensor {missing[0]}")
-    state = {ours: hf[theirs] for ours, theirs in names.items()}
+    model = empty_model(cfg)
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    quantized = set()
+    if base_quant:
+        modules = {module: name for name, module in model.named_modules()}
+        quantized = {f"{modules[parent]}.{attr}.weight" for parent, attr in base_projections(model)}
+    for ours, theirs in tqdm(names.items(), desc="import", unit="tensor", leave=False):
+        tensor = (hf[theirs] if hf[theirs] is not None else read_hf_tensor(files, theirs)).float()
+        if tensor.shape != shapes[ours]:
+            raise UserError(f"{model_dir}: {theirs} has shape {tuple(tensor.shape)}, but config.json gives "
+                            f"{tuple(shapes[ours])}")
+        if ours in quantized:
+            parent, attr = ours.removesuffix(".weight").rsplit(".", 1)
+            setattr(model.get_submodule(parent), attr, NF4Linear(to_nf4(tensor)))
+        else:
+            model.load_state_dict({ours: tensor}, strict=False, assign=True)
     if cfg.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model = Transformer(cfg)
-    load_state_dict_checked(model, state, model_dir)  # copies into fp32 parameters
+        model.output.weight = model.tok_embeddings.weight
     return model, cfg
 
 
@@ -501,19 +526,22 @@ def has_chat_pieces(path: str) -> bool:
 
 @torch.no_grad()
 def with_vocab(model: Transformer, vocab_size: int, new_ids: list) -> Transformer:
-    """The model with at least vocab_size embedding and output rows; the rows of new_ids start at the mean
-    of the existing rows (a neutral start: a random row could dominate the output)."""
+    """The model with at least vocab_size embedding and output rows (grown in place: the blocks, perhaps in 4 bits,
+    are not copied); the rows of new_ids start at the mean of the existing rows (a neutral start: a random row
+    could dominate the output)."""
     cfg = model.cfg
     rows = max(vocab_size, cfg.vocab_size)
-    state = model.state_dict()
-    for name in ("tok_embeddings.weight", "output.weight"):
-        old = state[name]
+    for module in (model.tok_embeddings, model.output):
+        old = module.weight
+        if cfg.tie_embeddings and module is model.output:
+            model.output.weight = model.tok_embeddings.weight
+            continue
         grown = torch.cat([old, old.new_zeros(rows - cfg.vocab_size, cfg.dim)])
         grown[new_ids] = old.mean(0)
-        state[name] = grown
-    grown_model = Transformer(ModelConfig.from_dict({**asdict(cfg), "vocab_size": rows}))
-    load_state_dict_checked(grown_model, state, "the imported model")
-    return grown_model
+        module.weight = nn.Parameter(grown)
+    model.tok_embeddings.num_embeddings = model.output.out_features = rows
+    model.cfg = ModelConfig.from_dict({**asdict(cfg), "vocab_size": rows})
+    return model
 
 
 # ----------------------------------------------------------------------------- PEFT adapters
@@ -631,6 +659,8 @@ class ConvertConfig:
     base: str = field(default="", metadata={
         "help": "with --merge_lora: its base checkpoint (empty: the path it records)"})
     to_int8: str = field(default="", metadata={"help": "a float checkpoint to quantize to int8 (quantize.py)"})
+    base_quant: str = field(default="", metadata={
+        "help": "with --from_hf: nf4 writes the projections in 4 bits as they are read (a QLoRA base, lora.py)"})
     out: str = field(default="", metadata={"help": "the checkpoint (.pt) or folder to write (empty with "
                                                    "--merge_lora: CKPT_merged.pt; --to_int8: CKPT_int8.pt)"})
     tokenizer: str = field(default="", metadata={
@@ -660,11 +690,15 @@ def convert(cfg: ConvertConfig):
     elif cfg.to_int8:
         to_int8(cfg)
     elif cfg.from_hf:
-        model, _ = load_hf(cfg.from_hf)
+        if cfg.base_quant not in BASE_QUANTS:
+            raise UserError(f"--base_quant {cfg.base_quant!r}: use nf4, or leave it empty")
+        model, _ = load_hf(cfg.from_hf, cfg.base_quant)
         model, tokenizer, added = import_tokenizer(cfg.from_hf, cfg.out, model)
-        save_checkpoint({"model": model.state_dict(), "config": asdict(model.cfg), "step": 0,
+        state, nf4 = nf4_checkpoint_state(model)
+        save_checkpoint({"model": state, **({"nf4": nf4} if nf4 else {}), "config": asdict(model.cfg), "step": 0,
                          "tokenizer": tokenizer, "added_token_ids": added}, cfg.out)
-        print(f"wrote {cfg.out}: {model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layers} layers")
+        print(f"wrote {cfg.out}: {model.num_params() / 1e6:.1f}M parameters, {model.cfg.n_layers} layers" +
+              (", the projections in 4-bit NF4 (fine-tune it with --lora_rank and --base_quant nf4)" if nf4 else ""))
         if added:
             print(f"added {len(added)} tokens the tokenizer lacked (ids {added[0]}-{added[-1]}), their rows starting "
                   f"at the mean of the others: fine-tuning trains them")

@@ -817,6 +817,17 @@ def compile_decoding(model: Transformer, mode: Optional[str] = None) -> Transfor
     return model
 
 
+def empty_model(cfg: ModelConfig) -> Transformer:
+    """A Transformer holding no weights yet (meta tensors: no memory) but real buffers, to be filled one tensor at
+    a time with load_state_dict(..., assign=True): a large model imported or loaded without a second copy."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for name, buffer in model.named_buffers(recurse=False):
+        setattr(model, name, torch.zeros_like(buffer, device="cpu"))
+    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_seq_len)
+    return model
+
+
 def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
     """The Transformer of a checkpoint of whole float weights (read_checkpoint's dict, read from path). Adapters
     and int8 weights are refused in one line that says what reads them."""
@@ -824,6 +835,8 @@ def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
         raise ModelError(f"{path} holds {ckpt['quantization']} weights, for inference only (inference.py, "
                          f"inference_sft.py, serve.py): use the float checkpoint it came from "
                          f"({ckpt.get('source', '?')})")
+    if "nf4" in ckpt:  # convert_hf.py --from_hf --base_quant nf4
+        raise ModelError(f"{path} holds a 4-bit NF4 base: lora.py reads it (lora.load_merged)")
     if "lora" in ckpt:  # written by a LoRA run of this project (lora.py): adapters only
         raise ModelError(f"{path} holds LoRA adapters, not a whole model: merge them into their base first "
                          f"(python convert_hf.py --merge_lora {path})")

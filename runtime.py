@@ -255,8 +255,13 @@ def ctrl_c_as_flag():
 # -----------------------------------------------------------------------------
 # memory
 
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # a 4-bit code, an 8-bit scale per 64 weights, an fp32 factor per 256 scales
+NF4_DEQUANTIZE_BYTES = 20  # torchao's dequantization makes about 20 bytes of temporaries a weight (fake tensors)
+
+
 def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype,
-                    grad_checkpointing: bool = False, optimizer: str = "adamw", adapters: int = 0) -> dict:
+                    grad_checkpointing: bool = False, optimizer: str = "adamw", adapters: int = 0,
+                    base_quant: str = "") -> dict:
     """Bytes the training step needs at its peak (the start of backward), by part. Activations
     are what autograd keeps per token: per layer the fp32 residual stream and normalised inputs,
     and in the compute dtype the matmul inputs and outputs (attention is a fused kernel: no
@@ -264,7 +269,9 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
     AdamW keeps two fp32 moments per weight; Muon one momentum buffer for the matrices it trains. With LoRA
     (adapters: its trainable weights, lora.lora_params) the frozen weights are kept in the compute dtype, and only
     the fp32 adapters have gradients and optimizer state; the activations are the same (each adapter needs the
-    input its base layer sees). Checked against measured and simulated peaks in the tests (README: Measured)."""
+    input its base layer sees). An NF4 base (base_quant "nf4", QLoRA) holds the blocks' projections in about 4.1
+    bits, and the one being computed is dequantized for a moment. Checked against measured and simulated peaks in
+    the tests (README: Measured)."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
     n_params = model.num_params()
@@ -288,12 +295,16 @@ def estimate_memory(model_cfg: ModelConfig, batch_size: int, seq_len: int, dtype
                       if grad_checkpointing else tokens * (c.n_layers * per_layer + head) + chunk)
     # fp32 master weights, plus the low-precision copies autocast makes of them for the matmuls
     weights = 4 * n_params + (e * n_params if e < 4 else 0)
+    block_matrices = [p.numel() for name, p in model.named_parameters()  # what Muon trains and NF4 holds
+                      if name.startswith("layers.") and p.dim() == 2]
     if adapters:
-        return {"weights": e * n_params + 4 * adapters, "gradients": 4 * adapters, "optimizer": 8 * adapters,
+        frozen = e * n_params
+        if base_quant == "nf4":
+            frozen -= (e - NF4_BYTES) * sum(block_matrices)
+            activations += NF4_DEQUANTIZE_BYTES * max(block_matrices)
+        return {"weights": int(frozen) + 4 * adapters, "gradients": 4 * adapters, "optimizer": 8 * adapters,
                 "activations": activations}
-    block_matrices = sum(p.numel() for name, p in model.named_parameters()  # what Muon trains (experts too)
-                         if name.startswith("layers.") and p.dim() == 2)
-    optimizer_bytes = 8 * n_params - (4 * block_matrices if optimizer == "muon" else 0)
+    optimizer_bytes = 8 * n_params - (4 * sum(block_matrices) if optimizer == "muon" else 0)
     return {"weights": weights, "gradients": 4 * n_params, "optimizer": optimizer_bytes, "activations": activations}
 
 

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from cli import UserError, parse_config
 from dataset import TokenShards
 from evaluate import chat_report, describe_chat, loss_by_position, validation_loss
-from lora import (TARGETS, adapter_state, add_lora, base_entries, cast_frozen, is_lora, load_merged, lora_params,
-                  with_adapters)
+from lora import (BASE_QUANTS, TARGETS, adapter_state, add_lora, base_entries, cast_frozen, is_lora, load_merged,
+                  lora_params, with_adapters)
 from model import (ModelConfig, Transformer, extend_context, load_state_dict_checked, nonfinite_tensor,
                    read_checkpoint, save_checkpoint)
 from runtime import (FUSED_ADAMW, LogWindow, Prefetcher, Runtime, capture_rng, check_memory, compiled_or_eager,
@@ -89,6 +89,8 @@ class FinetuneConfig(TrainConfig):
     lora_dropout: float = 0.0
     lora_targets: str = ",".join(TARGETS)  # projections to adapt (transformers: q k v o_proj, gate down up_proj;
     # add "experts" to adapt a mixture of experts' routed experts too)
+    base_quant: str = ""           # nf4: QLoRA, the frozen base's projections held in 4 bits (needs --lora_rank
+    # and torchao); empty: the base in the compute dtype
     # after training: what the stage kept and forgot (report_held_out)
     text_val: str = "data/pretrain_val.bin"  # pretraining's held-out text, its loss; empty: not measured
     chat_val: str = ""             # held-out chats: the chat report (records that say how to score them) and the loss
@@ -97,10 +99,16 @@ class FinetuneConfig(TrainConfig):
 
     def lora(self):
         """The LoRA settings for resume_or_init, or None for full fine-tuning."""
+        if self.base_quant not in BASE_QUANTS:
+            raise UserError(f"--base_quant {self.base_quant!r}: use nf4, or leave it empty")
         if not self.lora_rank:
+            if self.base_quant:
+                raise UserError(f"--base_quant {self.base_quant} quantizes the frozen base of a LoRA run: "
+                                f"add --lora_rank (e.g. 16)")
             return None
         return {"rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
-                "targets": [t.strip() for t in self.lora_targets.split(",") if t.strip()]}
+                "targets": [t.strip() for t in self.lora_targets.split(",") if t.strip()],
+                "base_quant": self.base_quant}
 
 
 @dataclass
@@ -170,7 +178,7 @@ def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: s
         raise UserError(f"{last} exists: pass --resume true to continue it, or choose another --out_dir")
     torch.manual_seed(cfg.seed)  # the same initial weights (or adapters) for the same seed
     if init_from:
-        model, ckpt = load_merged(init_from)
+        model, ckpt = load_merged(init_from, keep_nf4=bool(lora and lora["base_quant"]))  # an NF4 base stays 4-bit
         if cfg.rope_scaling:  # the context extended to --seq_len (model.extend_context)
             if cfg.seq_len <= model.cfg.max_seq_len:
                 raise UserError(f"--rope_scaling {cfg.rope_scaling} extends the context to --seq_len, which must be "
@@ -202,7 +210,8 @@ def check_resumable(ckpt: dict, model_cfg: ModelConfig, cfg: TrainConfig, lora: 
     if old != cfg.optimizer:
         raise UserError(f"{path} was trained with optimizer={old!r} but this run has optimizer={cfg.optimizer!r}; "
                         f"its optimizer state cannot carry over: use --optimizer {old} or a new --out_dir")
-    saved = {k: ckpt["lora"][k] for k in ("rank", "alpha", "dropout", "targets")} if ckpt.get("lora") else None
+    saved = {**{k: ckpt["lora"][k] for k in ("rank", "alpha", "dropout", "targets")},
+             "base_quant": ckpt["lora"].get("base_quant", "")} if ckpt.get("lora") else None
     wanted = {**lora, "targets": list(lora["targets"])} if lora else None
     if saved != wanted:
         def describe(s):
@@ -333,8 +342,8 @@ def expert_report(model: Transformer) -> dict:
 
 def stop_if_diverged(model: Transformer, window_loss: float, step: int, last_path: str):
     """Every rank, before every save and at log steps: the losses since the last check, and the weights
-    themselves (a step can make them non-finite while its own loss was finite)."""
-    bad = nonfinite_tensor(model.state_dict())
+    themselves that train (a step can make them non-finite while its own loss was finite; frozen ones cannot be)."""
+    bad = nonfinite_tensor({name: p for name, p in model.named_parameters() if p.requires_grad})
     if not math.isfinite(window_loss) or bad:
         what = f"loss is {window_loss}" if not math.isfinite(window_loss) else f"{bad} is not finite"
         raise FloatingPointError(f"{what} at step {step}; stopping with the last good checkpoint intact "
@@ -364,8 +373,9 @@ def prepare(cfg: TrainConfig, model: Transformer, train_data, loss_fn, start: di
     run's state restored) and the model the steps run (compiled, DDP-wrapped). Returns (optimizers, step model)."""
     adapters = lora_params(model.cfg, model.lora["rank"], model.lora["targets"]) if is_lora(model) else 0
     rows = getattr(train_data, "rows_per_batch", cfg.batch_size)  # PreferenceData: two rows a pair
-    check_memory(estimate_memory(model.cfg, rows, train_data.seq_len, rt.dtype, cfg.grad_checkpointing,
-                                 cfg.optimizer, adapters), rt, cfg.memory_cap_gib, cfg.grad_checkpointing)
+    check_memory(estimate_memory(model.cfg, rows, train_data.seq_len, rt.dtype, cfg.grad_checkpointing, cfg.optimizer,
+                                 adapters, model.lora.get("base_quant", "") if adapters else ""),
+                 rt, cfg.memory_cap_gib, cfg.grad_checkpointing)
     report_epochs(cfg, train_data, rt)
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed + rt.rank)

@@ -7,6 +7,7 @@ assistant turns (and their closing <|im_end|>) are trained, see dataset_sft.py.
   python train_sft.py                                  # out/pretrain/best.pt + data/sft.jsonl -> out/sft
   python train_sft.py --init_from hf.pt --train_data my_chats.jsonl --seq_len 1024
   python train_sft.py --preset 12gb_lora --init_from smollm2.pt    # an import (convert_hf.py), with LoRA
+  python train_sft.py --preset 12gb_qlora --init_from llama8b.pt   # QLoRA: the frozen base in 4 bits
 
 With --lora_rank N only low-rank adapters are trained on the frozen model (lora.py): a 1-2B model fits a
 12 GB card, and checkpoints hold the adapters alone. After training: the chat report on held-out chats
@@ -54,6 +55,8 @@ PRESETS = {
                       lr=2e-4, min_lr=2e-5, warmup_steps=50, eval_every=250, eval_batches=50, log_every=20,
                       compile=True, pack=True, grad_checkpointing=True, text_val=""),  # not our tokenizer
 }
+# QLoRA: the same on a 3-8B import with its base held in 4 bits (an 8B base fits in about 9 GiB: README)
+PRESETS["12gb_qlora"] = dict(PRESETS["12gb_lora"], base_quant="nf4")
 
 
 def sft(cfg: SFTConfig) -> dict:

@@ -114,12 +114,16 @@ def test_a_frozen_reference_copy_never_changes(tmp_path):
     assert not torch.equal(moved[0], before[0])  # while the policy did move
 
 
-def test_a_lora_reference_is_the_base_with_adapters_off():
+@pytest.mark.parametrize("base_quant", ["", "nf4"])
+def test_a_lora_reference_is_the_base_with_adapters_off(base_quant):
+    """With a float base the reference equals the base model; with an NF4 one (QLoRA) the 4-bit base it trains on."""
+    if base_quant:
+        pytest.importorskip("torchao")
     base = small_model()
     batch = random_pairs()
-    with torch.no_grad():
-        expected = pair_logps(base, batch)
-    policy = lora.add_lora(small_model(), rank=4, alpha=8.0, new_token_ids=[48, 49])
+    policy = lora.add_lora(small_model(), rank=4, alpha=8.0, new_token_ids=[48, 49], base_quant=base_quant)
+    with torch.no_grad(), lora.adapters_off(policy):
+        expected = pair_logps(policy if base_quant else base, batch)
     policy.lora["base"] = "base.pt"
     from runtime import Runtime
     cfg = DPOConfig(device="cpu", lora_rank=4)

@@ -129,9 +129,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(start, inner_step
 
 
 @pytest.mark.slow
-def test_a_lora_run_leaves_its_base_untouched(start):
+@pytest.mark.parametrize("base_quant", ["", "nf4"])
+def test_a_lora_run_leaves_its_base_untouched(start, base_quant):
+    if base_quant:
+        pytest.importorskip("torchao")
     base = torch.load("start.pt", weights_only=True)["model"]
-    run("out/lora", lora_rank=4, beta=0.05)
+    run("out/lora", lora_rank=4, beta=0.05, base_quant=base_quant)
     ckpt = torch.load("out/lora/last.pt", weights_only=True)
     assert ckpt["lora"]["base"] == "start.pt"
     assert all(torch.equal(base[k], v) for k, v in torch.load("start.pt", weights_only=True)["model"].items())

@@ -121,16 +121,25 @@ COPIED_ALONE = {  # file -> what else it needs (project files) and a use of it i
 }
 
 
+OPTIONAL = {"lora.py": {"torchao"}}  # imported inside a function, only when used (QLoRA's NF4 base)
+
+
+def imported_names(nodes) -> set:
+    """The top-level packages that the import statements among `nodes` name."""
+    return {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names} | \
+        {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom)}
+
+
 @pytest.mark.parametrize("name", list(COPIED_ALONE))
 def test_a_file_meant_to_be_copied_works_alone_in_an_empty_folder(name, tmp_path):
-    """model.py alone, lora.py and quantize.py each with model.py: torch and the standard library besides."""
+    """model.py alone, lora.py and quantize.py each with model.py: torch and the standard library besides (and, only
+    inside the functions that need it, an optional library)."""
     needs, code = COPIED_ALONE[name]
     assert sorted(f"{other}.py" for other in IMPORTS[name.removesuffix(".py")]) == needs
     tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported - {"torch", *(n.removesuffix(".py") for n in needs)} <= set(sys.stdlib_module_names), imported
+    allowed = {"torch", *(n.removesuffix(".py") for n in needs)} | set(sys.stdlib_module_names)
+    assert imported_names(tree.body) <= allowed, imported_names(tree.body)
+    assert imported_names(ast.walk(tree)) <= allowed | OPTIONAL.get(name, set()), imported_names(ast.walk(tree))
     for file in [name, *needs]:
         shutil.copy(ROOT / file, tmp_path / file)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
