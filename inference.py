@@ -13,9 +13,9 @@ place that decides it: see prompt_ids().
 Generation stops at </s> (the end of the document), after --max_new_tokens, or when the
 context is full. The speed (tokens/s) goes to stderr, the text to stdout.
 
-The loader the generation scripts share (inference_sft.py, serve.py) is here: load_checkpoint() reads any
-checkpoint of this project (whole weights, LoRA adapters merged into their base, int8), load_for_inference()
-puts it on runtime.py's device in its dtype, quantized or compiled as asked, with its tokenizer; run_script() is
+The loader the generation scripts share (inference_sft.py, serve.py) is here: load_for_inference() reads any
+checkpoint of this project (evaluate.load_checkpoint: whole weights, LoRA adapters merged into their base, an NF4
+base, int8), puts it on runtime.py's device in its dtype, quantized or compiled as asked, with its tokenizer; run_script() is
 their main.
 """
 import sys
@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 
 from cli import UserError, parse_config, run_guarded
-from lora import merged_model
-from model import ModelError, compile_decoding, extend_context, read_checkpoint
-from quantize import int8_model, quantize_model
+from evaluate import load_checkpoint
+from model import ModelError, compile_decoding, extend_context
+from quantize import quantize_model
 from runtime import COMPILES, choose_device, choose_dtype, warn_fallback
 from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
@@ -99,14 +99,6 @@ def stream_completion(model, tok: Tokenizer, ids: list, cfg: InferenceConfig, ge
     out.write(text.rest() + "\n")
     out.flush()
     return n
-
-
-def load_checkpoint(path: str, device="cpu") -> tuple:
-    """(model, checkpoint) of any checkpoint of this project: whole weights, LoRA adapters (merged into their
-    base) or int8 weights (quantize.py)."""
-    ckpt = read_checkpoint(path)
-    model = int8_model(ckpt, path) if ckpt.get("quantization") else merged_model(ckpt, path)
-    return model.to(device), ckpt
 
 
 def load_for_inference(settings: LoadSettings):

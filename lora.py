@@ -406,6 +406,6 @@ def merged_model(ckpt: dict, path: str, base: str = "", keep_nf4: bool = False) 
 
 def load_merged(path: str, device="cpu", base: str = "", keep_nf4: bool = False) -> "tuple[Transformer, dict]":
     """(model, checkpoint) of a checkpoint of whole weights, of an NF4 base or of LoRA adapters (merged into their
-    base); int8 weights are refused (they are for inference only: inference.load_checkpoint reads every kind)."""
+    base); int8 weights are refused (they are for inference only: evaluate.load_checkpoint reads every kind)."""
     ckpt = read_checkpoint(path)
     return merged_model(ckpt, path, base, keep_nf4).to(device), ckpt

@@ -15,7 +15,7 @@ embedding twice, once in float and once in int8.
 
 The quantized checkpoint loads with torch.load(..., weights_only=True) like every checkpoint of this project:
 {"model": int8 state, "config", "quantization": "int8", "tokenizer", "step", "source"}. It is for inference
-only: int8_model() below builds it (inference.load_checkpoint reads every kind of checkpoint).
+only: int8_model() below builds it (evaluate.load_checkpoint reads every kind of checkpoint).
 
 The report compares the float and the int8 model on held-out text: the mean cross-entropy (and perplexity)
 before and after, greedy-token agreement on continuations of held-out prompts (how long the int8 model's

@@ -13,7 +13,7 @@ import convert_hf
 import lora
 import quantize
 from conftest import small_corpus
-from inference import load_checkpoint
+from evaluate import load_checkpoint
 from model import ModelConfig, ModelError, Transformer, save_checkpoint
 from quantize import Int8Linear, quantize_model, quantized_checkpoint
 

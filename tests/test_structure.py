@@ -1,6 +1,6 @@
 """The shape of the folder: which file may import which (an exact table: any other import fails), the rules the
 table keeps (library files import only library files listed before them; a stage script imports library and data
-files and at most one hub; nothing imports a stage; no chain longer than 5 files; at most 79 imports), the
+files and at most one hub; nothing imports a stage; no chain longer than 5 files; at most 84 imports), the
 README's file list against the table, and the files meant to be copied into another project, copied alone."""
 import ast
 import functools
@@ -32,12 +32,12 @@ IMPORTS = {
     "records": ["cli"],
     "tokenizer": ["cli"],
     "runtime": ["cli", "model"],
-    "evaluate": ["records", "tokenizer"],
+    "evaluate": ["cli", "lora", "model", "quantize", "records", "runtime", "tokenizer"],
     "offline_data": ["cli", "records"],
     "dataset": ["cli", "records", "tokenizer"],
     "dataset_sft": ["cli", "records", "tokenizer"],
     "train": ["cli", "dataset", "evaluate", "lora", "model", "runtime"],
-    "inference": ["cli", "lora", "model", "quantize", "runtime", "tokenizer"],
+    "inference": ["cli", "evaluate", "model", "quantize", "runtime", "tokenizer"],
     "download_mini_data": ["cli", "offline_data", "records"],
     "train_tokenizer": ["cli", "records", "tokenizer"],
     "train_sft": ["cli", "dataset_sft", "runtime", "train"],
@@ -95,7 +95,9 @@ def test_few_imports_and_short_chains():
         return 1 + max((chain(other) for other in IMPORTS[name]), default=0)
     # ARCHITECTURE.md aims at ~70; train_grpo.py's seven (it samples, so it needs the tokenizer and LoRA's switch);
     # serve.py's model (its batch samples each row with model.sample); bench.py's tokenizer (its serving rows)
-    assert sum(map(len, IMPORTS.values())) <= 79
+    # 84: the report card made evaluate.py a script (cli, runtime) and the home of the loader of any checkpoint
+    # (model, lora, quantize), which inference.py takes from it
+    assert sum(map(len, IMPORTS.values())) <= 84
     assert max(map(chain, IMPORTS)) <= 5
 
 
