@@ -290,9 +290,10 @@ def harness_model(model, tok: Tokenizer, chat: bool = False, batch_size: int = 1
                 tokens = torch.full((len(rows), max(map(len, rows))), tok.eos_id, dtype=torch.long)
                 for r, row in enumerate(rows):
                     tokens[r, :len(row)] = torch.tensor(row)  # right-padded: a causal row never sees its padding
-                logprobs = F.log_softmax(model(tokens.to(device))[0].float(), dim=-1)  # (B, T, vocab)
+                logits = model(tokens.to(device))[0]  # (B, T, vocab)
                 for r, (i, (_, _, cont)) in enumerate(zip(order[start:start + batch_size], batch)):
-                    picked = logprobs[r, len(rows[r]) - len(cont):len(rows[r])]  # (len(cont), vocab)
+                    # the continuation's positions only, in fp32: (len(cont), vocab)
+                    picked = F.log_softmax(logits[r, len(rows[r]) - len(cont):len(rows[r])].float(), dim=-1)
                     target = torch.tensor(cont, device=device)
                     results[i] = (picked.gather(1, target[:, None]).sum().item(),
                                   bool((picked.argmax(-1) == target).all()))
