@@ -179,6 +179,10 @@ def resume_or_init(cfg: TrainConfig, model_cfg: ModelConfig = None, init_from: s
     torch.manual_seed(cfg.seed)  # the same initial weights (or adapters) for the same seed
     if init_from:
         model, ckpt = load_merged(init_from, keep_nf4=bool(lora and lora["base_quant"]))  # an NF4 base stays 4-bit
+        if cfg.rope_scaling and "nf4" in ckpt and lora and lora["base_quant"]:  # (its rebuild copies float weights)
+            raise UserError(f"--rope_scaling cannot extend the context of the 4-bit base {init_from}: start from its "
+                            f"float import (convert_hf.py --from_hf without --base_quant), which --base_quant nf4 "
+                            f"quantizes as it loads")
         if cfg.rope_scaling:  # the context extended to --seq_len (model.extend_context)
             if cfg.seq_len <= model.cfg.max_seq_len:
                 raise UserError(f"--rope_scaling {cfg.rope_scaling} extends the context to --seq_len, which must be "

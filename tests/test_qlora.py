@@ -247,6 +247,39 @@ def test_an_nf4_import_is_the_qlora_base_and_loads_in_4_bits(tmp_path):
         torch.testing.assert_close(dequantized.eval()(tokens)[0], kept(tokens)[0], atol=1e-6, rtol=0)
 
 
+def test_a_qlora_run_on_an_nf4_import_resumes_exactly_and_merges_to_its_logits(tmp_path, tokenizer_path):
+    """The base stays the stored 4-bit codes through training, resume and merging (never re-quantized)."""
+    import convert_hf
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=512, max_seq_len=64)
+    write_sharded_hf(tmp_path / "hf", cfg, shards=2)
+    base = str(tmp_path / "nf4.pt")
+    convert_hf.main(["--from_hf", str(tmp_path / "hf"), "--out", base, "--base_quant", "nf4"])
+    sft(lora_config(tmp_path, base, tokenizer_path, out="straight", base_quant="nf4"))
+    sft(lora_config(tmp_path, base, tokenizer_path, out="split", stop_at_step=2, base_quant="nf4"))
+    sft(lora_config(tmp_path, base, tokenizer_path, out="split", resume=True, base_quant="nf4"))
+    straight, split = (read_checkpoint(str(tmp_path / d / "last.pt")) for d in ("straight", "split"))
+    assert all(torch.equal(straight["model"][k], split["model"][k]) for k in straight["model"])
+    last = str(tmp_path / "split" / "last.pt")
+    qlora = lora.with_adapters(read_checkpoint(last), last).eval()
+    stored = {k.replace(".base.", "."): v for k, v in nf4_parts(qlora).items()}
+    assert stored.keys() == nf4_parts(lora.load_merged(base, keep_nf4=True)[0]).keys()
+    assert all(torch.equal(v, stored[k]) for k, v in nf4_parts(lora.load_merged(base, keep_nf4=True)[0]).items())
+    tokens = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(lora.load_merged(last)[0].eval()(tokens)[0], qlora(tokens)[0], atol=1e-5, rtol=0)
+
+
+def test_extending_the_context_of_an_nf4_base_is_one_line(tmp_path, tokenizer_path):
+    import convert_hf
+    from cli import UserError
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=512, max_seq_len=64)
+    write_sharded_hf(tmp_path / "hf", cfg, shards=1)
+    convert_hf.main(["--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "nf4.pt"), "--base_quant", "nf4"])
+    with pytest.raises(UserError, match="--rope_scaling cannot extend the context of the 4-bit base"):
+        sft(lora_config(tmp_path, str(tmp_path / "nf4.pt"), tokenizer_path, base_quant="nf4", rope_scaling="yarn",
+                        seq_len=128))
+
+
 @pytest.mark.slow
 def test_an_nf4_import_holds_about_one_shard_at_a_time(tmp_path):
     """The tensors alive at the import's peak (bench.PeakMemory): the 4-bit output, one tensor in fp32 and
