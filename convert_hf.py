@@ -340,17 +340,18 @@ def load_hf(model_dir: str, base_quant: str = "") -> "tuple[Transformer, ModelCo
             raise UserError(f"{config_path}: not valid JSON ({e})") from None
     cfg = config_from_hf(hf_cfg, config_path)
     files = hf_tensor_files(model_dir)
-    hf = dict.fromkeys(files)
+    stored, read = files.keys(), functools.partial(read_hf_tensor, files)  # a tensor read when it is loaded
     if cfg.n_experts:  # (transformers 5 fuses the experts: a mixture is read whole, to split them)
-        hf = split_fused_experts({name: read_hf_tensor(files, name) for name in files}, hf_cfg["model_type"])
+        split = split_fused_experts({name: read_hf_tensor(files, name) for name in files}, hf_cfg["model_type"])
+        stored, read = split.keys(), split.__getitem__
     names = hf_names(cfg)
     ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied models store it anyway
-    extra = sorted(k for k in hf if k not in names.values() and k not in ignored
+    extra = sorted(k for k in stored if k not in names.values() and k not in ignored
                    and not k.endswith("rotary_emb.inv_freq"))  # old files keep RoPE's buffer
     if extra:
         raise UserError(f"{model_dir}: unexpected tensor {extra[0]}" +
                         (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
-    missing = [theirs for theirs in names.values() if theirs not in hf]
+    missing = [theirs for theirs in names.values() if theirs not in stored]
     if missing:
         raise UserError(f"{model_dir}: missing tensor {missing[0]}")
     model = empty_model(cfg)
@@ -360,7 +361,7 @@ def load_hf(model_dir: str, base_quant: str = "") -> "tuple[Transformer, ModelCo
         modules = {module: name for name, module in model.named_modules()}
         quantized = {f"{modules[parent]}.{attr}.weight" for parent, attr in base_projections(model)}
     for ours, theirs in tqdm(names.items(), desc="import", unit="tensor", leave=False):
-        tensor = (hf[theirs] if hf[theirs] is not None else read_hf_tensor(files, theirs)).float()
+        tensor = read(theirs).float()
         if tensor.shape != shapes[ours]:
             raise UserError(f"{model_dir}: {theirs} has shape {tuple(tensor.shape)}, but config.json gives "
                             f"{tuple(shapes[ours])}")

@@ -27,6 +27,7 @@ Imports torch and model.py only (and torchao for an NF4 base): the two files can
 together.
 """
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -62,8 +63,10 @@ NF4_BLOCK = 64  # weights per absmax scale (QLoRA's block); the scales are quant
 BASE_QUANTS = ("", "nf4")
 
 
+@functools.cache
 def nf4_library():
-    """torchao's NF4 module (to_nf4, NF4Tensor and its metadata), imported on first use: plain LoRA needs only torch."""
+    """torchao's NF4 module (to_nf4, NF4Tensor and its metadata), imported once, on first use: plain LoRA needs only
+    torch."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in quiet]
     for log in quiet:  # its import warns that its CUDA kernels do not load on a CPU: NF4 needs none of them

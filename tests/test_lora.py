@@ -1,5 +1,6 @@
 """lora.py and LoRA fine-tuning: step 0 is the base, only adapters train, merge / HF / PEFT give the same
 logits, exact resume, adapter-only checkpoints, and a wrong base refused in one line."""
+import importlib.util
 import json
 import os
 import random
@@ -242,8 +243,11 @@ def test_an_imported_tokenizer_json_model_gets_the_markers_and_fine_tunes_with_l
     assert list(getattr(theirs, "input_ids", theirs)) == ours
 
 
-def test_memory_estimate_of_a_lora_run_is_close_to_the_cpu_loops_peak(tmp_path):
-    """fp32 on CPU: the frozen base, adapters with gradients and AdamW state, activations."""
+@pytest.mark.parametrize("base_quant", ["", pytest.param("nf4", marks=pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="an NF4 base needs torchao"))])
+def test_memory_estimate_of_a_lora_run_is_close_to_the_cpu_loops_peak(tmp_path, base_quant):
+    """fp32 on CPU: the frozen base (with NF4, its 4-bit projections and the dequantized weight of the projection
+    being computed), adapters with gradients and AdamW state, activations."""
     import train
     from bench import PeakMemory
     from conftest import RandomTokens
@@ -251,11 +255,11 @@ def test_memory_estimate_of_a_lora_run_is_close_to_the_cpu_loops_peak(tmp_path):
     cfg = train.TrainConfig(out_dir=str(tmp_path), batch_size=4, max_steps=2, warmup_steps=1, eval_every=100,
                             log_every=1, device="cpu")
     with PeakMemory() as meter:
-        model = lora.add_lora(Transformer(model_cfg), rank=16, alpha=32.0)
+        model = lora.add_lora(Transformer(model_cfg), rank=16, alpha=32.0, base_quant=base_quant)
         meter.peak = meter.live  # the base's construction, before training, is not the step's
         train.train(cfg, model, RandomTokens(model_cfg.vocab_size, 4, 256))
-    estimate = sum(runtime.estimate_memory(model_cfg, 4, 256, torch.float32,
-                                           adapters=lora.lora_params(model_cfg, 16)).values())
+    estimate = sum(runtime.estimate_memory(model_cfg, 4, 256, torch.float32, adapters=lora.lora_params(model_cfg, 16),
+                                           base_quant=base_quant).values())
     assert 0.9 < estimate / meter.peak < 1.15, (estimate, meter.peak)
 
 
