@@ -196,6 +196,33 @@ def write_sharded_hf(folder, cfg: ModelConfig, shards: int):
     (folder / "config.json").write_text(json.dumps(convert_hf.hf_config(cfg)))
 
 
+def test_an_nf4_import_is_the_qlora_base_and_loads_in_4_bits(tmp_path):
+    """convert_hf.py --from_hf --base_quant nf4 stores the codes that quantizing the float import gives, as plain
+    tensors, and a QLoRA run loads them as they are (keep_nf4) while other scripts get them dequantized."""
+    import convert_hf
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=97, max_seq_len=64,
+                      tie_embeddings=False)
+    write_sharded_hf(tmp_path / "hf", cfg, shards=3)
+    convert_hf.main(["--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "nf4.pt"), "--base_quant", "nf4"])
+    convert_hf.main(["--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "float.pt")])
+    ckpt = read_checkpoint(str(tmp_path / "nf4.pt"))
+    assert len(ckpt["nf4"]) == 2 * 7 and all(type(t) is torch.Tensor for parts in ckpt["nf4"].values()
+                                             for t in parts.values() if isinstance(t, torch.Tensor))
+    assert os.path.getsize(tmp_path / "nf4.pt") < os.path.getsize(tmp_path / "float.pt") / 4
+    kept, _ = lora.load_merged(str(tmp_path / "nf4.pt"), keep_nf4=True)
+    float_model, _ = lora.load_merged(str(tmp_path / "float.pt"))
+    quantized = lora.add_lora(float_model, rank=4, alpha=8.0, base_quant="nf4")
+    theirs = {k.replace(".base.", "."): v for k, v in nf4_parts(quantized).items()}
+    assert nf4_parts(kept).keys() == theirs.keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in nf4_parts(kept).items())
+    dequantized, _ = lora.load_merged(str(tmp_path / "nf4.pt"))
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad(), lora.adapters_off(quantized):
+        assert torch.equal(kept.eval()(tokens)[0], quantized.eval()(tokens)[0])
+        # the same weights dequantized, multiplied by another kernel (a float Linear's): rounding apart
+        torch.testing.assert_close(dequantized.eval()(tokens)[0], kept(tokens)[0], atol=1e-6, rtol=0)
+
+
 def test_a_qlora_run_on_an_nf4_import_resumes_exactly_and_merges_to_its_logits(tmp_path, tokenizer_path):
     """The base stays the stored 4-bit codes through training, resume and merging (never re-quantized)."""
     import convert_hf
