@@ -55,8 +55,8 @@ from tqdm import tqdm
 from cli import UserError, parse_config, run_guarded
 from records import (BadRecord, Skipped, atomic_write, conversation_of, describe_file, file_sha256,
                      iter_json_records, json_value, pair_of, read_conversations)
-from tokenizer import (IGNORE_INDEX, Tokenizer, assemble, load_tokenizer, recorded_dtype, reply_rows, special_ids,
-                       template_texts, token_dtype, tokenize_in_order, worker_tokenizer)
+from tokenizer import (IGNORE_INDEX, Tokenizer, assemble, chatml_turns, load_tokenizer, recorded_dtype, reply_rows,
+                       special_ids, template_texts, token_dtype, tokenize_in_order, worker_tokenizer)
 
 
 @dataclass
@@ -136,7 +136,8 @@ def tokenize_chats(task) -> tuple:
         record = json_value(raw) if isinstance(raw, bytes) else raw
         try:
             if kind == "chat":
-                fmt, messages, _ = conversation_of(where, record, n == 0)
+                fmt, messages, extra = conversation_of(where, record, n == 0)
+                messages = chatml_turns(messages, extra.get("tools"))  # tools and calls laid out as the template does
             else:
                 fmt, messages, chosen, rejected, _ = pair_of(where, record, n == 0)
         except BadRecord as e:

@@ -13,11 +13,20 @@ The project's data files, read and written in one place.
                            for a library that writes the file by name)
 
 Chat formats, told apart record by record:
-  conversations  {"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (ours)
+  conversations  {"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}  (ours)
   messages       {"messages": [{"role": ..., "content": ...}, ...]}                                (OpenAI)
-  sharegpt       {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}
+  sharegpt       {"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"observation", "value": ...}]}
   alpaca         {"instruction": ..., "input": ..., "output": ...}, optional "history": [[user, reply], ...]
 A top-level "system" string (alpaca, LLaMA-Factory's sharegpt) becomes the first turn.
+
+Tools. A record may offer tools: "tools", OpenAI's list [{"type": "function", "function": {"name", "description",
+"parameters"}}], or LLaMA-Factory's JSON string of a list of functions; kept with the other keys as a list in OpenAI's
+form (the template lists them in the system turn). The assistant's calls become "tool_calls": [{"name": ...,
+"arguments": {...}}] on its message: OpenAI's "tool_calls" ([{"id", "type": "function", "function": {"name",
+"arguments": a JSON string}}], content null or text) or ours, and ShareGPT's function_call turn (its value a JSON
+{"name", "arguments"} or a list of them). A result is a {"role": "tool", "content"} message: OpenAI's tool message
+(its tool_call_id dropped: results answer the calls in order) or ShareGPT's observation turn. A call or tool list
+that is not valid JSON makes the record damaged (warned about, counted, skipped).
 
 Preference formats (a prompt and two assistant replies, the chosen one better), told apart the same way:
   prompt         TRL: {"prompt", "chosen", "rejected"}, each a string (a prompt string is one user turn) or a list
@@ -44,8 +53,9 @@ from tqdm import tqdm
 from cli import UserError
 
 MAX_WARNINGS = 5  # damaged records reported one by one; the rest are only counted
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool"}
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # what starts an HH turn (the marker is split out)
 HH_REPLY = "\n\nAssistant:"
@@ -148,42 +158,100 @@ def alpaca_turns(record: dict) -> list:
     turns.append(("user", prompt + ("\n\n" + extra_input if extra_input else "")))
     if "output" in record:  # without one the record is a prompt (for distill.py), with nothing to train
         turns.append(("assistant", text_field(record["output"], '"output"')))
-    return turns
+    return as_messages(turns)
+
+
+def parsed_json(value, what: str):
+    """A JSON value given as a string (LLaMA-Factory's tools and calls, OpenAI's arguments) parsed; others as they
+    are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise BadRecord(f"{what} is not valid JSON") from None
+
+
+def one_call(call, what: str) -> dict:
+    """{"name", "arguments": {...}} of one call: ours, or OpenAI's {"type": "function", "function": {...}} with its
+    arguments as a JSON string."""
+    call = call.get("function", call) if isinstance(call, dict) else None
+    arguments = parsed_json(call.get("arguments", {}), f"{what} arguments") if isinstance(call, dict) else None
+    if not isinstance(call.get("name") if call else None, str) or not isinstance(arguments, dict):
+        raise BadRecord(f'{what} is not a call {{"name": ..., "arguments": {{...}}}}')
+    return {"name": call["name"], "arguments": arguments}
+
+
+def tool_calls(value, what: str) -> list:
+    """[{"name", "arguments": {...}}] of OpenAI's tool_calls, ours, or a ShareGPT function_call value (a JSON call or
+    list of calls)."""
+    value = parsed_json(value, what)
+    calls = [one_call(call, f"{what}[{i}]") for i, call in enumerate(value if isinstance(value, list) else [value])]
+    if not calls:
+        raise BadRecord(f"{what} is empty")
+    return calls
+
+
+def tool_list(value) -> list:
+    """A record's "tools" (OpenAI's list, or LLaMA-Factory's JSON string of functions) in OpenAI's form."""
+    tools = parsed_json(value, '"tools"')
+    functions = [t.get("function", t) if isinstance(t, dict) else None for t in tools] if isinstance(tools, list) \
+        else [None]
+    if not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in functions):
+        raise BadRecord('"tools" is not a list of functions with a "name"')
+    return [{"type": "function", "function": f} if "function" not in t else t for t, f in zip(tools, functions)]
 
 
 def chat_turns(record: dict, key: str) -> list:
-    """[(role, content)] of the turns under record[key]: ours ({"role", "content"}) or ShareGPT's ("from", "value")."""
-    role_key, content_key, roles = ("from", "value", SHAREGPT_ROLES) if is_sharegpt(record[key]) else \
-        ("role", "content", CHAT_ROLES)
+    """The messages of the turns under record[key]: ours ({"role", "content"}, OpenAI's tool_calls too) or ShareGPT's
+    ("from", "value")."""
+    sharegpt = is_sharegpt(record[key])
+    role_key, content_key, roles = ("from", "value", SHAREGPT_ROLES) if sharegpt else ("role", "content", CHAT_ROLES)
     if not isinstance(record[key], list) or not record[key]:
         raise BadRecord(f'"{key}" is not a non-empty list')
-    turns = []
+    messages = []
     for i, turn in enumerate(record[key]):
+        where = f'"{key}"[{i}]'
         if not isinstance(turn, dict):
-            raise BadRecord(f'"{key}"[{i}] is not an object')
+            raise BadRecord(f"{where} is not an object")
         role = roles.get(turn.get(role_key))
-        if role is None:  # a different schema (tools, function calls), not a damaged line: stop
-            raise UserError(f'"{key}"[{i}]: unknown role {turn.get(role_key)!r}; expected "{role_key}": '
+        if role is None:  # a different schema, not a damaged line: stop
+            raise UserError(f'{where}: unknown role {turn.get(role_key)!r}; expected "{role_key}": '
                             f'{", ".join(roles)}')
-        turns.append((role, text_field(turn.get(content_key), f'"{key}"[{i}]["{content_key}"]')))
-    return turns
+        if sharegpt and turn[role_key] == "function_call":
+            messages.append({"role": role, "content": "", "tool_calls": tool_calls(turn.get(content_key), where)})
+            continue
+        calls = turn.get("tool_calls") if role == "assistant" and not sharegpt else None
+        content = turn.get(content_key)
+        message = {"role": role, "content": "" if calls and content is None else
+                   text_field(content, f'{where}["{content_key}"]')}
+        if calls:
+            message["tool_calls"] = tool_calls(calls, f'{where}["tool_calls"]')
+        messages.append(message)
+    return messages
 
 
 def chat_messages(record) -> tuple:
-    """(format, [{"role", "content"}], the record's other keys) of one chat record. BadRecord for a
-    damaged one, UserError for a different schema (an unknown role), None format for no known format."""
+    """(format, [{"role", "content"} (+ "tool_calls")], the record's other keys, "tools" parsed) of one chat record.
+    BadRecord for a damaged one, UserError for a different schema (an unknown role), None format for no known
+    format."""
     fmt = detect_format(json_object(record))
     if fmt is None:
         return None, [], record
     fmt, key = fmt
-    turns = alpaca_turns(record) if fmt == "alpaca" else chat_turns(record, key)
+    messages = alpaca_turns(record) if fmt == "alpaca" else chat_turns(record, key)
     consumed = {"instruction", "input", "output", "history"} if fmt == "alpaca" else {key}
     system = record.get("system")
     if isinstance(system, str):
         consumed.add("system")
-        if system and turns[0][0] != "system":
-            turns.insert(0, ("system", system))
-    return fmt, as_messages(turns), {k: v for k, v in record.items() if k not in consumed}
+        if system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+    extra = {k: v for k, v in record.items() if k not in consumed}
+    tools = extra.pop("tools", None)
+    tools = tool_list(tools) if tools not in ("", None) else []
+    if tools:  # none offered ("[]" in LLaMA-Factory's plain chats): a plain chat
+        extra["tools"] = tools
+    return fmt, messages, extra
 
 
 def as_messages(turns) -> list:
@@ -196,14 +264,15 @@ def reply_of(value, key: str) -> tuple:
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list):
-        *history, (role, text) = chat_turns({key: value}, key)
+        *history, last = chat_turns({key: value}, key)
+        role, text = last["role"], last["content"]
         if role != "assistant":
             raise BadRecord(f'"{key}" does not end with an assistant message')
     else:
         history, text = [], text_field(value, f'"{key}"')
     if not text.strip():
         raise BadRecord(f'"{key}" is empty')
-    return as_messages(history), text
+    return history, text
 
 
 def hh_pair(chosen: str, rejected: str) -> tuple:
@@ -232,7 +301,7 @@ def preference_pair(record) -> tuple:
     if "prompt" in record or isinstance(replies[0], list):  # TRL (message lists alone: its implicit prompt)
         fmt, prompt = "prompt", extra.pop("prompt", None)
         messages = [] if prompt is None else [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-            as_messages(chat_turns(record, "prompt"))
+            chat_turns(record, "prompt")
     elif detect_format(extra):
         fmt, messages, extra = chat_messages(extra)
     else:
@@ -253,8 +322,8 @@ def preference_pair(record) -> tuple:
 
 @dataclass
 class Conversation:
-    messages: list  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
-    extra: dict     # the record's other top-level keys, e.g. {"answer": "42"}
+    messages: list  # [{"role": "system"|"user"|"assistant"|"tool", "content": str (, "tool_calls": [...])}, ...]
+    extra: dict     # the record's other top-level keys, e.g. {"answer": "42"}, "tools" parsed
     where: str      # "data/sft.jsonl line 17", for messages about it
 
 

@@ -40,10 +40,14 @@ import tokenizers
 
 from cli import UserError
 
-# name -> piece; train_tokenizer.py adds them to every vocabulary, add_chat_pieces to an imported one
-SPECIAL_PIECES = {"im_start": "<|im_start|>", "im_end": "<|im_end|>", "think": "<think>", "end_think": "</think>"}
+# name -> piece; train_tokenizer.py adds them to every vocabulary, add_chat_pieces to an imported one. Every chat needs
+# the first four; the tool tags (Qwen's) only a chat with tools, so a tokenizer from before them still chats.
+CHAT_PIECES = {"im_start": "<|im_start|>", "im_end": "<|im_end|>", "think": "<think>", "end_think": "</think>"}
+TOOL_PIECES = {"tool_call": "<tool_call>", "end_tool_call": "</tool_call>", "tool_response": "<tool_response>",
+               "end_tool_response": "</tool_response>"}
+SPECIAL_PIECES = {**CHAT_PIECES, **TOOL_PIECES}
 # The chat markers are special tokens in every tokenizer we write or extend (hidden by decoders that skip
-# special pieces, control tokens in llama.cpp); <think> and </think> are not, so they stay in decoded text.
+# special pieces, control tokens in llama.cpp); the think and tool tags are not, so they stay in decoded text.
 CHAT_MARKERS = (SPECIAL_PIECES["im_start"], SPECIAL_PIECES["im_end"])
 # A tokenizer.json's roles when no tokenizer_config.json names them: the first of these pieces it has
 # (Llama 2 and TinyLlama; SmolLM2 and GPT-2; Llama 3).
@@ -74,22 +78,34 @@ class Tokenizer:
 
     @functools.cached_property
     def chat_ids(self) -> dict:
-        """The ids of the chat markers, looked up by piece, and pad; checked, as a tokenizer without the
-        markers cannot render the template, nor one that puts a space before every text it encodes
-        (SentencePiece's dummy prefix, kept by the tokenizer.json of Llama 2 and TinyLlama): the template
-        is encoded piece by piece (the chat template below), and would not decode to itself. Computed on first use
+        """The ids of the chat markers, looked up by piece, the tool tags (None where the tokenizer lacks them) and
+        pad; checked, as a tokenizer without the markers cannot render the template, nor one that puts a space
+        before every text it encodes (SentencePiece's dummy prefix, kept by the tokenizer.json of Llama 2 and
+        TinyLlama): the template is encoded piece by piece (the chat template below), and would not decode to
+        itself. Computed on first use
         (a failed check is not kept, and raises again), then kept: the template asks for it per conversation."""
         ids = {name: self.piece_id(piece) for name, piece in SPECIAL_PIECES.items()}
-        for name, i in ids.items():
-            if i is None:
-                fix = ("import the model with python convert_hf.py, which adds it" if self.hf else
-                       "train one with python train_tokenizer.py")
-                raise UserError(f"{self.path}: the tokenizer has no {SPECIAL_PIECES[name]} piece; {fix}")
+        for name in CHAT_PIECES:
+            if ids[name] is None:
+                raise UserError(f"{self.path}: the tokenizer has no {SPECIAL_PIECES[name]} piece; {self.fix}")
         user, newline = self.encode_batch(["user", "\n"])
         if self.decode(user + newline) != "user\n":
             raise UserError(f"{self.path}: the tokenizer puts a space before every text it encodes, so it cannot "
                             f"encode the chat template piece by piece (not supported yet)")
         return {**ids, "pad": self.pad_id}
+
+    @property
+    def fix(self) -> str:
+        """How to get a tokenizer with every special piece."""
+        return "import the model with python convert_hf.py, which adds it" if self.hf else \
+            "train one with python train_tokenizer.py"
+
+    def check_tool_pieces(self):
+        """UserError unless the tokenizer has the tool tags: a chat with tools needs them."""
+        missing = [piece for name, piece in TOOL_PIECES.items() if self.chat_ids[name] is None]
+        if missing:
+            raise UserError(f"{self.path}: the tokenizer has no {missing[0]} piece, so the model cannot call tools; "
+                            f"{self.fix}")
 
     def encode(self, text: str) -> list:
         return self.encode_batch([text])[0]
@@ -160,7 +176,7 @@ def add_chat_pieces(src: str, dst: str) -> list:
     a half-written file must never stand) with the special pieces it lacks appended; return
     their new ids (the end of the vocabulary, in SPECIAL_PIECES order: a model needs as many more
     embedding rows). The chat markers are special, as in the tokenizers of Qwen and SmolLM2 (hidden by
-    decoders that skip special pieces); <think> and </think> are not, so they stay in decoded text."""
+    decoders that skip special pieces); the think and tool tags are not, so they stay in decoded text."""
     hf = tokenizers.Tokenizer.from_file(src)
     added = []
     for piece in SPECIAL_PIECES.values():
@@ -356,16 +372,42 @@ THINKING_PREFILL = {None: "", False: EMPTY_THINK, True: "<think>\n"}
 PREFILL_FOLLOWER = "Hello"
 # Qwen3's soft switch: a user message ending in one of these asks for reasoning, or for none (thinking_switch)
 THINKING_SWITCHES = {"/think": True, "/no_think": False}
-# The template in Jinja, for tokenizer_config.json (convert_hf.py) and transformers' apply_chat_template, whose
-# enable_thinking=False / True (chat_template_kwargs in vLLM and SGLang) renders as render_text's.
-CHAT_TEMPLATE_JINJA = ("{% for message in messages %}"
-                       "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-                       "{% endfor %}"
-                       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-                       "{% if enable_thinking is defined and enable_thinking is false %}"
-                       "{{ '<think>\\n\\n</think>\\n\\n' }}"
-                       "{% elif enable_thinking is defined and enable_thinking is true %}{{ '<think>\\n' }}{% endif %}"
-                       "{% endif %}")
+# Tools, in the layout of Qwen3's template (which transformers, llama.cpp and ollama parse for ChatML models): the
+# system turn lists them between <tools> tags, one JSON object per line, after the system prompt and a blank line if
+# there is one. Shorter words than Qwen's (its 89 tokens of instructions would take a third of the cpu model's 256).
+TOOLS_INTRO = "# Tools\n\nYou may call one or more of these functions:\n<tools>"
+TOOLS_OUTRO = ("\n</tools>\n\nTo call one, reply with <tool_call>\n{\"name\": <function-name>, \"arguments\": "
+               "<args-json-object>}\n</tool_call>")
+# The template in Jinja, for tokenizer_config.json (convert_hf.py, and so the GGUF) and transformers'
+# apply_chat_template(messages, tools=...), whose enable_thinking=False / True (chat_template_kwargs in vLLM and SGLang)
+# renders as render_text's. A call may also come as OpenAI's {"function": {...}}, its arguments as a JSON string.
+CHAT_TEMPLATE_JINJA = (
+    "{%- if tools %}{{ '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{ " + json.dumps(TOOLS_INTRO) + " }}{%- for tool in tools %}{{ '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{ " + json.dumps(TOOLS_OUTRO) + " + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user\\n' }}"
+    "{%- else %}{{ '\\n' }}{%- endif %}"
+    "{{ '<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if message['content'] %}{{ message['content'] + '\\n' }}{%- endif %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- if call['function'] is defined %}{%- set call = call['function'] %}{%- endif %}"
+    "{%- if not loop.first %}{{ '\\n' }}{%- endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{%- if call['arguments'] is string %}{{ call['arguments'] }}"
+    "{%- else %}{{ call['arguments'] | tojson }}{%- endif %}"
+    "{{ '}\\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- elif enable_thinking is defined and enable_thinking is true %}{{ '<think>\\n' }}{%- endif %}"
+    "{%- endif %}")
 
 
 def thinking_switch(message: str) -> tuple:
@@ -379,35 +421,68 @@ def thinking_switch(message: str) -> tuple:
     return message, None
 
 
-def render_text(messages, add_generation_prompt: bool = False, enable_thinking: Optional[bool] = None) -> str:
+def call_text(call: dict) -> str:
+    """One tool call ({"name", "arguments": {...}}) as the assistant writes it."""
+    body = json.dumps({"name": call["name"], "arguments": call["arguments"]}, ensure_ascii=False)
+    return f"{TOOL_PIECES['tool_call']}\n{body}\n{TOOL_PIECES['end_tool_call']}"
+
+
+def chatml_turns(messages, tools=None) -> list:
+    """The conversation as plain ChatML turns [{"role", "content"}], as CHAT_TEMPLATE_JINJA lays it out: the tools
+    listed in the system turn, an assistant's calls after its content (one newline between), and each run of tool
+    results one user turn of <tool_response> blocks. A conversation without tools or calls is its own turns."""
+    turns, messages = [], list(messages)
+    if tools:
+        prompt = messages.pop(0)["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+        listed = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+        turns.append({"role": "system", "content": prompt + TOOLS_INTRO + listed + TOOLS_OUTRO})
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            result = f"{TOOL_PIECES['tool_response']}\n{m['content']}\n{TOOL_PIECES['end_tool_response']}"
+            if i and messages[i - 1]["role"] == "tool":
+                turns[-1]["content"] += "\n" + result
+            else:
+                turns.append({"role": "user", "content": result})
+        elif m.get("tool_calls"):
+            calls = "\n".join(map(call_text, m["tool_calls"]))
+            turns.append({"role": m["role"], "content": m["content"] + "\n" + calls if m["content"] else calls})
+        else:
+            turns.append({"role": m["role"], "content": m["content"]})
+    return turns
+
+
+def render_text(messages, add_generation_prompt: bool = False, enable_thinking: Optional[bool] = None,
+                tools=None) -> str:
     """The template as text: what CHAT_TEMPLATE_JINJA renders and what render_prompt's ids decode to."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in chatml_turns(messages, tools))
     return text + ("<|im_start|>assistant\n" + THINKING_PREFILL[enable_thinking] if add_generation_prompt else "")
 
 
 def encode_conversation(tok: Tokenizer, messages, add_generation_prompt: bool = False,
-                        enable_thinking: Optional[bool] = None) -> tuple:
+                        enable_thinking: Optional[bool] = None, tools=None) -> tuple:
     """(ids, labels), two lists of ints of the same length: the rendered conversation, and the id
-    where it is trained (assistant content and its <|im_end|>), IGNORE_INDEX elsewhere."""
-    pieces = tok.encode_batch(template_texts(messages, add_generation_prompt, enable_thinking))  # one call, all turns
-    return assemble(special_ids(tok), messages, pieces, add_generation_prompt, enable_thinking)
+    where it is trained (assistant content and its <|im_end|>, tool calls included), IGNORE_INDEX elsewhere."""
+    turns = chatml_turns(messages, tools)
+    pieces = tok.encode_batch(template_texts(turns, add_generation_prompt, enable_thinking))  # one call, all turns
+    return assemble(special_ids(tok), turns, pieces, add_generation_prompt, enable_thinking)
 
 
-def template_texts(messages, add_generation_prompt: bool = False, enable_thinking: Optional[bool] = None) -> list:
-    """The texts the template encodes, piece by piece, between its marker ids; a thinking prefill as two texts,
+def template_texts(turns, add_generation_prompt: bool = False, enable_thinking: Optional[bool] = None) -> list:
+    """The texts the template encodes, piece by piece, between its marker ids, for chatml_turns' turns (a
+    conversation without tools is its own turns); a thinking prefill as two texts,
     itself followed by PREFILL_FOLLOWER, then PREFILL_FOLLOWER alone (assemble keeps the difference)."""
-    texts = [t for m in messages for t in (m["role"] + "\n", m["content"], "\n")]
+    texts = [t for m in turns for t in (m["role"] + "\n", m["content"], "\n")]
     if not add_generation_prompt:
         return texts
     prefill = THINKING_PREFILL[enable_thinking]
     return texts + ["assistant\n"] + ([prefill + PREFILL_FOLLOWER, PREFILL_FOLLOWER] if prefill else [])
 
 
-def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = False,
+def assemble(s: dict, turns, pieces: list, add_generation_prompt: bool = False,
              enable_thinking: Optional[bool] = None) -> tuple:
-    """encode_conversation's (ids, labels) from the encoded template_texts and the special ids."""
+    """encode_conversation's (ids, labels) from the encoded template_texts(turns) and the special ids."""
     ids, labels = [], []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(turns):
         header, content, newline = pieces[3 * i:3 * i + 3]
         body = content + [s["im_end"]]
         ids += [s["im_start"], *header, *body, *newline]
@@ -415,7 +490,7 @@ def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = Fals
         labels += body if m["role"] == "assistant" else [IGNORE_INDEX] * len(body)
         labels += [IGNORE_INDEX] * len(newline)
     if add_generation_prompt:
-        n = 3 * len(messages)
+        n = 3 * len(turns)
         header, prefill = pieces[n], []
         if THINKING_PREFILL[enable_thinking]:  # encoded followed by PREFILL_FOLLOWER, then that alone
             followed, follower = pieces[n + 1:n + 3]
@@ -426,10 +501,12 @@ def assemble(s: dict, messages, pieces: list, add_generation_prompt: bool = Fals
 
 
 def render_prompt(tok: Tokenizer, messages, add_generation_prompt: bool = True,
-                  enable_thinking: Optional[bool] = None) -> list:
-    """The ids to feed the model for a chat: the conversation so far, then the assistant header (and the thinking
-    prefill enable_thinking asks for)."""
-    return encode_conversation(tok, messages, add_generation_prompt, enable_thinking)[0]
+                  enable_thinking: Optional[bool] = None, tools=None) -> list:
+    """The ids to feed the model for a chat: the conversation so far (with the tools it may call), then the assistant
+    header (and the thinking prefill enable_thinking asks for)."""
+    if tools:
+        tok.check_tool_pieces()
+    return encode_conversation(tok, messages, add_generation_prompt, enable_thinking, tools)[0]
 
 
 def reply_rows(s: dict, messages, pieces: list) -> list:
@@ -488,24 +565,50 @@ class StreamDecoder:
 
 def reply_pieces(tok: Tokenizer, tokens, in_think: bool = False) -> Iterator[tuple]:
     """An assistant turn's text as it is generated, from its token ids (up to <|im_end|>): (part, text) pieces,
-    part "reasoning" between <think> and </think> and "answer" elsewhere, each part's characters whole
-    (StreamDecoder). The markers are not in the text: each yields the part it starts with the text "", so a
-    caller sees where the reasoning begins and ends even when it is empty. in_think: the prompt opened the think
-    block (enable_thinking=True), so the turn starts in the reasoning, yielded first as its <think> would be."""
+    part "reasoning" between <think> and </think>, "call" between <tool_call> and </tool_call> (parse_call reads one)
+    and "answer" elsewhere, each part's characters whole (StreamDecoder). The markers are not in the text: each yields
+    the part it starts with the text "", so a caller sees where a part begins and ends even when it is empty. in_think:
+    the prompt opened the think block (enable_thinking=True), so the turn starts in the reasoning, yielded first as
+    its <think> would be."""
     s = special_ids(tok)
-    decoders = {"reasoning": StreamDecoder(tok), "answer": StreamDecoder(tok)}
+    starts = {s["think"]: "reasoning", s["end_think"]: "answer", s["tool_call"]: "call", s["end_tool_call"]: "answer"}
+    starts.pop(None, None)  # a tokenizer without the tool tags
+    decoders = {part: StreamDecoder(tok) for part in ("reasoning", "call", "answer")}
     part = "reasoning" if in_think else "answer"
     if in_think:
         yield part, ""
     for token in tokens:
         if token == s["im_end"]:
             break
-        if token in (s["think"], s["end_think"]):
+        if token in starts:
             if rest := decoders[part].rest():  # a half character the marker cut off
                 yield part, rest
-            part = "reasoning" if token == s["think"] else "answer"
+            part = starts[token]
+            decoders[part] = StreamDecoder(tok)  # each call is decoded apart from the one before
             yield part, ""
         elif text := decoders[part].add(token):
             yield part, text
     if rest := decoders[part].rest():
         yield part, rest
+
+
+def split_reply(text: str) -> tuple:
+    """(content, [the text of each call]) of a whole assistant turn as generated: the content is what comes before the
+    first <tool_call> (less the newline chatml_turns puts before it), each call the text inside its tags."""
+    head, *calls = text.split(TOOL_PIECES["tool_call"])
+    if not calls:
+        return text, []
+    return head.removesuffix("\n"), [call.split(TOOL_PIECES["end_tool_call"])[0] for call in calls]
+
+
+def parse_call(text: str) -> dict:
+    """{"name", "arguments"} of a call's text ({"name": ..., "arguments": {...}} in JSON, "arguments" optional);
+    ValueError saying what is wrong with a malformed one."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        raise ValueError(f"the call is not valid JSON: {text.strip()[:100]!r}") from None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) \
+            or not isinstance(call.get("arguments", {}), dict):
+        raise ValueError(f'the call is not {{"name": ..., "arguments": {{...}}}}: {text.strip()[:100]!r}')
+    return {"name": call["name"], "arguments": call.get("arguments", {})}

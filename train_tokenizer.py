@@ -26,7 +26,7 @@ import sentencepiece as spm
 
 from cli import UserError, parse_config, run_guarded
 from records import BadRecord, Skipped, chat_messages, iter_json_records
-from tokenizer import SPECIAL_PIECES
+from tokenizer import SPECIAL_PIECES, chatml_turns
 
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 # Chinese prose is 75-85% CJK characters (punctuation and digits are the rest); English with a
@@ -76,10 +76,10 @@ def record_texts(record) -> list:
         return [record]
     if isinstance(record, dict) and isinstance(record.get("text"), str):
         return [record["text"]]
-    fmt, messages, _ = chat_messages(record)
+    fmt, messages, extra = chat_messages(record)
     if fmt is None:
         raise BadRecord(f"no \"text\", \"conversations\", \"messages\" or alpaca fields (keys: {', '.join(record)})")
-    return [m["content"] for m in messages]
+    return [m["content"] for m in chatml_turns(messages, extra.get("tools"))]  # with the tool list and calls
 
 
 def iter_documents(path: str, skipped: Skipped):

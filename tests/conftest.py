@@ -110,7 +110,8 @@ def hf_tokenizer_json(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_chat_tokenizer_json(hf_tokenizer_json, tmp_path_factory):
-    """hf_tokenizer_json with the chat markers appended by tokenizer.add_chat_pieces, as an import gets them."""
+    """hf_tokenizer_json with the special pieces (chat markers, think and tool tags) appended by
+    tokenizer.add_chat_pieces, as an import gets them."""
     from tokenizer import add_chat_pieces
     d = tmp_path_factory.mktemp("hf_chat_tokenizer")
     shutil.copy(Path(hf_tokenizer_json).with_name("tokenizer_config.json"), d)

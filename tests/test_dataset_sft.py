@@ -72,6 +72,67 @@ FORMATS = {
 }
 
 
+# One tool conversation in each layout that carries tools: the calculator offered, two calls, their results, the answer.
+CALCULATOR = {"name": "calculator", "description": "Work out an arithmetic expression.",
+              "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}
+CALLS = [{"name": "calculator", "arguments": {"expression": "5 - 2"}}, {"name": "calculator", "arguments": {
+    "expression": "2 * 4"}}]
+TOOL_MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "5 - 2 and 2 * 4?"},
+                 {"role": "assistant", "content": "", "tool_calls": CALLS}, {"role": "tool", "content": "3"},
+                 {"role": "tool", "content": "8"}, {"role": "assistant", "content": "3 and 8."}]
+TOOL_FORMATS = {
+    "conversations": {"conversations": TOOL_MESSAGES, "tools": [{"type": "function", "function": CALCULATOR}]},
+    "messages": {"messages": [
+        *TOOL_MESSAGES[:2],
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": c["name"],
+                                                                 "arguments": json.dumps(c["arguments"])}}
+            for i, c in enumerate(CALLS)]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "3"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "8"}, TOOL_MESSAGES[-1]],
+        "tools": [{"type": "function", "function": CALCULATOR}]},
+    "sharegpt": {"system": "Be brief.", "tools": json.dumps([CALCULATOR]), "conversations": [  # LLaMA-Factory's
+        {"from": "human", "value": "5 - 2 and 2 * 4?"}, {"from": "function_call", "value": json.dumps(CALLS)},
+        {"from": "observation", "value": "3"}, {"from": "observation", "value": "8"},
+        {"from": "gpt", "value": "3 and 8."}]},
+}
+
+
+@pytest.mark.parametrize("fmt", TOOL_FORMATS)
+def test_each_tool_layout_reads_exactly_and_its_shards_train_the_calls(tmp_path, tok, tokenizer_path, fmt, capsys):
+    path = write_jsonl(tmp_path / "tools.jsonl", [TOOL_FORMATS[fmt]] * 2)
+    conversations, stats = read_conversations(path, verbose=False)
+    assert conversations[0].messages == TOOL_MESSAGES and stats["formats"] == {fmt: 2}
+    assert conversations[0].extra == {"tools": [{"type": "function", "function": CALCULATOR}]}
+    ids, labels = encode_conversation(tok, TOOL_MESSAGES, tools=conversations[0].extra["tools"])
+    data = SFTData(path, tokenizer_path, seq_len=2048, batch_size=1, num_workers=1)
+    assert [x.tolist() for x in data.row(0)] == list(trained_part(ids, labels))
+    trained = tok.decode([i for i, label in zip(ids, labels) if label != M])
+    assert trained == "\n".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in CALLS) + "<|im_end|>" \
+        "3 and 8.<|im_end|>"  # the calls and the answer; never the tool list, the results or the system prompt
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"from": "function_call", "value": '{"name": "calculator", "arguments": {'}, '"conversations"[1] is not valid JSON'),
+    ({"from": "function_call", "value": '{"arguments": {}}'},
+     '"conversations"[1][0] is not a call {"name": ..., "arguments": {...}}'),
+    ({"from": "function_call", "value": '{"name": "calculator", "arguments": "{5"}'},
+     '"conversations"[1][0] arguments is not valid JSON'),
+])
+@pytest.mark.parametrize("reader", ["objects", "shards"])
+def test_malformed_tool_json_is_counted_and_skipped(tmp_path, tokenizer_path, capsys, bad, reason, reader):
+    good = TOOL_FORMATS["sharegpt"]
+    broken = {**good, "conversations": [good["conversations"][0], bad, *good["conversations"][2:]]}
+    bad_tools = {**good, "tools": "[{"}
+    path = write_jsonl(tmp_path / "t.jsonl", [good, broken, bad_tools, good])
+    if reader == "objects":
+        assert read_conversations(path)[1]["malformed"] == 2
+    else:
+        assert SFTData(path, tokenizer_path, seq_len=2048, batch_size=1, num_workers=2).stats["malformed"] == 2
+    err = capsys.readouterr().err
+    assert f"{path} line 2: {reason}; skipped" in err and f'{path} line 3: "tools" is not valid JSON; skipped' in err
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_renders_exact_ids_and_labels(tmp_path, tok, fmt, capsys):
     path = write_jsonl(tmp_path / "chat.jsonl", [FORMATS[fmt]] * 3)
@@ -290,8 +351,8 @@ def test_malformed_lines_are_warned_skipped_and_counted(tmp_path, capsys, reader
     ('{"foo": 1, "bar": 2}\n', "line 1: unknown chat format (keys: foo, bar); expected conversations, messages "
                                 "or instruction/output"),
     ('{"text": "a story"}\n', "line 1: unknown chat format (keys: text)"),
-    (json.dumps({"messages": [{"role": "tool", "content": "x"}]}) + "\n",
-     "line 1: \"messages\"[0]: unknown role 'tool'; expected \"role\": system, user, assistant"),
+    (json.dumps({"messages": [{"role": "function", "content": "x"}]}) + "\n",
+     "line 1: \"messages\"[0]: unknown role 'function'; expected \"role\": system, user, assistant, tool"),
     (json.dumps(FORMATS["sharegpt"]) + "\n" + json.dumps({"conversations": [{"from": "bot", "value": "x"}]}) + "\n",
      "line 2: \"conversations\"[0]: unknown role 'bot'"),
     ("{broken\n\n[3]\n", "no conversations, 2 malformed records skipped"),

@@ -12,13 +12,24 @@ from conftest import small_corpus
 from dataset import DatasetConfig, TokenShards, build_shards
 from dataset_sft import SFTData
 from tokenizer import (CHAT_TEMPLATE_JINJA, EMPTY_THINK, IGNORE_INDEX, SPECIAL_PIECES, StreamDecoder, add_chat_pieces,
-                       encode_conversation, load_tokenizer, render_prompt, render_text, special_ids, thinking_switch,
-                       token_dtype)
+                       encode_conversation, load_tokenizer, parse_call, render_prompt, render_text, reply_pieces,
+                       special_ids, split_reply, thinking_switch, token_dtype)
 
 TEXTS = ["Tom found a red ball in the park.", "他有三个苹果。今天天气很好。",
          "Mia  counted 42 steps 🐋\n\nby the sea.\t你好"]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好, where is Tom?"},
         {"role": "assistant", "content": "<think>\nTom is out.\n</think>\nIn the park, 公园."}]
+TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Work out an arithmetic expression.",
+                                           "parameters": {"type": "object", "required": ["expression"], "properties": {
+                                               "expression": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "weather", "description": "今天的天气", "parameters": {
+             "type": "object", "properties": {}}}}]
+TOOL_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Lily has 5 pens and gives 2 away?"},
+             {"role": "assistant", "content": "<think>\nI will use the calculator.\n</think>\n", "tool_calls": [
+                 {"name": "calculator", "arguments": {"expression": "5 - 2"}},
+                 {"name": "weather", "arguments": {}}]},
+             {"role": "tool", "content": "3"}, {"role": "tool", "content": "{\"sky\": \"晴\"}"},
+             {"role": "assistant", "content": EMPTY_THINK + "Lily has 3 pens now."}]
 
 
 @pytest.fixture(scope="module", params=["model", "json"])
@@ -80,26 +91,28 @@ def test_load_errors_are_one_line(tmp_path):
 def test_add_chat_pieces_appends_only_the_missing_ones(hf_tokenizer_json, tmp_path):
     n = load_tokenizer(hf_tokenizer_json).vocab_size
     first, second = str(tmp_path / "first.json"), str(tmp_path / "second.json")
-    assert add_chat_pieces(hf_tokenizer_json, first) == [n, n + 1, n + 2, n + 3]
+    assert add_chat_pieces(hf_tokenizer_json, first) == list(range(n, n + 8))
     tok = load_tokenizer(first)
-    assert tok.vocab_size == n + 4 and [tok.piece_id(p) for p in SPECIAL_PIECES.values()] == [n, n + 1, n + 2, n + 3]
+    assert tok.vocab_size == n + 8 and [tok.piece_id(p) for p in SPECIAL_PIECES.values()] == list(range(n, n + 8))
     added = {t["content"]: t for t in json.load(open(first))["added_tokens"]}
     assert {p: added[p]["special"] for p in SPECIAL_PIECES.values()} == {
-        "<|im_start|>": True, "<|im_end|>": True, "<think>": False, "</think>": False}
+        "<|im_start|>": True, "<|im_end|>": True, "<think>": False, "</think>": False, "<tool_call>": False,
+        "</tool_call>": False, "<tool_response>": False, "</tool_response>": False}
     assert not any(added[p][k] for p in SPECIAL_PIECES.values() for k in ("normalized", "lstrip", "rstrip", "single_word"))
-    assert add_chat_pieces(first, second) == [] and load_tokenizer(second).vocab_size == n + 4
+    assert add_chat_pieces(first, second) == [] and load_tokenizer(second).vocab_size == n + 8
     assert not (tmp_path / "second.json.tmp").exists()
 
-    # a tokenizer that has the chat markers already (SmolLM2's, Qwen's) gets only the think tags
+    # a tokenizer that has the chat markers already (SmolLM2's, Qwen's) gets only the think and tool tags
     from tokenizers import AddedToken, Tokenizer
     hf = Tokenizer.from_file(hf_tokenizer_json)
     hf.add_special_tokens([AddedToken("<|im_start|>", normalized=False), AddedToken("<|im_end|>", normalized=False)])
     hf.save(str(tmp_path / "markers.json"))
-    assert add_chat_pieces(str(tmp_path / "markers.json"), str(tmp_path / "markers.json")) == [n + 2, n + 3]
+    assert add_chat_pieces(str(tmp_path / "markers.json"), str(tmp_path / "markers.json")) == list(range(n + 2, n + 8))
     tok = load_tokenizer(tmp_path / "markers.json")
-    text = "<|im_start|>user\nhi<think>x</think> y<|im_end|>\n"
+    text = "<|im_start|>user\nhi<think>x</think> y<tool_call>{}</tool_call><|im_end|>\n"
     ids = tok.encode(text)
-    assert [i for i in ids if i >= n] == [tok.piece_id(p) for p in ("<|im_start|>", "<think>", "</think>", "<|im_end|>")]
+    assert [i for i in ids if i >= n] == [tok.piece_id(p) for p in (
+        "<|im_start|>", "<think>", "</think>", "<tool_call>", "</tool_call>", "<|im_end|>")]
     assert tok.decode(ids) == text
 
 
@@ -110,6 +123,21 @@ def test_special_ids_name_the_missing_piece_and_how_to_get_it(hf_tokenizer_json,
                             f"python convert_hf.py, which adds it")
     tok = load_tokenizer(hf_chat_tokenizer_json)
     assert special_ids(tok) == {**{k: tok.piece_id(p) for k, p in SPECIAL_PIECES.items()}, "pad": tok.eos_id}
+
+
+def test_a_tokenizer_without_the_tool_tags_still_chats_but_cannot_be_offered_tools(hf_tokenizer_json, tmp_path):
+    """One from before the tool tags: every chat renders; a prompt with tools says what is missing."""
+    from tokenizers import AddedToken, Tokenizer
+    hf = Tokenizer.from_file(hf_tokenizer_json)
+    hf.add_special_tokens([AddedToken(p, normalized=False) for p in ("<|im_start|>", "<|im_end|>")])
+    hf.add_tokens([AddedToken(p, normalized=False) for p in ("<think>", "</think>")])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    assert special_ids(tok)["tool_call"] is None and render_prompt(tok, CHAT[:2])
+    with pytest.raises(ValueError) as e:
+        render_prompt(tok, CHAT[:2], tools=TOOLS)
+    assert str(e.value) == (f"{tmp_path / 'tokenizer.json'}: the tokenizer has no <tool_call> piece, so the model "
+                            f"cannot call tools; import the model with python convert_hf.py, which adds it")
 
 
 def test_a_tokenizer_that_puts_a_space_before_every_text_is_refused_for_the_template(tmp_path):
@@ -162,6 +190,73 @@ def test_transformers_renders_the_jinja_template_as_render_text(hf_chat_tokenize
         for thinking in (False, True, None):
             assert hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False,
                                           enable_thinking=thinking) == render_text(messages, gen, thinking)
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_transformers_renders_tools_calls_and_results_as_render_text(hf_chat_tokenizer_json, system):
+    """tools=, the calls in our form and in OpenAI's (arguments a JSON string), runs of results in one user turn."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=hf_chat_tokenizer_json,
+                                              chat_template=CHAT_TEMPLATE_JINJA)
+    messages = TOOL_CHAT if system else TOOL_CHAT[1:]
+    openai_form = [{**m, "tool_calls": [{"id": f"call_{i}", "type": "function", "function": {
+        "name": c["name"], "arguments": json.dumps(c["arguments"])}} for i, c in enumerate(m["tool_calls"])]}
+        if "tool_calls" in m else m for m in messages]
+    for gen in (True, False):
+        for theirs in (messages, openai_form):
+            assert hf.apply_chat_template(theirs, tools=TOOLS, add_generation_prompt=gen, tokenize=False) == \
+                render_text(messages, gen, tools=TOOLS)
+    text = render_text(messages, tools=TOOLS)
+    assert text.startswith("<|im_start|>system\n" + ("Be brief.\n\n" if system else "") + "# Tools\n\n")
+    assert '\n<tools>\n{"type": "function", "function": {"name": "calculator", ' in text
+    assert "I will use the calculator.\n</think>\n\n<tool_call>\n" \
+           '{"name": "calculator", "arguments": {"expression": "5 - 2"}}\n</tool_call>\n<tool_call>\n' in text
+    assert "<|im_start|>user\n<tool_response>\n3\n</tool_response>\n<tool_response>\n{\"sky\": \"晴\"}\n" \
+           "</tool_response><|im_end|>\n<|im_start|>assistant\n<think>" in text
+    assert render_text(CHAT, tools=None) == render_text(CHAT, tools=[]) == hf.apply_chat_template(CHAT, tokenize=False)
+
+
+def test_the_calls_are_trained_and_the_tool_list_and_results_are_not(tok):
+    ids, labels = encode_conversation(tok, TOOL_CHAT, tools=TOOLS)
+    assert tok.decode(ids) == render_text(TOOL_CHAT, tools=TOOLS)
+    assert ids == render_prompt(tok, TOOL_CHAT, add_generation_prompt=False, tools=TOOLS)
+    trained = tok.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
+    calls = TOOL_CHAT[2]["content"] + "\n" + "\n".join(
+        f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in TOOL_CHAT[2]["tool_calls"])
+    assert trained == calls + "<|im_end|>" + TOOL_CHAT[-1]["content"] + "<|im_end|>"
+    assert [label for i, label in zip(ids, labels) if label != IGNORE_INDEX] == \
+        [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+
+
+def test_a_reply_streams_its_calls_apart_and_each_parses(tok):
+    reply = "<think>\nI will use the calculator.\n</think>\n\n" \
+            '<tool_call>\n{"name": "calculator", "arguments": {"expression": "5 - 2"}}\n</tool_call>\n' \
+            '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call>'
+    pieces = list(reply_pieces(tok, tok.encode(reply) + [special_ids(tok)["im_end"]] + tok.encode("ignored")))
+    parts = []
+    for part, text in pieces:
+        if text == "" or not parts or parts[-1][0] != part:
+            parts.append([part, text])
+        else:
+            parts[-1][1] += text
+    assert parts == [["reasoning", "\nI will use the calculator.\n"], ["answer", "\n\n"],
+                     ["call", '\n{"name": "calculator", "arguments": {"expression": "5 - 2"}}\n'], ["answer", "\n"],
+                     ["call", '\n{"name": "weather", "arguments": {}}\n'], ["answer", ""]]
+    content, calls = split_reply(reply)
+    assert content == "<think>\nI will use the calculator.\n</think>\n"
+    assert [parse_call(c) for c in calls] == [{"name": "calculator", "arguments": {"expression": "5 - 2"}},
+                                              {"name": "weather", "arguments": {}}]
+    assert render_text([{"role": "assistant", "content": content, "tool_calls": list(map(parse_call, calls))}]) == \
+        f"<|im_start|>assistant\n{reply}<|im_end|>\n"  # kept in the history, it renders as generated
+    assert split_reply("Just an answer.") == ("Just an answer.", [])
+    assert parse_call('{"name": "weather"}') == {"name": "weather", "arguments": {}}  # arguments may be left out
+
+
+@pytest.mark.parametrize("text", ['{"name": "calculator", "arguments": {"expression": "1 +', '["calculator"]',
+                                  '{"arguments": {}}', '{"name": "f", "arguments": "5 - 2"}', ''])
+def test_a_malformed_call_says_what_is_wrong(text):
+    with pytest.raises(ValueError, match="the call is not"):
+        parse_call(text)
 
 
 @pytest.fixture(scope="module")
