@@ -1,6 +1,7 @@
 """inference_sft.Chat with a scripted model: reasoning kept out of the history, the history trimmed
-to the context oldest first, /reset, the thinking switch (--thinking, /think, /no_think), and the tokenizer taken
-from the checkpoint."""
+to the context oldest first, /reset, the thinking switch (--thinking, /think, /no_think), the tokenizer taken
+from the checkpoint, and tools: a call run, shown and its result fed back, a malformed call answered with an error,
+--tools false."""
 import builtins
 import io
 import subprocess
@@ -15,6 +16,7 @@ import inference_sft
 import tokenizer
 from conftest import ROOT
 from tokenizer import EMPTY_THINK, load_tokenizer, render_prompt, special_ids
+from tools import calculator, tool_spec
 from model import ModelConfig, Transformer, save_checkpoint
 
 
@@ -41,9 +43,11 @@ def reply_ids(tok, answer, think=None):
     return ids + tok.encode(answer) + [s["im_end"]]
 
 
-def chat_with(tok, replies, max_seq_len=512, **cfg):
+def chat_with(tok, replies, max_seq_len=512, tools=False, **cfg):
+    """A Chat with a ScriptedModel; without tools unless asked (their list alone is ~500 tokens of this small
+    tokenizer)."""
     model = ScriptedModel(replies, max_seq_len)
-    return inference_sft.Chat(inference_sft.ChatConfig(**cfg), model, tok), model
+    return inference_sft.Chat(inference_sft.ChatConfig(tools=tools, **cfg), model, tok), model
 
 
 def test_reasoning_is_shown_or_hidden_and_never_kept_in_history(tok):
@@ -198,3 +202,121 @@ def test_an_empty_think_block_shows_nothing_but_stays_in_the_history(tok):
         assert chat.reply("Hi!", out) == "Hello!"
         assert out.getvalue() == "Hello!\n"
         assert chat.history[-1] == {"role": "assistant", "content": EMPTY_THINK + "Hello!"}
+
+
+# -----------------------------------------------------------------------------
+# tools
+
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "5 - 2"}}\n</tool_call>'
+RESULT = "<tool_response>\n3\n</tool_response>"
+QUESTION = "Lily has 5 pencils and gives 2 away. How many does she have now?"
+ANSWER = "Lily has 3 pencils now."
+
+
+class CallingModel(ScriptedModel):
+    """Stands in for a model trained on tool chats: it replies `call` until the last user turn of its prompt (where
+    the results are) holds `result`, then `answer`; each prompt recorded."""
+
+    def __init__(self, tok, call, result=RESULT, answer=EMPTY_THINK + ANSWER, max_seq_len=2048):
+        super().__init__([], max_seq_len)
+        self.tok, self.call, self.result, self.answer = tok, call, result, answer
+
+    def generate_stream(self, prompt, **kwargs):
+        self.prompts.append(list(prompt))
+        last_turn = self.tok.decode(prompt).rsplit("<|im_start|>user\n", 1)[-1]
+        text = self.answer if self.result in last_turn else self.call
+        yield from self.tok.encode(text) + [special_ids(self.tok)["im_end"]]
+
+
+def chat_calling(tok, call, result=RESULT, max_seq_len=2048, **cfg):
+    model = CallingModel(tok, call, result, max_seq_len=max_seq_len)
+    return inference_sft.Chat(inference_sft.ChatConfig(**cfg), model, tok), model
+
+
+def test_a_call_is_run_shown_and_its_result_fed_back_to_the_model(tok):
+    reasoning = "<think>\nLily had 5 and gave 2 away.\n</think>\n\n"
+    chat, model = chat_calling(tok, reasoning + CALL)
+    out = io.StringIO()
+    assert chat.reply(QUESTION, out) == ANSWER
+    assert out.getvalue() == (f"<think>\nLily had 5 and gave 2 away.\n</think>\n"
+                              f'→ calculator({{"expression": "5 - 2"}})\n← 3\n{ANSWER}\n')
+    first, second = (tok.decode(p) for p in model.prompts)
+    assert '"name": "calculator", "description": "Work out an arithmetic expression."' in first
+    assert second.startswith(first)  # then the call turn as generated, and the result
+    assert second.endswith(f"{reasoning}{CALL}<|im_end|>\n<|im_start|>user\n{RESULT}<|im_end|>\n"
+                           f"<|im_start|>assistant\n")
+    call = {"name": "calculator", "arguments": {"expression": "5 - 2"}}
+    assert chat.history == [  # the calls and results kept, the reasoning of every turn dropped
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "<think>\n\n</think>\n", "tool_calls": [call]},
+        {"role": "tool", "content": "3"},
+        {"role": "assistant", "content": EMPTY_THINK + ANSWER}]
+    chat.reply("And now?", io.StringIO())
+    assert f"<think>\n\n</think>\n\n{CALL}<|im_end|>\n<|im_start|>user\n{RESULT}" in tok.decode(model.prompts[2])
+
+
+def test_calls_and_results_are_dimmed_on_a_terminal(tok):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    chat, _ = chat_calling(tok, CALL, show_think=False)
+    out = Terminal()
+    chat.reply(QUESTION, out)
+    dim, reset = inference_sft.DIM, inference_sft.RESET
+    assert out.getvalue() == f'{dim}→ calculator({{"expression": "5 - 2"}})\n← 3{reset}\n{ANSWER}\n'
+
+
+def test_a_malformed_call_or_a_failing_tool_gives_the_model_an_error(tok):
+    bad = '<tool_call>\n{"name": "calculator", "arguments": {"expression": 5 - 2}}\n</tool_call>'
+    failing = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "5 / 0"}}\n</tool_call>'
+    chat, model = chat_calling(tok, f"{bad}\n{failing}", result="division by zero")
+    out = io.StringIO()
+    assert chat.reply(QUESTION, out) == ANSWER
+    assert out.getvalue().startswith(f'→ {bad[12:-13]}\n← error: the call is not valid JSON: ')
+    assert '→ calculator({"expression": "5 / 0"})\n← error: division by zero\n' in out.getvalue()
+    second = tok.decode(model.prompts[1])
+    assert f"{bad}\n{failing}<|im_end|>\n<|im_start|>user\n<tool_response>\nerror: the call is not valid JSON" \
+        in second  # the calls kept as written, beside their errors
+    assert "</tool_response>\n<tool_response>\nerror: division by zero\n</tool_response><|im_end|>" in second
+
+
+def test_a_model_that_keeps_calling_is_stopped(tok, capsys):
+    chat, model = chat_calling(tok, "I will check." + CALL, result="never")
+    assert chat.reply(QUESTION, io.StringIO()) == "I will check."
+    assert len(model.prompts) == inference_sft.MAX_REPLIES
+    assert f"still calls tools after {inference_sft.MAX_REPLIES} replies" in capsys.readouterr().err
+
+
+def test_tools_false_a_small_context_or_a_tokenizer_without_the_tags_renders_no_tools(tok, monkeypatch, capsys):
+    user = [{"role": "user", "content": QUESTION}]
+    chat, model = chat_calling(tok, EMPTY_THINK + ANSWER)
+    chat.reply(QUESTION, io.StringIO())
+    assert model.prompts[0] == render_prompt(tok, user, tools=[tool_spec(calculator)])
+    chat, model = chat_calling(tok, EMPTY_THINK + ANSWER, tools=False)
+    chat.reply(QUESTION, io.StringIO())
+    assert model.prompts[0] == render_prompt(tok, user) and "<tools>" not in tok.decode(model.prompts[0])
+    assert capsys.readouterr().err == ""
+
+    chat, model = chat_with(tok, [reply_ids(tok, ANSWER)], max_seq_len=256, tools=True)  # a small context
+    chat.reply(QUESTION, io.StringIO())
+    assert model.prompts[0] == render_prompt(tok, user)
+    assert "note: the chat goes on without tools: their list is" in capsys.readouterr().err
+
+    monkeypatch.setitem(tok.chat_ids, "tool_call", None)  # a tokenizer from before the tool tags
+    chat, model = chat_calling(tok, EMPTY_THINK + ANSWER)
+    chat.reply(QUESTION, io.StringIO())
+    assert model.prompts[0] == render_prompt(tok, user)
+    assert f"the chat goes on without tools: {tok.path} has no <tool_call> piece" in capsys.readouterr().err
+
+
+def test_trimming_the_history_drops_whole_exchanges_with_their_calls(tok):
+    user = [{"role": "user", "content": QUESTION}]  # room for the tools, the message and about two exchanges
+    ctx = len(render_prompt(tok, user, tools=[tool_spec(calculator)])) + 64 + 350
+    chat, model = chat_calling(tok, CALL, max_seq_len=ctx, max_new_tokens=64)
+    for i in range(6):
+        chat.reply(f"{QUESTION} ({i})", io.StringIO())
+        roles = [m["role"] for m in chat.history]
+        assert roles == ["user", "assistant", "tool", "assistant"] * (len(roles) // 4)
+    assert all(len(p) <= ctx - 64 for p in model.prompts)
+    assert len(model.prompts) == 12 and len(chat.history) >= 8  # every message called; two exchanges kept or more
+    assert chat.history[0]["content"] != f"{QUESTION} (0)" and chat.history[-4]["content"] == f"{QUESTION} (5)"
