@@ -10,8 +10,8 @@ Serve one checkpoint over an OpenAI-compatible HTTP API, with a chat page at /.
   GET  /                      serve.html, a chat page that uses the API
 
 Any OpenAI client works (base_url http://127.0.0.1:8000/v1). Understood: messages (system, developer,
-user, assistant; content a string or a list of text parts), max_tokens (or max_completion_tokens),
-temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only), and
+user, assistant, tool; content a string or a list of text parts), tools and tool_choice (below), max_tokens (or
+max_completion_tokens), temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only), and
 chat_template_kwargs.enable_thinking as vLLM and SGLang take it (false: an answer without reasoning; true:
 reasoning first; absent or null: the /think or /no_think ending the latest user message that has one, Qwen3's
 soft switch, else the model decides; the tags are cut before the model reads the messages); model is ignored;
@@ -22,6 +22,18 @@ DeepSeek's API has it; content holds only the answer, both without the newlines 
 around them. Stop strings apply to the answer and are cut from it. Messages are rendered with the
 chat template (tokenizer.render_prompt), a completion prompt as inference.py encodes it; a prompt
 that leaves no room in the context is refused, and max_tokens is cut to the room left.
+
+Tools, as OpenAI's API has them (the server never runs one): the request's tools are listed in the system turn, and
+the history's assistant tool_calls and tool messages (tool_call_id dropped: results answer the calls in order) are
+rendered as the template has them (records.chat_messages converts them); a tokenizer without the tool tags refuses
+them. tool_choice: "auto", the default, offers the tools and the model decides; "none" offers none; "required" opens
+the reply with <tool_call>, a named function ({"type": "function", "function": {"name": ...}}) with that function's
+call up to its arguments, and the opening is part of the reply. A call the model writes, between <tool_call> and
+</tool_call>, comes back in the message's tool_calls ({"id", "type": "function", "function": {"name", "arguments": a
+JSON string}}), content holding the text outside the calls (null when there is none), and finish_reason is
+"tool_calls". A stream sends each call whole, in one tool_calls delta, once its </tool_call> has come. A call that
+does not parse as {"name": ..., "arguments": {...}}, or one the reply ends inside, stays in content as the text it
+is, tags and all.
 
 Requests generate together (continuous batching): one model thread decodes up to --batch_size of them
 in one batch, each in a row of one KV cache at its own positions. A new request's prompt fills a
@@ -54,6 +66,7 @@ from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -61,10 +74,12 @@ from urllib.parse import urlsplit
 
 import torch
 
+import records
 from cli import UserError
 from inference import Counted, LoadSettings, load_for_inference, prompt_ids, run_script
 from model import sample
-from tokenizer import StreamDecoder, Tokenizer, render_prompt, reply_pieces, special_ids, thinking_switch
+from tokenizer import (TOOL_PIECES, StreamDecoder, Tokenizer, parse_call, render_prompt, reply_pieces, special_ids,
+                       thinking_switch)
 
 PAGE = Path(__file__).with_name("serve.html")
 
@@ -121,31 +136,83 @@ def number(body: dict, name: str, default, low=None, high=None, integer=False):
     return value
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: OpenAI's
-# newer name for system
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# developer: OpenAI's newer name for system
 
 
 def chat_messages(body: dict) -> list:
-    """The request's messages as the template's [{"role", "content"}]: text parts joined, reasoning_content dropped
-    (as Chat keeps only answers in its history)."""
+    """The request's messages as the template's [{"role", "content"}], an assistant's calls as "tool_calls":
+    [{"name", "arguments": {...}}] (records.chat_messages reads OpenAI's): text parts joined, reasoning_content
+    dropped (as Chat keeps only answers in its history)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: expected a non-empty list of messages", param="messages")
-    out = []
+    plain = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"{where}: expected a message whose role is system, developer, user or assistant",
-                           param=where)
-        content = m.get("content")
+            raise ApiError(400, f"{where}: expected a message whose role is system, developer, user, assistant or "
+                                f"tool", param=where)
+        content, calls = m.get("content"), m.get("tool_calls") if m["role"] == "assistant" else None
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
                                              isinstance(p.get("text"), str) for p in content):
             content = "\n".join(p["text"] for p in content)
-        if not isinstance(content, str):
+        if not isinstance(content, str) and not (content is None and calls):  # null beside calls, as OpenAI sends
             raise ApiError(400, f"{where}.content: expected a string or a list of text parts (the model reads text "
                                 f"only)", param=f"{where}.content")
-        out.append({"role": ROLES[m["role"]], "content": content})
-    return out
+        plain.append({"role": ROLES[m["role"]], "content": content, "tool_calls": calls})
+    try:
+        return records.chat_messages({"messages": plain})[1]
+    except records.BadRecord as e:  # a call that is not {"name", "arguments"}, its arguments not JSON
+        raise ApiError(400, str(e), param="messages") from None
+
+
+def request_tools(body: dict) -> list:
+    """The request's tools, in OpenAI's form ([] without any)."""
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        return []
+    try:
+        return records.tool_list(tools)
+    except records.BadRecord as e:
+        raise ApiError(400, str(e), param="tools") from None
+
+
+def tool_choice(body: dict, tools: list, enable_thinking) -> tuple:
+    """(the tools the prompt offers, the text the reply opens with) by tool_choice: "auto" (the default) offers them
+    and the model decides, "none" offers none, "required" opens the reply with a call, and a named function with
+    that function's call up to its arguments; such an opening leaves no place for reasoning before it, so it is
+    refused with enable_thinking true. The opening ends before the space ahead of the arguments, where a trained
+    call's tokens split too (a space starts the token after it), so the model goes on as it learned to."""
+    choice = body.get("tool_choice")
+    if choice in (None, "auto", "none"):
+        return ([] if choice == "none" else tools), ""
+    names = [tool["function"]["name"] for tool in tools]
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if choice != "required" and not isinstance(name, str):
+        raise ApiError(400, 'tool_choice: expected "auto", "none", "required" or {"type": "function", "function": '
+                            '{"name": ...}}', param="tool_choice")
+    if choice == "required" and not tools:
+        raise ApiError(400, "tool_choice: required, but the request has no tools", param="tool_choice")
+    if choice != "required" and name not in names:
+        raise ApiError(400, f"tool_choice: no tool named {json.dumps(name)} in tools (the request's: "
+                            f"{', '.join(names) or 'none'})", param="tool_choice")
+    if enable_thinking:
+        raise ApiError(400, "tool_choice: the reply opens with the call, so it cannot open with reasoning too: leave "
+                            "out enable_thinking true (and /think)", param="tool_choice")
+    opening = f"{TOOL_PIECES['tool_call']}\n"
+    return tools, opening if choice == "required" else \
+        opening + '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments":'
+
+
+def check_tool_pieces(tok: Tokenizer, messages: list, tools: list):
+    """A chat with tools, offered or in its history, is refused where the tokenizer lacks their tags."""
+    if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        try:
+            tok.check_tool_pieces()
+        except UserError as e:
+            raise ApiError(400, str(e)) from None
 
 
 def thinking(body: dict, messages: list) -> tuple:
@@ -216,6 +283,46 @@ def completion_pieces(tok: Tokenizer, tokens) -> Iterator[tuple]:
             break
         yield "answer", text.add(token)
     yield "answer", text.rest()
+
+
+def calls_apart(pieces, parse: bool) -> Iterator[tuple]:
+    """reply_pieces' pieces with each tool call whole, once it has ended: ("call", {"name", "arguments"}) when parse
+    is asked for and the call is closed by its </tool_call> and parses, else its text as written, tags and all, as a
+    piece of the answer (a malformed call, one the reply ends or another marker cuts short, calls not asked for)."""
+    call = None  # the text of the call being written, None outside one
+    for part, text in pieces:
+        if call is not None and part == "call" and text:
+            call += text
+            continue
+        if call is not None:  # it ends here: closed by an answer's "" (its </tool_call>), or cut short
+            yield call_piece(call, part == "answer" and not text, parse)
+            call = None
+        if part == "call":  # its <tool_call>
+            call = ""
+        else:
+            yield part, text
+    if call is not None:
+        yield call_piece(call, False, parse)
+
+
+def call_piece(text: str, closed: bool, parse: bool) -> tuple:
+    """An ended call's piece for calls_apart."""
+    if parse and closed:
+        with contextlib.suppress(ValueError):
+            return "call", parse_call(text)
+    return "answer", TOOL_PIECES["tool_call"] + text + (TOOL_PIECES["end_tool_call"] if closed else "")
+
+
+def chat_reply(tok: Tokenizer, opening: list, in_think: bool, calls: bool, tokens) -> Iterator[tuple]:
+    """A chat reply's pieces from its tokens: reply_pieces' (the opening the prompt ended with first, as the reply's
+    own), each tool call whole (calls_apart, parsed when calls are asked for)."""
+    return calls_apart(reply_pieces(tok, chain(opening, tokens), in_think), calls)
+
+
+def openai_call(call: dict) -> dict:
+    """A parsed call ({"name", "arguments"}) in OpenAI's form, with an id of its own."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
 
 
 class Request:
@@ -437,12 +544,17 @@ def sampling(served: ServedModel, body: dict, prompt: list, param: str, stop_id:
 def generated_pieces(served: ServedModel, prompt: list, settings: dict, decode, texts: dict,
                      tally: Tally) -> Iterator[tuple]:
     """generation's pieces: the request's tokens from the batch, closed (its row freed) when the caller stops early;
-    the tally kept up to date."""
+    the tally kept up to date. A tool call (a "call" piece) goes out as it is, past the stop strings, which are for
+    text."""
+    called = False
     with closing(served.batch.tokens(prompt, settings)) as stream:
         tokens = Counted(stream)
-        for part, text in decode(tokens):
+        for part, piece in decode(tokens):
             tally.completion_tokens = tokens.n
-            if text := texts[part].add(text):
+            if part == "call":
+                called = True
+                yield part, piece
+            elif text := texts[part].add(piece):
                 yield part, text
             if texts["answer"].stopped:
                 break
@@ -451,7 +563,7 @@ def generated_pieces(served: ServedModel, prompt: list, settings: dict, decode, 
                 yield part, text
     tally.completion_tokens = tokens.n
     ended = texts["answer"].stopped or tokens.last in settings["stop_ids"]
-    tally.finish_reason = "stop" if ended else "length"
+    tally.finish_reason = "length" if not ended else "tool_calls" if called else "stop"
 
 
 def generation(served: ServedModel, body: dict, tally: Tally, prompt: list, param: str, stop_id: int, decode,
@@ -490,18 +602,25 @@ def chat_completion(served: ServedModel, body: dict, tally: Tally) -> dict | Ite
     one_choice(body)
     tok = served.tok
     messages, enable_thinking = thinking(body, chat_messages(body))
-    prompt = render_prompt(tok, messages, add_generation_prompt=True, enable_thinking=enable_thinking)
-    pieces = generation(served, body, tally, prompt, "messages", special_ids(tok)["im_end"],
-                        partial(reply_pieces, tok, in_think=enable_thinking is True), strip=True)
+    tools = request_tools(body)
+    check_tool_pieces(tok, messages, tools)
+    tools, opening = tool_choice(body, tools, enable_thinking)
+    opened = tok.encode(opening)  # the end of the prompt, and the start of the reply
+    prompt = render_prompt(tok, messages, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)
+    pieces = generation(served, body, tally, prompt + opened, "messages", special_ids(tok)["im_end"],
+                        partial(chat_reply, tok, opened, enable_thinking is True, bool(tools)), strip=True)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
     if body.get("stream"):
         return chat_chunks(pieces, head, tally, body)
-    texts = {"reasoning": [], "answer": []}
+    texts, calls = {"reasoning": [], "answer": []}, []
     with closing(pieces):
-        for part, text in pieces:
-            texts[part].append(text)
-    message = {"role": "assistant", "content": "".join(texts["answer"]),
+        for part, piece in pieces:
+            (calls if part == "call" else texts[part]).append(piece)
+    content = "".join(texts["answer"])
+    message = {"role": "assistant", "content": content if content or not calls else None,  # OpenAI's null
                "reasoning_content": "".join(texts["reasoning"]) or None}
+    if calls:
+        message["tool_calls"] = [openai_call(call) for call in calls]
     return {**head, "object": "chat.completion", "choices": [
         {"index": 0, "message": message, "finish_reason": tally.finish_reason, "logprobs": None}],
         "usage": tally.usage()}
@@ -509,14 +628,20 @@ def chat_completion(served: ServedModel, body: dict, tally: Tally) -> dict | Ite
 
 def chat_chunks(pieces, head: dict, tally: Tally, body: dict) -> Iterator[dict]:
     """A streamed chat completion: the assistant's role first (sent while the request may still wait its turn),
-    then each piece as a content or reasoning_content delta, then the finish reason."""
+    then each piece as a content or reasoning_content delta, or a call as a tool_calls delta (whole, numbered by its
+    index among the calls), then the finish reason."""
     def chunk(delta, finish_reason=None):
         return {**head, "object": "chat.completion.chunk", "choices": [
             {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
     yield chunk({"role": "assistant", "content": ""})
+    calls = 0
     with closing(pieces):
-        for part, text in pieces:
-            yield chunk({"reasoning_content" if part == "reasoning" else "content": text})
+        for part, piece in pieces:
+            if part == "call":
+                yield chunk({"tool_calls": [{"index": calls, **openai_call(piece)}]})
+                calls += 1
+            else:
+                yield chunk({"reasoning_content" if part == "reasoning" else "content": piece})
     yield chunk({}, tally.finish_reason)
     yield from usage_chunk(head, "chat.completion.chunk", tally, body)
 

@@ -1,7 +1,9 @@
 """serve.py live on 127.0.0.1, through the official openai client and raw HTTP: chat (reasoning apart from the answer,
-streamed and not), completions, models, stop strings, seeds, errors, a client that goes away, concurrent requests
-decoded in one batch (each as it would be alone), those past the batch in turn; and its API without HTTP, request
-bodies in and OpenAI's dicts out, the thinking switch (chat_template_kwargs, /think) included."""
+streamed and not), tool calls and their results, completions, models, stop strings, seeds, errors, a client that goes
+away, concurrent requests decoded in one batch (each as it would be alone), those past the batch in turn; and its API
+without HTTP, request bodies in and OpenAI's dicts out, the thinking switch (chat_template_kwargs, /think) and
+tool_choice included."""
+import copy
 import http.client
 import json
 import re
@@ -25,23 +27,31 @@ from conftest import ROOT, spread_weights
 from tokenizer import render_prompt
 from inference import LoadSettings, load_for_inference, prompt_ids
 from model import ModelConfig, Transformer, save_checkpoint
-from tokenizer import EMPTY_THINK, load_tokenizer, special_ids
+from tokenizer import EMPTY_THINK, TOOL_PIECES, call_text, load_tokenizer, special_ids
 
 KEY = "test-key"
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=64, max_seq_len=64)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+WEATHER = {"name": "get_weather", "arguments": {"city": "Paris"}}  # a call of TOOLS[0]
+QUESTION = {"role": "user", "content": "What is the weather in Paris?"}
 
 
 class ScriptedModel:
     """Stands in for the Transformer in serve.py's batch: each row of the KV cache replies to its prompt with prepared
-    token ids, then a filler token for as long as it is allowed (logits with all their weight on that token), one
-    forward every `delay` seconds. Records the prompts, the tokens each was given, the most rows in use in one decode
-    step, and the threads it ran on; with `fail` set, every forward raises."""
+    token ids (`reply`, or `reply(prompt)` where it is a function), then a filler token for as long as it is allowed
+    (logits with all their weight on that token), one forward every `delay` seconds. Records the prompts, the tokens
+    each was given, the most rows in use in one decode step, and the threads it ran on; with `fail` set, every forward
+    raises."""
     compiled_decoding = False
 
     def __init__(self, reply, filler, max_seq_len=4096, delay=0.0):
         self.cfg = SimpleNamespace(max_seq_len=max_seq_len, vocab_size=512, rope_scaling=None)
         self.reply, self.filler, self.delay = reply, filler, delay
         self.prompts, self.yielded, self.most_active, self.fail = [], [], 0, False
+        self.replies = []  # the reply to each prompt
         self.widest = 0  # the most rows one decode step was given
         self.of_row, self.threads = {}, set()  # of_row: each cache row's latest prompt, as its index in prompts
 
@@ -55,6 +65,7 @@ class ScriptedModel:
         """A prompt's prefill into row `cache`: the logits of the reply's first token (1, 1, vocab_size)."""
         self.forward()
         self.prompts.append(tokens[0].tolist())
+        self.replies.append(self.reply(self.prompts[-1]) if callable(self.reply) else self.reply)
         self.yielded.append(0)
         self.of_row[cache] = len(self.prompts) - 1
         return self.next_logits(cache)[None, None], None
@@ -79,7 +90,8 @@ class ScriptedModel:
         i = self.of_row[row]
         n, self.yielded[i] = self.yielded[i], self.yielded[i] + 1
         logits = torch.full((self.cfg.vocab_size,), float("-inf"))
-        logits[self.reply[n] if n < len(self.reply) else self.filler] = 0.0
+        reply = self.replies[i]
+        logits[reply[n] if n < len(reply) else self.filler] = 0.0
         return logits
 
 
@@ -139,6 +151,11 @@ def reply_ids(tok, answer, think=None):
     s = special_ids(tok)
     ids = [s["think"], *tok.encode(f"\n{think}\n"), s["end_think"]] if think is not None else []
     return ids + tok.encode(f"\n{answer}") + [s["im_end"]]
+
+
+def turn_ids(tok, text):
+    """The ids of a reply that writes text (the tags in it as their ids), then ends its turn."""
+    return tok.encode(text) + [special_ids(tok)["im_end"]]
 
 
 def stream_parts(stream):
@@ -360,7 +377,8 @@ def test_refusals_are_openai_errors(tiny):
     with pytest.raises(openai.BadRequestError, match=f"the prompt is {n} tokens but the model's context is 64"):
         chat.create(model="x", messages=messages)
     for bad, param in ((dict(temperature="hot"), "temperature"), (dict(max_tokens=0), "max_tokens"),
-                       (dict(messages=[{"role": "tool", "content": "x"}]), "messages[0]"), (dict(stop=[3]), "stop")):
+                       (dict(messages=[{"role": "function", "content": "x"}]), "messages[0]"),
+                       (dict(stop=[3]), "stop")):
         with pytest.raises(openai.BadRequestError) as e:
             chat.create(**{"model": "x", "messages": [{"role": "user", "content": "Hi"}], **bad})
         assert e.value.body["param"] == param
@@ -556,6 +574,136 @@ def test_the_api_stops_generating_when_its_chunks_are_closed(tok):
         assert made < 50 and model.yielded == [made]  # its row freed: no more tokens
 
 
+def test_the_openai_client_calls_a_tool_then_gets_the_answer_to_its_result(tok):
+    """The tool flow of an OpenAI client, streamed (the client's own stream helper puts the reply together) and not:
+    the model's call comes back in tool_calls; the call and its result sent back reach the model as the template has
+    them, and its answer comes back."""
+    s = special_ids(tok)
+
+    def reply(prompt):  # the call, then, once a result is in the prompt, the answer
+        return turn_ids(tok, "It is sunny." if s["tool_response"] in prompt else "Let me look.\n" + call_text(WEATHER))
+    model = ScriptedModel(reply, tok.encode("x")[0])
+    with serving(model, tok) as (url, _):
+        chat = client(url).chat.completions
+        for stream in (False, True):
+            if stream:
+                with chat.stream(model="x", messages=[QUESTION], tools=TOOLS) as events:
+                    kinds = {event.type for event in events}
+                choice = events.get_final_completion().choices[0]
+                assert "tool_calls.function.arguments.done" in kinds
+            else:
+                choice = chat.create(model="x", messages=[QUESTION], tools=TOOLS).choices[0]
+            (call,) = choice.message.tool_calls
+            assert (choice.message.content, choice.finish_reason) == ("Let me look.", "tool_calls")
+            assert call.type == "function" and re.fullmatch(r"call_[0-9a-f]{24}", call.id)
+            assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+            result = {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C."}
+            answer = chat.create(model="x", messages=[QUESTION, choice.message, result], tools=TOOLS).choices[0]
+            assert (answer.message.content, answer.message.tool_calls, answer.finish_reason) == \
+                ("It is sunny.", None, "stop")
+        with pytest.raises(openai.BadRequestError) as e:
+            chat.create(model="x", messages=[QUESTION], tools=TOOLS,
+                        tool_choice={"type": "function", "function": {"name": "get_date"}})
+        assert e.value.body["param"] == "tool_choice"
+    called = [QUESTION, {"role": "assistant", "content": "Let me look.", "tool_calls": [WEATHER]},
+              {"role": "tool", "content": "Sunny, 24 C."}]
+    assert model.prompts == [render_prompt(tok, [QUESTION], tools=TOOLS), render_prompt(tok, called, tools=TOOLS)] * 2
+    assert "<|im_start|>user\n<tool_response>\nSunny, 24 C.\n</tool_response><|im_end|>" in tok.decode(model.prompts[1])
+
+
+def test_tool_choice_offers_the_tools_or_not_and_opens_the_reply_with_the_call_it_asks_for(tok):
+    """auto (the default) and none render the prompt with the tools and without; required and a named function end
+    it with the call's opening, which the reply the client gets starts with. A call with none is only text."""
+    called = call_text(WEATHER)
+    named = '<tool_call>\n{"name": "get_weather", "arguments":'  # up to the space before the arguments' "{"
+    offered = render_prompt(tok, [QUESTION], tools=TOOLS)
+    cases = [  # (the request's settings, the prompt the model must get, what it writes, whether that is a call)
+        ({}, offered, called, True),
+        ({"tool_choice": "auto"}, offered, called, True),
+        ({"tool_choice": "none"}, render_prompt(tok, [QUESTION]), called, False),
+        ({"tool_choice": "required"}, offered + tok.encode("<tool_call>\n"), called.removeprefix("<tool_call>\n"),
+         True),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+          "chat_template_kwargs": {"enable_thinking": False}},  # the opening after the empty think block
+         render_prompt(tok, [QUESTION], enable_thinking=False, tools=TOOLS) + tok.encode(named),
+         called.removeprefix(named), True),
+    ]
+    for settings, prompt, written, is_call in cases:
+        model = ScriptedModel(turn_ids(tok, written), tok.encode("x")[0])
+        with api(model, tok) as served:
+            choice = serve.chat_completion(served, {"messages": [QUESTION], "tools": TOOLS, **settings},
+                                           serve.Tally())["choices"][0]
+        assert model.prompts == [prompt], settings
+        if is_call:
+            (call,) = choice["message"].pop("tool_calls")
+            assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        assert choice["message"] == {"role": "assistant", "content": None if is_call else called,
+                                     "reasoning_content": None}
+        assert choice["finish_reason"] == ("tool_calls" if is_call else "stop")
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n" + EMPTY_THINK + named)
+
+
+def test_the_api_streams_each_call_whole_once_its_end_tag_is_read(tok):
+    s = special_ids(tok)
+    written = "Let me look.\n" + call_text(WEATHER) + "\n" + call_text({"name": "get_time", "arguments": {}})
+    reply = turn_ids(tok, written)
+    model = ScriptedModel(reply, tok.encode("x")[0])
+    with api(model, tok) as served:
+        tally = serve.Tally()
+        calls, read_when_sent, deltas = [], [], []
+        for chunk in serve.chat_completion(served, {"messages": [QUESTION], "tools": TOOLS, "stream": True}, tally):
+            deltas.append(chunk["choices"][0]["delta"])
+            if "tool_calls" in deltas[-1]:
+                calls += deltas[-1]["tool_calls"]
+                read_when_sent.append(tally.completion_tokens)
+    ends = [i + 1 for i, token in enumerate(reply) if token == s["end_tool_call"]]
+    assert read_when_sent == ends  # each at its </tool_call>, not at the end of the reply
+    assert [(c["index"], c["type"], c["function"]) for c in calls] == [
+        (0, "function", {"name": "get_weather", "arguments": '{"city": "Paris"}'}),
+        (1, "function", {"name": "get_time", "arguments": "{}"})]
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", c["id"]) for c in calls) and calls[0]["id"] != calls[1]["id"]
+    assert "".join(d.get("content", "") for d in deltas) == "Let me look."
+    assert deltas[-1] == {} and chunk["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("written, max_tokens, finish", [
+    ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', None, "stop"),
+    ('<tool_call>\n["get_weather", {"city": "Paris"}]\n</tool_call>', None, "stop"),
+    (call_text(WEATHER), 6, "length"),
+], ids=["not JSON", "not a call", "cut short"])
+def test_a_call_that_does_not_parse_comes_back_as_text_in_the_content(tok, written, max_tokens, finish):
+    reply = turn_ids(tok, written)
+    content = tok.decode(reply[:max_tokens or -1])  # the tags spelled out
+    assert TOOL_PIECES["tool_call"] in content
+    model = ScriptedModel(reply, tok.encode("x")[0])
+    body = {"messages": [QUESTION], "tools": TOOLS, "max_tokens": max_tokens}
+    with api(model, tok) as served:
+        choice = serve.chat_completion(served, body, serve.Tally())["choices"][0]
+        chunks = list(serve.chat_completion(served, {**body, "stream": True}, serve.Tally()))
+    assert choice["message"] == {"role": "assistant", "content": content, "reasoning_content": None}
+    assert choice["finish_reason"] == chunks[-1]["choices"][0]["finish_reason"] == finish
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content", "") for d in deltas) == content and not any("tool_calls" in d for d in deltas)
+
+
+def test_a_tokenizer_without_the_tool_tags_refuses_a_chat_with_tools(tok):
+    older = copy.copy(tok)  # a tokenizer from before the tool tags
+    older.chat_ids = {**tok.chat_ids, **dict.fromkeys(TOOL_PIECES)}
+    model = ScriptedModel(turn_ids(tok, "Hi."), tok.encode("x")[0])
+    result = [QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "Sunny."}]
+    with api(model, older) as served:
+        for body in ({"messages": [QUESTION], "tools": TOOLS}, {"messages": result}):  # offered, or in the history
+            with pytest.raises(serve.ApiError) as e:
+                serve.chat_completion(served, body, serve.Tally())
+            assert e.value.status == 400
+            assert e.value.message.endswith("the tokenizer has no <tool_call> piece, so the model cannot call tools; "
+                                            "train one with python train_tokenizer.py")
+        answer = serve.chat_completion(served, {"messages": [QUESTION]}, serve.Tally())  # a chat without tools
+    assert answer["choices"][0]["message"]["content"] == "Hi." and len(model.prompts) == 1
+
+
 @pytest.mark.parametrize("endpoint, body, param, code, message", [  # a 32-token context; "Hi" fits
     ("chat_completion", dict(temperature=2.5), "temperature", None,
      "temperature: expected a number from 0 to 2, got 2.5"),
@@ -565,7 +713,22 @@ def test_the_api_stops_generating_when_its_chunks_are_closed(tok):
     ("text_completion", dict(prompt=3), "prompt", None, "prompt: expected a string"),
     ("text_completion", dict(prompt="Tom found a red ball. " * 5), "prompt", "context_length_exceeded",
      "the prompt is"),
-], ids=["temperature", "chat context", "n", "prompt", "completion context"])
+    ("chat_completion", dict(tools="[{"), "tools", None, '"tools" is not valid JSON'),
+    ("chat_completion", dict(tools=[{"type": "function", "function": {"description": "no name"}}]), "tools", None,
+     '"tools" is not a list of functions with a "name"'),
+    ("chat_completion", dict(messages=[QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": '}}]}]),
+     "messages", None, '"messages"[1]["tool_calls"][0] arguments is not valid JSON'),
+    ("chat_completion", dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_date"}}),
+     "tool_choice", None, 'tool_choice: no tool named "get_date" in tools (the request\'s: get_weather, get_time)'),
+    ("chat_completion", dict(tools=TOOLS, tool_choice="always"), "tool_choice", None, 'tool_choice: expected "auto"'),
+    ("chat_completion", dict(tool_choice="required"), "tool_choice", None,
+     "tool_choice: required, but the request has no tools"),
+    ("chat_completion", dict(tools=TOOLS, tool_choice="required", chat_template_kwargs={"enable_thinking": True}),
+     "tool_choice", None, "tool_choice: the reply opens with the call, so it cannot open with reasoning"),
+], ids=["temperature", "chat context", "n", "prompt", "completion context", "tools not JSON", "tool without a name",
+        "arguments not JSON", "unknown tool_choice name", "tool_choice", "required without tools",
+        "required with thinking"])
 def test_the_api_refuses_a_request_before_generating(tok, endpoint, body, param, code, message):
     model = ScriptedModel([], tok.encode("x")[0], max_seq_len=32)
     with api(model, tok) as served:
