@@ -10,19 +10,20 @@ adapters for PEFT or merged into their base, and float weights to int8 for faste
   python convert_hf.py --to_int8 out/distill/best.pt                      # -> best_int8.pt, and its quality report
 
 An imported model keeps its own tokenizer: a tokenizer.json is copied beside the checkpoint (into
-CKPT_tokenizer/) with the chat markers <|im_start|> <|im_end|> and the think tags added where it lacks
-them; the model grows an embedding and output row for each (the mean of the existing rows), which
-fine-tuning then trains (a LoRA run too). Pass that tokenizer.json to the other scripts with --tokenizer.
+CKPT_tokenizer/) with the special pieces it lacks added: the chat markers <|im_start|> <|im_end|>, the think tags
+<think> </think> and the tool tags <tool_call> </tool_call> <tool_response> </tool_response> (SmolLM2's, which
+has the markers, gets 6); the model grows an embedding and output row for each (the mean of the existing rows),
+which fine-tuning then trains (a LoRA run too). Pass that tokenizer.json to the other scripts with --tokenizer.
 
 The export is a plain LlamaForCausalLM (config.json + model.safetensors; a LoRA checkpoint is merged
 first), or for a mixture of experts a MixtralForCausalLM (no shared expert: Mixtral renormalises the top-k
 weights and has no dense layers, so norm_topk_prob false or first_dense_layers are refused) or a
 Qwen2MoeForCausalLM (a shared expert, which Qwen2-MoE always gates), with its tokenizer (our
-tokenizer.model plus an exact tokenizer.json, or an imported model's tokenizer.json) and dataset_sft.py's
-ChatML template, so transformers' AutoModelForCausalLM / AutoTokenizer load it. tokenizer_config.json also tells GGUF
-converters which pieces are special (llama.cpp's convert_hf_to_gguf.py makes the chat markers
-control tokens and <think> </think> user-defined ones) and that no space prefix is added; a
-Modelfile beside it runs the converted model.gguf in ollama with the same template.
+tokenizer.model plus an exact tokenizer.json, or an imported model's tokenizer.json) and our ChatML template
+(tokenizer.py's, tools included), so transformers' AutoModelForCausalLM / AutoTokenizer load it. tokenizer_config.json
+also tells GGUF converters which pieces are special (llama.cpp's convert_hf_to_gguf.py makes the chat markers
+control tokens and the think and tool tags user-defined ones) and that no space prefix is added, and gives them
+the template; a Modelfile beside it runs the converted model.gguf in ollama with the same template, tools too.
 
 Our weights already use HF's rotate-half RoPE layout, so converting is a renaming of tensors:
 nothing is permuted. Experts are written one tensor each, as hub checkpoints hold them and llama.cpp's
@@ -60,8 +61,8 @@ from lora import BASE_QUANTS, NF4Linear, base_projections, load_merged, merged_m
 from model import ModelConfig, ModelError, Transformer, empty_model, read_checkpoint, save_checkpoint
 from quantize import format_report, int8_model, quality_report, quantize_model, quantized_checkpoint
 from records import atomic_path, atomic_write
-from tokenizer import (CHAT_MARKERS, CHAT_TEMPLATE_JINJA, SPECIAL_PIECES, add_chat_pieces, load_tokenizer,
-                       read_sentencepiece, special_ids, tokenizer_json, without_space_prefix)
+from tokenizer import (CHAT_MARKERS, CHAT_TEMPLATE_JINJA, SPECIAL_PIECES, TOOLS_INTRO, TOOLS_OUTRO, add_chat_pieces,
+                       load_tokenizer, read_sentencepiece, special_ids, tokenizer_json, without_space_prefix)
 
 # Our per-layer module names -> Hugging Face's (under model.layers.{i}.): all of a Llama layer, and the attention,
 # the norms and a dense feed-forward (Qwen2-MoE's mlp_only_layers) of a mixture of experts
@@ -419,11 +420,42 @@ def write_json(path: str, obj):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-# For ollama, beside the export: `ollama create NAME -f Modelfile` once model.gguf is made (see the README).
+# For ollama, beside the export: `ollama create NAME -f Modelfile` once model.gguf is made (see the README). Its Go
+# template renders CHAT_TEMPLATE_JINJA's turns, laid out as ollama's own Qwen2.5 and Qwen3 templates: the tools in the
+# system turn, then every message but the system prompt they took in, a run of tool results as one user turn (ollama
+# writes a tool's function and a call's arguments as compact JSON, where transformers puts a space after ":" and ",").
+# ollama takes the tag that starts a call from the first text under `if .ToolCalls`, so that text must be <tool_call>:
+# the newline between a reply's content and its first call is a variable for that reason. Without tools a chat renders
+# as plain ChatML.
 OLLAMA_MODELFILE = """FROM ./model.gguf
-TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
+TEMPLATE \"\"\"{{- if .Tools }}<|im_start|>system
+{{ if and .Messages (eq (index .Messages 0).Role "system") }}{{ (index .Messages 0).Content }}
+
+{{ end }}""" + TOOLS_INTRO + """
+{{- range .Tools }}
+{"type": "function", "function": {{ .Function }}}
+{{- end }}""" + TOOLS_OUTRO + """<|im_end|>
+{{ end }}
+{{- $previous := "" }}
+{{- range $i, $_ := .Messages }}
+{{- if and $.Tools (eq $i 0) (eq .Role "system") }}
+{{- else if eq .Role "tool" }}
+{{- if ne $previous "tool" }}<|im_start|>user
+{{ else }}
+{{ end }}<tool_response>
+{{ .Content }}
+</tool_response>
+{{- if or (eq (len (slice $.Messages $i)) 1) (ne (index (slice $.Messages $i) 1).Role "tool") }}<|im_end|>
+{{ end }}
+{{- else }}<|im_start|>{{ .Role }}
+{{ .Content }}
+{{- $newline := "" }}{{ if .Content }}{{ $newline = "\\n" }}{{ end }}
+{{- if .ToolCalls }}{{ range .ToolCalls }}{{ $newline }}<tool_call>
+{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
+</tool_call>{{ $newline = "\\n" }}{{ end }}{{ end }}<|im_end|>
+{{ end }}
+{{- $previous = .Role }}
+{{- end }}<|im_start|>assistant
 \"\"\"
 PARAMETER stop <|im_end|>
 """
@@ -457,7 +489,7 @@ def save_tokenizer(tokenizer_model: str, out_dir: str, cfg: ModelConfig) -> dict
 def write_tokenizer_config(out_dir: str, added_tokens: list, special: dict, cfg: ModelConfig):
     """special_tokens_map.json and tokenizer_config.json, with the ChatML template and <|im_end|> as eos.
     The same added tokens as tokenizer.json: llama.cpp's converter reads them here, and makes a special one
-    a control token (the chat markers, <s>, </s>...) and the others user-defined (<think>, </think>: always
+    a control token (the chat markers, <s>, </s>...) and the others user-defined (the think and tool tags: always
     one token, and shown in the output). add_prefix_space false: our pieces carry no dummy "▁" prefix."""
     write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
     added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added_tokens}
@@ -469,7 +501,7 @@ def write_tokenizer_config(out_dir: str, added_tokens: list, special: dict, cfg:
 
 
 def save_tokenizer_json(path: str, out_dir: str, cfg: ModelConfig) -> dict:
-    """An imported model's tokenizer.json (with the chat markers convert_hf.py added) as it is, plus
+    """An imported model's tokenizer.json (with the special pieces convert_hf.py added) as it is, plus
     tokenizer_config.json with our template: <|im_end|> ends a reply, as in our fine-tuning."""
     tok = load_tokenizer(path)
     if tok.vocab_size > cfg.vocab_size:
@@ -492,9 +524,9 @@ def save_tokenizer_json(path: str, out_dir: str, cfg: ModelConfig) -> dict:
 def import_tokenizer(model_dir: str, ckpt_path: str, model: Transformer) -> tuple:
     """(model, tokenizer path, ids of the tokens added) for a model imported from model_dir. A tokenizer.json
     is copied into CKPT_tokenizer/ (with the eos, bos and pad roles of its tokenizer_config.json, and without a
-    Llama 2 style space prefix), the chat markers and think tags it lacks are added, and the model grows rows
-    for them. A tokenizer.model is used where it is when it has the markers (our own export) or is the only
-    tokenizer (markers cannot be added to it)."""
+    Llama 2 style space prefix), the special pieces it lacks (chat markers, think and tool tags) are added, and the
+    model grows rows for them. A tokenizer.model is used where it is when it has them all (our own export) or is
+    the only tokenizer (pieces cannot be added to it)."""
     source, sentencepiece = (os.path.join(model_dir, name) for name in ("tokenizer.json", "tokenizer.model"))
     if os.path.exists(sentencepiece) and (not os.path.exists(source) or has_chat_pieces(sentencepiece)):
         return model, sentencepiece, []  # our own export (or a tokenizer.model alone): as it is
@@ -521,6 +553,8 @@ def import_tokenizer(model_dir: str, ckpt_path: str, model: Transformer) -> tupl
 
 
 def has_chat_pieces(path: str) -> bool:
+    """Whether the tokenizer has every special piece: an export from before the tool tags is imported through its
+    tokenizer.json, which gets them."""
     tok = load_tokenizer(path)
     return all(tok.piece_id(piece) is not None for piece in SPECIAL_PIECES.values())
 

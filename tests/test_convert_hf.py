@@ -1,5 +1,6 @@
 """convert_hf.py: parity with transformers' LlamaForCausalLM both ways, and the tokenizer export."""
 import json
+import re
 from dataclasses import asdict
 
 import pytest
@@ -7,9 +8,9 @@ import sentencepiece as spm
 import torch
 
 import convert_hf
-from tokenizer import render_prompt
-from tokenizer import load_tokenizer
-from model import ModelConfig, Transformer, load_model, save_checkpoint
+from model import ModelConfig, Transformer, load_model, read_checkpoint, save_checkpoint
+from tokenizer import (CHAT_MARKERS, SPECIAL_PIECES, TOOL_PIECES, TOOLS_INTRO, TOOLS_OUTRO, encode_conversation,
+                       load_tokenizer, render_prompt, render_text)
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -197,8 +198,11 @@ def test_tokenizer_encodes_like_sentencepiece(exported):
         ids = sp.encode(text)
         assert tok.encode(text) == ids, text
         assert tok.decode(ids) == sp.decode(ids) == text
-    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<think>", "</think>"]) == \
-        [sp.piece_to_id(p) for p in ("<|im_start|>", "<|im_end|>", "<think>", "</think>")]
+    pieces = list(SPECIAL_PIECES.values())  # the chat markers, the think and the tool tags
+    assert tok.convert_tokens_to_ids(pieces) == [sp.piece_to_id(p) for p in pieces] and sp.unk_id() not in \
+        [sp.piece_to_id(p) for p in pieces]
+    for piece in pieces:
+        assert tok.encode(f"x{piece}y") == sp.encode(f"x{piece}y") and tok.encode(piece) == [sp.piece_to_id(piece)]
     assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == \
         (sp.piece_to_id("<|im_end|>"), sp.bos_id(), sp.pad_id())
 
@@ -213,6 +217,86 @@ def test_chat_template_matches_ours(exported, tokenizer_path):
     assert rendered == ours + "<|im_start|>assistant\n"
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(ids) == render_prompt(load_tokenizer(tokenizer_path), messages, add_generation_prompt=True)
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "今天的天气 in a city", "parameters": {
+    "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}},
+         {"type": "function", "function": {"name": "calculator", "description": "Work out an arithmetic expression.",
+                                           "parameters": {"type": "object", "properties": {"expression": {
+                                               "type": "string"}}}}}]
+TOOL_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in 北京, and 3 + 4?"},
+             {"role": "assistant", "content": "<think>\nTwo calls.\n</think>\n", "tool_calls": [
+                 {"name": "weather", "arguments": {"city": "北京"}},
+                 {"name": "calculator", "arguments": {"expression": "3 + 4"}}]},
+             {"role": "tool", "content": '{"sky": "晴", "temp": 21}'}, {"role": "tool", "content": "7"},
+             {"role": "assistant", "content": "Sunny, 21 degrees; 3 + 4 = 7."}]
+
+
+def openai_calls(messages) -> list:
+    """The messages with each call as OpenAI's API sends it: {"type": "function", "function": {...}}, its arguments a
+    JSON string."""
+    return [{**m, "tool_calls": [{"id": f"call_{i}", "type": "function", "function": {
+        "name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+        for i, c in enumerate(m["tool_calls"])]} if m.get("tool_calls") else m for m in messages]
+
+
+def assert_tool_chats_render_as_ours(hf_tok, tok):
+    """transformers' apply_chat_template(tools=...) with an exported tokenizer gives render_text's text and our ids: a
+    whole tool chat (calls, a run of results, the answer), and the prompts before its first reply (no system prompt)
+    and before its answer (also enable_thinking=False); the calls in our form and in OpenAI's."""
+    for messages, generation_prompt, thinking in [(TOOL_CHAT, False, None), (TOOL_CHAT[1:2], True, None),
+                                                  (TOOL_CHAT[:-1], True, None), (TOOL_CHAT[:-1], True, False)]:
+        text = render_text(messages, generation_prompt, thinking, tools=TOOLS)
+        ours = render_prompt(tok, messages, generation_prompt, thinking, tools=TOOLS) if generation_prompt else \
+            encode_conversation(tok, messages, tools=TOOLS)[0]
+        for theirs in (messages, openai_calls(messages)):
+            kwargs = dict(tools=TOOLS, add_generation_prompt=generation_prompt, enable_thinking=thinking)
+            assert hf_tok.apply_chat_template(theirs, tokenize=False, **kwargs) == text
+            assert list(hf_tok.apply_chat_template(theirs, tokenize=True, return_dict=False, **kwargs)) == ours
+
+
+def test_chat_template_offers_tools_as_ours(exported, tokenizer_path):
+    _, out, sp = exported
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = [sp.piece_to_id(piece) for piece in TOOL_PIECES.values()]
+    assert tok.convert_tokens_to_ids(list(TOOL_PIECES.values())) == ids and sp.unk_id() not in ids
+    assert_tool_chats_render_as_ours(tok, load_tokenizer(tokenizer_path))
+
+
+def test_an_imported_tokenizer_gets_the_tool_tags_and_its_export_offers_tools_as_ours(hf_tokenizer_json, tmp_path):
+    """A SmolLM2-like tokenizer.json (byte-level BPE with the chat markers, without the think and tool tags): the
+    import appends the 6 missing pieces, the model grows 6 rows (the mean of the others, embedding and output), and the
+    export carries the pieces (not special: llama.cpp's converter makes them user-defined) and renders tools as ours."""
+    from tokenizers import AddedToken, Tokenizer
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    smol = Tokenizer.from_file(hf_tokenizer_json)
+    smol.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in CHAT_MARKERS])
+    smol.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    vocab = smol.get_vocab_size()
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=False)).save_pretrained(str(hf_dir))
+
+    convert_hf.main(["--from_hf", str(hf_dir), "--out", str(tmp_path / "base.pt")])
+    ckpt = read_checkpoint(str(tmp_path / "base.pt"))
+    added = list(range(vocab, vocab + 6))
+    assert ckpt["added_token_ids"] == added and ckpt["config"]["vocab_size"] == vocab + 6
+    tok = load_tokenizer(ckpt["tokenizer"])
+    assert [tok.piece_id(piece) for piece in list(SPECIAL_PIECES.values())[2:]] == added  # think, then tool tags
+    for name in ("tok_embeddings.weight", "output.weight"):
+        rows = ckpt["model"][name]
+        assert rows.shape[0] == vocab + 6 and torch.equal(rows[added], rows[:vocab].mean(0).expand(6, -1)), name
+
+    convert_hf.main(["--to_hf", str(tmp_path / "base.pt"), "--out", str(tmp_path / "export")])
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert exported.convert_tokens_to_ids(list(TOOL_PIECES.values())) == added[2:]
+    config = json.load(open(tmp_path / "export" / "tokenizer_config.json"))
+    assert {t["content"]: t["special"] for t in config["added_tokens_decoder"].values()} == {
+        "<|endoftext|>": True, **dict.fromkeys(CHAT_MARKERS, True), "<think>": False, "</think>": False,
+        **dict.fromkeys(TOOL_PIECES.values(), False)}
+    assert_tool_chats_render_as_ours(exported, tok)
 
 
 def test_exported_folder_loads_and_stops_at_chat_end(exported):
@@ -233,13 +317,39 @@ def test_export_tells_gguf_converters_the_special_pieces_and_no_space_prefix(exp
     assert config["add_prefix_space"] is False and config["add_bos_token"] is False
     decoder = {t["content"]: (int(i), t["special"]) for i, t in config["added_tokens_decoder"].items()}
     for piece, special in [("<|im_start|>", True), ("<|im_end|>", True), ("<think>", False), ("</think>", False),
+                           *((tag, False) for tag in TOOL_PIECES.values()),
                            ("<s>", True), ("</s>", True), ("<pad>", True), ("<unk>", True)]:
         assert decoder[piece] == (sp.piece_to_id(piece), special), piece
     assert {t["content"]: t["special"] for t in json.load(open(f"{out}/tokenizer.json"))["added_tokens"]} == \
         {piece: special for piece, (_, special) in decoder.items()}  # the same as transformers reads
+
+
+def test_the_ollama_modelfile_offers_tools_as_the_chat_template_does(exported):
+    """ollama is not installed here: the Modelfile is checked as text, in ollama's Go template syntax (docs.ollama.com
+    /template: .Tools, each tool's .Function, .ToolCalls with .Function.Name and .Function.Arguments, the tool role).
+    Its template was rendered by hand with Go's text/template against render_text(..., tools=...)."""
+    _, out, _ = exported
     modelfile = open(f"{out}/Modelfile").read()
-    assert modelfile.startswith("FROM ./model.gguf\n") and "PARAMETER stop <|im_end|>" in modelfile
-    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n" in modelfile
+    assert modelfile.startswith('FROM ./model.gguf\nTEMPLATE """')
+    assert modelfile.endswith('"""\nPARAMETER stop <|im_end|>\n') and modelfile.count('"""') == 2  # (ollama's parser
+    template = modelfile.split('"""')[1]  # ends the value at the next triple quote)
+    assert template.count("{{") == template.count("}}") and \
+        len(re.findall(r"{{-? (?:if|range) ", template)) == len(re.findall(r"{{-? end }}", template))
+    # the tools, in the system turn after the system prompt and a blank line, one line each, as CHAT_TEMPLATE_JINJA
+    assert template.startswith("{{- if .Tools }}<|im_start|>system\n{{ if and .Messages (eq (index .Messages 0).Role "
+                               '"system") }}{{ (index .Messages 0).Content }}\n\n{{ end }}' + TOOLS_INTRO +
+                               '\n{{- range .Tools }}\n{"type": "function", "function": {{ .Function }}}\n{{- end }}' +
+                               TOOLS_OUTRO + "<|im_end|>\n{{ end }}")
+    # a reply's calls after its content, each in the tags (ollama parses what follows the first text under .ToolCalls)
+    assert '{{- if .ToolCalls }}{{ range .ToolCalls }}{{ $newline }}<tool_call>\n{"name": "{{ .Function.Name }}", ' \
+           '"arguments": {{ .Function.Arguments }}}\n</tool_call>{{ $newline = "\\n" }}{{ end }}{{ end }}<|im_end|>\n' \
+           in template
+    # a run of tool results, one user turn
+    assert '{{- else if eq .Role "tool" }}\n{{- if ne $previous "tool" }}<|im_start|>user\n{{ else }}\n{{ end }}' \
+           "<tool_response>\n{{ .Content }}\n</tool_response>" in template
+    # without tools, every message as ChatML, then the assistant header
+    assert "{{- else }}<|im_start|>{{ .Role }}\n{{ .Content }}\n" in template
+    assert template.endswith("{{- end }}<|im_start|>assistant\n")
 
 
 def test_tokenizer_larger_than_vocabulary_is_refused(tokenizer_path, tmp_path):
@@ -282,8 +392,6 @@ def test_a_llama2_style_tokenizer_json_is_imported_without_its_space_prefix(tmp_
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     from conftest import small_corpus
-    from tokenizer import encode_conversation, render_text
-    from tokenizer import load_tokenizer
     byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     if style == "prepend":

@@ -1,8 +1,9 @@
 """llama.cpp reads our export as we do. The GGUF that llama.cpp's own converter makes from a
-`convert_hf.py --to_hf` folder marks the chat markers as control tokens and the think tags as
-user-defined ones, adds no space prefix and ends generation at <|im_end|>; llama.cpp then tokenizes
-chat prompts to exactly our ids and decodes greedily as our generate() does, a mixture of experts too (exported
-as Mixtral, which llama.cpp runs as llama, and as Qwen2-MoE, its qwen2moe).
+`convert_hf.py --to_hf` folder marks the chat markers as control tokens and the think and tool tags as
+user-defined ones, adds no space prefix, ends generation at <|im_end|> and carries our chat template (tools
+included), which llama-cpp-python renders as we do; llama.cpp then tokenizes chat prompts to exactly our ids and
+decodes greedily as our generate() does, a mixture of experts too (exported as Mixtral, which llama.cpp runs as
+llama, and as Qwen2-MoE, its qwen2moe).
 
 Needs llama.cpp: LLAMA_CPP_DIR, a llama.cpp source tree (its convert_hf_to_gguf.py and gguf-py), and
 the llama_cpp package (llama-cpp-python) built from the same release; skipped without them. The
@@ -29,7 +30,8 @@ import convert_hf
 from conftest import spread_weights
 from model import ModelConfig, Transformer, load_model
 from offline_data import GENERATORS
-from tokenizer import SPECIAL_PIECES, load_tokenizer, render_prompt
+from tokenizer import (CHAT_TEMPLATE_JINJA, EMPTY_THINK, SPECIAL_PIECES, TOOL_PIECES, encode_conversation,
+                       load_tokenizer, render_prompt, render_text)
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent"))
 if importlib.util.find_spec("llama_cpp") is None:
@@ -53,6 +55,15 @@ if job["task"] == "tokenize":
     llm = llama_cpp.Llama(model_path=job["gguf"], vocab_only=True, verbose=False)
     out = {"eos": llm.token_eos(),
            "ids": [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in job["texts"]]}
+elif job["task"] == "chat":  # the GGUF's own template, rendered as llama-cpp-python's chat completions do, tokenized
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    llm = llama_cpp.Llama(model_path=job["gguf"], vocab_only=True, verbose=False)
+    out = []
+    for chat in job["chats"]:
+        template = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="",
+                                       add_generation_prompt=chat["add_generation_prompt"])
+        text = template(messages=chat["messages"], tools=chat["tools"]).prompt
+        out.append({"text": text, "ids": llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)})
 else:  # greedy: f32 keys and values, as llama.cpp's default f16 cache alone moves the logits by about 1e-3
     llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_threads=2, logits_all=True,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
@@ -133,13 +144,35 @@ def test_the_gguf_marks_special_pieces_has_no_space_prefix_and_ends_at_im_end(ex
     types = fields["tokenizer.ggml.token_type"]
     for name in ("im_start", "im_end"):
         assert types[tok.piece_id(SPECIAL_PIECES[name])] == CONTROL
-    for name in ("think", "end_think"):
-        assert types[tok.piece_id(SPECIAL_PIECES[name])] == USER_DEFINED
+    for name in ("think", "end_think", *TOOL_PIECES):  # single tokens, shown in the output
+        i = tok.piece_id(SPECIAL_PIECES[name])
+        assert (fields["tokenizer.ggml.tokens"][i], types[i]) == (SPECIAL_PIECES[name], USER_DEFINED)
     assert [types[i] for i in (tok.bos_id, tok.eos_id, tok.pad_id, tok.piece_id("<unk>"))] == [CONTROL] * 4  # as transformers
     assert fields["tokenizer.ggml.add_space_prefix"] is False
     assert fields["tokenizer.ggml.add_bos_token"] is False
     assert fields["tokenizer.ggml.eos_token_id"] == tok.piece_id("<|im_end|>")
-    assert "<|im_start|>" in fields["tokenizer.chat_template"]
+    assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE_JINJA  # the tools block included
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "今天的天气", "parameters": {
+    "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}]
+TOOL_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in 北京?"},
+             {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "北京"}}]},
+             {"role": "tool", "content": '{"sky": "晴"}'}, {"role": "assistant", "content": EMPTY_THINK + "Sunny."}]
+
+
+def test_llama_cpp_python_renders_the_ggufs_template_with_tools_to_our_ids(exported):
+    """llama.cpp's C++ Jinja engine (llama-server's) is not in the bindings: llama-cpp-python renders the template it
+    reads from the GGUF with jinja2, as transformers does, for its chat completions (tools= included)."""
+    _, tok, path = exported
+    chats = [(TOOL_CHAT, False), (TOOL_CHAT[:-1], True), (TOOL_CHAT[1:2], True)]
+    theirs = llama_cpp_job(task="chat", gguf=str(path), chats=[
+        {"messages": messages, "tools": TOOLS, "add_generation_prompt": generation_prompt}
+        for messages, generation_prompt in chats])
+    assert len(theirs) == len(chats)
+    for (messages, generation_prompt), rendered in zip(chats, theirs):
+        assert rendered["text"] == render_text(messages, generation_prompt, tools=TOOLS)
+        assert rendered["ids"] == encode_conversation(tok, messages, generation_prompt, tools=TOOLS)[0]
 
 
 def conversations(n: int) -> list:

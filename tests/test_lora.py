@@ -198,9 +198,9 @@ def test_hf_export_and_peft_adapters_give_the_lora_models_logits(tmp_path, token
 
 
 def test_an_imported_tokenizer_json_model_gets_the_markers_and_fine_tunes_with_lora(tmp_path, hf_tokenizer_json):
-    """A SmolLM2-like import: byte-level BPE tokenizer.json without chat markers -> markers added and rows grown
-    -> LoRA SFT with that tokenizer (the new rows trained) -> merged and PEFT exports with the same logits, and
-    an exported tokenizer whose chat template gives our ids."""
+    """A SmolLM2-like import: byte-level BPE tokenizer.json without chat markers -> the 8 special pieces (chat
+    markers, think and tool tags) added and rows grown -> LoRA SFT with that tokenizer (the new rows trained) -> merged
+    and PEFT exports with the same logits, and an exported tokenizer whose chat template gives our ids."""
     transformers = pytest.importorskip("transformers")
     import shutil
 
@@ -219,19 +219,19 @@ def test_an_imported_tokenizer_json_model_gets_the_markers_and_fine_tunes_with_l
     base_path = str(tmp_path / "base.pt")
     convert_hf.main(["--from_hf", str(tmp_path / "hf"), "--out", base_path])
     base = read_checkpoint(base_path)
-    new_ids = list(range(vocab, vocab + 4))
+    new_ids = list(range(vocab, vocab + 8))
     tokenizer = str(tmp_path / "base_tokenizer" / "tokenizer.json")
     assert base["tokenizer"] == tokenizer and base["added_token_ids"] == new_ids
-    assert base["config"]["vocab_size"] == vocab + 4
+    assert base["config"]["vocab_size"] == vocab + 8
     embedding = base["model"]["tok_embeddings.weight"]
-    assert torch.equal(embedding[new_ids], embedding[:vocab].mean(0).expand(4, -1))
+    assert torch.equal(embedding[new_ids], embedding[:vocab].mean(0).expand(8, -1))
     base_sha = file_sha256(base_path)
 
     sft(lora_config(tmp_path, base_path, "", max_steps=3))  # no --tokenizer: the one the import names
     last = str(tmp_path / "lora" / "last.pt")
     assert read_checkpoint(last)["tokenizer"] == tokenizer
     rows = read_checkpoint(last)["model"]["tok_embeddings.rows"]
-    assert rows.shape == (4, 64) and not torch.equal(rows, embedding[new_ids])
+    assert rows.shape == (8, 64) and not torch.equal(rows, embedding[new_ids])
     assert file_sha256(base_path) == base_sha
 
     tok = load_tokenizer(tokenizer)
