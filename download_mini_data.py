@@ -8,7 +8,10 @@ Get the data for the whole pipeline (tokenizer -> pretrain -> SFT -> distill -> 
 
 Writes UTF-8 jsonl files, one object per line, into --out_dir (default data/):
   pretrain.jsonl pretrain_val.jsonl   {"text": ...}
-  sft.jsonl      sft_val.jsonl        {"conversations": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+  sft.jsonl      sft_val.jsonl        {"conversations": [{"role": "system"|"user"|"assistant", "content": ...}, ...]};
+                                      online, sft.jsonl also holds a function-calling set's records: the assistant's
+                                      calls as "tool_calls": [{"name", "arguments": {...}}], each result a turn of role
+                                      "tool", the functions offered as "tools" (OpenAI's form); sft_val is chats only
   r1.jsonl       r1_val.jsonl         the same, every assistant reply "<think>\\n...\\n</think>\\n<final reply>", and a
                                       top-level "answer" string where the answer can be checked (a number or one word)
   dpo.jsonl      dpo_val.jsonl        preference pairs in a format records.py reads: online, each set's own (HH
@@ -95,6 +98,7 @@ class HubSet:
     data_dir: Optional[str] = None    # one folder of a repository that holds several
     rows: int = 0                     # records in the split (from the dataset card), for the progress bar
     mb: float = 0.0                   # about what the whole split takes as our jsonl, for the disk check
+    whole: bool = False               # a small set taken whole: the stage's sets before it leave room for its rows
 
 
 # GSM8K (Cobbe et al. 2021): 7,473 train / 1,319 test word problems, each answer a whole number; the Chinese
@@ -102,24 +106,31 @@ class HubSet:
 GSM8K = HubSet("openai/gsm8k", "main", val_split="test", rows=7_473, mb=4)
 GSM8K_ZH = HubSet("swulling/gsm8k_chinese", val_split="test", rows=7_473, mb=2)
 
+# LLaMA-Factory's function-calling sets: 1k conversations of glaive-function-calling-v2 each (the Chinese one translated
+# by GPT-3.5), ShareGPT turns (human, function_call, observation, gpt) and "tools" a JSON string of the functions.
+# Every sft stage takes one whole, after its chats, so a model learns to call tools (and, where none fits, not to).
+GLAIVE_EN = HubSet("llamafactory/glaive_toolcall_en", rows=1_000, mb=2.3, whole=True)
+GLAIVE_ZH = HubSet("llamafactory/glaive_toolcall_zh", rows=1_000, mb=2.1, whole=True)
+
 # Ids, configs, splits and fields as their dataset cards give them; tests/test_download_mini_data.py pins one
-# record of each. A stage with several sets reads them in order until its limit.
+# record of each. A stage with several sets reads them in order until its limit (less the room a whole set after them
+# keeps); its validation records come from the first.
 HUB_SETS = {
     "cpu": {
         "en": {"pretrain": [HubSet("roneneldan/TinyStories", val_split="validation", rows=2_119_719, mb=1900)],
-               "sft": [HubSet("yahma/alpaca-cleaned", rows=51_760, mb=45)],
+               "sft": [HubSet("yahma/alpaca-cleaned", rows=51_760, mb=45), GLAIVE_EN],
                "r1": [HubSet("bespokelabs/Bespoke-Stratos-17k", rows=16_710, mb=270)],
                "dpo": [HubSet("Anthropic/hh-rlhf", data_dir="helpful-base", val_split="test", rows=43_835, mb=75)],
                "math": [GSM8K]},
         "zh": {"pretrain": [HubSet("wikimedia/wikipedia", "20231101.zh", rows=1_384_748, mb=2600)],
-               "sft": [HubSet("shibing624/alpaca-zh", rows=48_818, mb=35)],
+               "sft": [HubSet("shibing624/alpaca-zh", rows=48_818, mb=35), GLAIVE_ZH],
                "r1": [HubSet("Congliu/Chinese-DeepSeek-R1-Distill-data-110k", rows=110_000, mb=680)],
                "dpo": [HubSet("llamafactory/DPO-En-Zh-20k", "zh", rows=10_000, mb=30)],
                "math": [GSM8K_ZH]},
     },
     "12gb": {
         "en": {"pretrain": [HubSet("HuggingFaceFW/fineweb-edu", "sample-10BT", rows=9_672_101, mb=46000)],
-               "sft": [HubSet("HuggingFaceTB/smol-smoltalk", val_split="test", rows=460_341, mb=1800)],
+               "sft": [HubSet("HuggingFaceTB/smol-smoltalk", val_split="test", rows=460_341, mb=1800), GLAIVE_EN],
                "r1": [HubSet("bespokelabs/Bespoke-Stratos-17k", rows=16_710, mb=270)],
                "dpo": [HubSet("Anthropic/hh-rlhf", data_dir="helpful-base", val_split="test", rows=43_835, mb=75)],
                "math": [GSM8K]},
@@ -127,7 +138,7 @@ HUB_SETS = {
                             HubSet("HuggingFaceFW/fineweb-2", "cmn_Hani", rows=636_058_984, mb=1_480_000)],
                "sft": [HubSet("llamafactory/alpaca_gpt4_zh", rows=42_715, mb=30),
                        HubSet("shibing624/sharegpt_gpt4", data_files="sharegpt_zh_38K_format.jsonl", rows=38_535,
-                              mb=250)],
+                              mb=250), GLAIVE_ZH],
                "r1": [HubSet("Congliu/Chinese-DeepSeek-R1-Distill-data-110k", rows=110_000, mb=680)],
                "dpo": [HubSet("llamafactory/DPO-En-Zh-20k", "zh", rows=10_000, mb=30)],
                "math": [GSM8K_ZH]},
@@ -178,17 +189,40 @@ def from_text(rec):
 
 def hub_turns(rec):
     """[(role, content)] of a chat record in any format records.py reads (alpaca, OpenAI messages,
-    ShareGPT), or None when it is damaged or of another schema (tool calls): not usable."""
+    ShareGPT), or None when it is damaged, of another schema, or calls tools (from_tool_chat's: as pairs its calls
+    would be lost): not usable."""
     try:
         fmt, messages, _ = chat_messages(rec)
     except (BadRecord, UserError):
         return None
-    return [(m["role"], m["content"]) for m in messages] if fmt else None
+    if not fmt or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        return None
+    return [(m["role"], m["content"]) for m in messages]
 
 
 def from_chat(rec):
     turns = hub_turns(rec)
     return chat(turns) if turns else None
+
+
+def from_tool_chat(rec):
+    """A chat that may call tools (LLaMA-Factory's ShareGPT: function_call and observation turns, "tools" a JSON string)
+    as ours: the calls kept as the assistant's "tool_calls", each result a "tool" turn, the functions offered as "tools"
+    (a record offering none is a plain chat). None when a call or the tool list is not valid JSON, a turn is empty, it
+    ends with no assistant turn, or a result answers no call (a few of the Chinese set's translations write the call
+    into the reply's text): training on those would teach calls that no parser reads."""
+    try:
+        fmt, messages, extra = chat_messages(rec)
+    except (BadRecord, UserError):
+        return None
+    if not fmt or messages[-1]["role"] != "assistant":
+        return None
+    for before, m in zip([None] + messages, messages):
+        if not (m["content"].strip() or m.get("tool_calls")) or \
+                m["role"] == "tool" and not (before and (before["role"] == "tool" or before.get("tool_calls"))):
+            return None
+    conversations = [{**m, "content": m["content"].strip()} for m in messages]
+    return {"conversations": conversations, **({"tools": extra["tools"]} if extra.get("tools") else {})}
 
 
 def from_stratos(rec):
@@ -248,7 +282,8 @@ NORMALISERS = {"roneneldan/TinyStories": from_text, "wikimedia/wikipedia": from_
                "shibing624/sharegpt_gpt4": from_chat, "bespokelabs/Bespoke-Stratos-17k": from_stratos,
                "Congliu/Chinese-DeepSeek-R1-Distill-data-110k": from_reasoning_fields,
                "Anthropic/hh-rlhf": from_pair, "llamafactory/DPO-En-Zh-20k": from_pair,
-               "openai/gsm8k": from_gsm8k, "swulling/gsm8k_chinese": from_gsm8k_zh}
+               "openai/gsm8k": from_gsm8k, "swulling/gsm8k_chinese": from_gsm8k_zh,
+               "llamafactory/glaive_toolcall_en": from_tool_chat, "llamafactory/glaive_toolcall_zh": from_tool_chat}
 
 
 def hub_address():
@@ -273,13 +308,27 @@ def stage_limits(cfg: DownloadConfig, stage: str) -> "tuple[int, int]":
     return {"sft": cfg.online_sft, "r1": cfg.online_r1, "dpo": cfg.online_dpo, "math": cfg.online_math}[stage], 0
 
 
+def room_kept(sets, max_records: int) -> int:
+    """Records a stage of max_records keeps for the whole sets among `sets`: their rows, but at most half the limit, so
+    that a small limit still holds the others."""
+    return min(sum(s.rows for s in sets if s.whole), max_records // 2)
+
+
+def records_mb(sets, records: int) -> float:
+    """About how many megabytes `records` records of sets take (all of them at most), taken as of one size."""
+    rows = sum(s.rows for s in sets)
+    return sum(s.mb for s in sets) * min(1.0, records / rows) if rows else 0.0
+
+
 def stage_mb(cfg: DownloadConfig, stage: str) -> float:
     """About how many megabytes a stage writes."""
     sets = HUB_SETS[cfg.preset][cfg.lang][stage]
     max_records, max_chars = stage_limits(cfg, stage)
     whole = sum(s.mb for s in sets)
     by_chars = max_chars * BYTES_PER_CHAR[cfg.lang] / 1e6 if max_chars else whole
-    by_records = whole * min(1.0, max_records / sum(s.rows for s in sets)) if max_records else whole
+    room = room_kept(sets, max_records)  # the whole sets' records; the others share the rest of the limit
+    by_records = records_mb([s for s in sets if s.whole], room) + \
+        records_mb([s for s in sets if not s.whole], max_records - room) if max_records else whole
     return min(whole, by_chars, by_records)
 
 
@@ -349,8 +398,9 @@ def fetch_stage(cfg: DownloadConfig, stage: str, state: dict, save_state):
         size = record_size(record)
         return (record, size) if not (is_chat and size > max_chat_chars) else (None, 0)
 
-    def full():
-        return (max_records and progress["records"] >= max_records) or (max_chars and progress["chars"] >= max_chars)
+    def full(room=0):  # room: records kept for the sets after this one
+        return (max_records and progress["records"] >= max_records - room) or \
+            (max_chars and progress["chars"] >= max_chars)
 
     bar = tqdm(total=max_chars or max_records or sum(s.rows for s in sets), unit=" chars" if max_chars else " records",
                unit_scale=bool(max_chars), desc=f"{stage} <- {' + '.join(s.path for s in sets)}", dynamic_ncols=True,
@@ -358,7 +408,11 @@ def fetch_stage(cfg: DownloadConfig, stage: str, state: dict, save_state):
     writer = StageWriter(cfg, stage, state, save_state)
     try:
         while not full() and progress["set"] < len(sets):
-            hub = sets[progress["set"]]
+            hub, room = sets[progress["set"]], room_kept(sets[progress["set"] + 1:], max_records)
+            if full(room):  # this set's share is written (by it, or by a set before it): on to the next
+                progress.update(set=progress["set"] + 1)
+                writer.commit()
+                continue
             stream = open_stream(hub, hub.split)
             if progress["stream_state"]:
                 stream.load_state_dict(progress["stream_state"])
@@ -380,11 +434,11 @@ def fetch_stage(cfg: DownloadConfig, stage: str, state: dict, save_state):
                 if record:
                     writer.write(record, size)
                     bar.update(size if max_chars else 1)
-                if writer.uncommitted >= COMMIT_EVERY or full():
+                if writer.uncommitted >= COMMIT_EVERY or full(room):
                     writer.commit(stream)
                     bar.set_postfix(records=f"{progress['records']:,}", MB=f"{writer.file.tell() / 1e6:,.0f}",
                                     refresh=False)
-                if full():
+                if full(room):
                     break
             else:  # this set is used up: on to the next
                 progress.update(set=progress["set"] + 1)

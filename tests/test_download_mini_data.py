@@ -122,6 +122,17 @@ def cycle(records):
     return lambda i: records[i % len(records)], len(records)
 
 
+# The functions LLaMA-Factory's glaive sets offer: a list of {"name", "description", "parameters"} (a JSON schema),
+# given as a JSON string in "tools"; a function_call turn's value is a JSON string of {"name", "arguments": an object}.
+AREA = {"name": "calculate_area", "description": "Calculate the area of a given shape",
+        "parameters": {"type": "object", "properties": {
+            "shape": {"type": "string", "description": "The shape for which to calculate the area"},
+            "dimensions": {"type": "array", "items": {"type": "number"}, "description": "The dimensions"}},
+            "required": ["shape", "dimensions"]}}
+NEWS = {"name": "get_news", "description": "获取最新新闻文章", "parameters": {"type": "object", "properties": {
+    "category": {"type": "string", "description": "要检索的新闻文章类别"},
+    "country": {"type": "string", "description": "获取新闻文章的国家"}}, "required": ["category"]}}
+
 # One record of each hub set, written by hand from its dataset card: the real field names and nesting.
 CARD_RECORDS = {
     "roneneldan/TinyStories": {"text": "Once upon a time, there was a little dog named Max. Max loved the park."},
@@ -179,6 +190,22 @@ CARD_RECORDS = {
                   "altogether in April and May.\n#### 72",
         "question_zh-cn": "娜塔莉亚四月份把发夹卖给了她的48个朋友，五月份卖出的是四月份的一半。娜塔莉亚四月和五月一共卖出了多少个发夹？",
         "answer_only": 72},
+    "llamafactory/glaive_toolcall_en": {  # ShareGPT turns, the call and its result JSON strings; "tools" one too
+        "conversations": [
+            {"from": "human", "value": "What is the area of a circle with a radius of 4 units?"},
+            {"from": "function_call",
+             "value": "{\"name\": \"calculate_area\", \"arguments\": {\"shape\": \"circle\", \"dimensions\": [4]}}"},
+            {"from": "observation", "value": "{\"area\": 50.24}"},
+            {"from": "gpt", "value": "The area of the circle is approximately 50.24 square units."}],
+        "tools": json.dumps([AREA])},
+    "llamafactory/glaive_toolcall_zh": {  # the same layout, translated: the values in Chinese, the JSON keys not
+        "conversations": [
+            {"from": "human", "value": "你能帮我找到最新的美国体育新闻吗？"},
+            {"from": "function_call", "value": "{\"name\": \"get_news\", \"arguments\": {\"category\": \"运动\", "
+                                               "\"country\": \"美国\"}}"},
+            {"from": "observation", "value": "{\"status\": \"成功\", \"data\": [{\"title\": \"NBA总决赛：湖人队对阵热火队\"}]}"},
+            {"from": "gpt", "value": "最新的美国体育新闻：NBA总决赛，湖人队对阵热火队。"}],
+        "tools": json.dumps([NEWS], ensure_ascii=False)},
 }
 EXPECTED = {  # what each card record becomes
     "HuggingFaceTB/smol-smoltalk": {"conversations": [
@@ -201,6 +228,21 @@ EXPECTED = {  # what each card record becomes
     "swulling/gsm8k_chinese": {"conversations": [
         {"role": "user", "content": CARD_RECORDS["swulling/gsm8k_chinese"]["question_zh-cn"]},
         {"role": "assistant", "content": "<think>\n\n</think>\n\n答案是 72。"}], "answer": "72"},
+    "llamafactory/glaive_toolcall_en": {  # the call's arguments an object, the functions in OpenAI's form
+        "conversations": [
+            {"role": "user", "content": "What is the area of a circle with a radius of 4 units?"},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"name": "calculate_area", "arguments": {"shape": "circle", "dimensions": [4]}}]},
+            {"role": "tool", "content": "{\"area\": 50.24}"},
+            {"role": "assistant", "content": "The area of the circle is approximately 50.24 square units."}],
+        "tools": [{"type": "function", "function": AREA}]},
+    "llamafactory/glaive_toolcall_zh": {"conversations": [
+        {"role": "user", "content": "你能帮我找到最新的美国体育新闻吗？"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_news",
+                                                            "arguments": {"category": "运动", "country": "美国"}}]},
+        {"role": "tool", "content": "{\"status\": \"成功\", \"data\": [{\"title\": \"NBA总决赛：湖人队对阵热火队\"}]}"},
+        {"role": "assistant", "content": "最新的美国体育新闻：NBA总决赛，湖人队对阵热火队。"}],
+        "tools": [{"type": "function", "function": NEWS}]},
 }
 
 
@@ -246,7 +288,8 @@ def card_hub(n, text_chars=60, sizes=None):
 SMALL_CHATS = {path: 40 for path in ("HuggingFaceTB/smol-smoltalk", "llamafactory/alpaca_gpt4_zh",
                                      "shibing624/sharegpt_gpt4", "bespokelabs/Bespoke-Stratos-17k",
                                      "Congliu/Chinese-DeepSeek-R1-Distill-data-110k", "Anthropic/hh-rlhf",
-                                     "llamafactory/DPO-En-Zh-20k")}
+                                     "llamafactory/DPO-En-Zh-20k", "llamafactory/glaive_toolcall_en",
+                                     "llamafactory/glaive_toolcall_zh")}
 
 
 def small_12gb(tmp_path, lang, **overrides):
@@ -273,7 +316,10 @@ def test_12gb_fetch_takes_every_set_in_order_up_to_the_token_budget(tmp_path, mo
         assert texts[36].startswith("wikimedia/wikipedia 39 ") and texts[37].startswith("HuggingFaceFW/fineweb-2 0 ")
     sft_sets = dm.HUB_SETS["12gb"][lang]["sft"]
     sft_val = 0 if sft_sets[0].val_split else 3
-    assert len(read(paths["sft"])) == 40 * len(sft_sets) - sft_val  # every record of every set
+    sft = read(paths["sft"])
+    assert len(sft) == 40 * len(sft_sets) - sft_val  # every record of every set
+    assert sft[-40:] == [EXPECTED[sft_sets[-1].path]] * 40 and "tools" not in sft[-41]  # the tool set last
+    assert len(read(paths["sft_val"])) == 3 and not any("tools" in r for r in read(paths["sft_val"]))
     assert len(read(paths["r1"])) == 40 - 3
     dpo = dm.HUB_SETS["12gb"][lang]["dpo"][0]
     assert read(paths["dpo"]) == [CARD_RECORDS[dpo.path]] * (40 if dpo.val_split else 40 - 3)
@@ -286,7 +332,8 @@ def test_12gb_fetch_takes_every_set_in_order_up_to_the_token_budget(tmp_path, mo
     assert not list(tmp_path.glob("*.partial"))
 
 
-@pytest.mark.parametrize("interrupt_at", [2, 9, 30, 44, 61, 95, 130, 143, 166])  # 140-180: the dpo stage
+@pytest.mark.parametrize("interrupt_at", [2, 9, 30, 44, 61, 95, 101, 130, 143, 166, 183, 206])
+# yields 20-140: the sft stage (100-140 its tool set); 180-220: the dpo stage
 def test_an_interrupted_fetch_resumed_gives_exactly_the_uninterrupted_records(tmp_path, monkeypatch, interrupt_at):
     monkeypatch.setattr(dm, "COMMIT_EVERY", 4)
     FakeHub(card_hub(40)).install(monkeypatch)
@@ -372,6 +419,7 @@ def test_online_records_are_normalised(tmp_path, monkeypatch):
             {"chosen": long_prompt + "y" * 9000, "rejected": long_prompt + "no"},  # its chosen row is too long
             {"chosen": long_prompt + "y" * 3000, "rejected": long_prompt + "n" * 3000},  # each row fits: kept
             {"chosen": hh["chosen"], "rejected": "\n\nHuman: Something else?\n\nAssistant: No."}] * 2),  # no pair
+        ("llamafactory/glaive_toolcall_en", "train"): cycle([CARD_RECORDS["llamafactory/glaive_toolcall_en"]]),
         ("openai/gsm8k", "test"): cycle([CARD_RECORDS["openai/gsm8k"]]),
         ("openai/gsm8k", "train"): cycle([{"question": "No answer line?", "answer": "It is 3."},
                                           CARD_RECORDS["openai/gsm8k"]]),
@@ -387,6 +435,7 @@ def test_online_records_are_normalised(tmp_path, monkeypatch):
                                         {"role": "assistant", "content": "5"}]}
     assert sft[1]["conversations"][0]["content"] == "Name a color.\n\nBe brief."
     assert all(r["conversations"][-1]["content"] for r in sft) and len(sft) == 4
+    assert sft[3] == EXPECTED["llamafactory/glaive_toolcall_en"]  # half a small limit is kept for the tool set
     r1 = read(paths["r1_val"]) + read(paths["r1"])
     assert r1[0] == EXPECTED["bespokelabs/Bespoke-Stratos-17k"]
     assert "answer" not in r1[1] and r1[1]["conversations"][-1]["content"].startswith("<think>\nx\n</think>\n")
@@ -395,6 +444,83 @@ def test_online_records_are_normalised(tmp_path, monkeypatch):
     dpo = read(paths["dpo"])
     assert dpo[0] == hh and dpo[1]["chosen"].endswith("y" * 3000) and dpo[2] == hh and len(dpo) == 3
     assert read(paths["math_val"]) == read(paths["math"]) == [EXPECTED["openai/gsm8k"]]  # all, less the damaged one
+
+
+GLAIVE_EN = CARD_RECORDS["llamafactory/glaive_toolcall_en"]
+BROKEN_CALL = {**GLAIVE_EN, "conversations": [  # the call's JSON cut short
+    GLAIVE_EN["conversations"][0], {"from": "function_call", "value": '{"name": "calculate_area", "arguments": {"sh'},
+    *GLAIVE_EN["conversations"][2:]]}
+PLAIN = {"conversations": [GLAIVE_EN["conversations"][0], GLAIVE_EN["conversations"][3]], "tools": "[]"}
+
+
+def test_tool_records_keep_their_calls_and_damaged_ones_are_skipped():
+    """A tool set's record whose call or tool list is not valid JSON, whose result answers no call (a few of the Chinese
+    translations write the call into the reply) or that ends with no reply is skipped; one offering no tools is a plain
+    chat. The plain chat normaliser refuses a record with calls rather than lose them."""
+    turns = GLAIVE_EN["conversations"]
+    prose_call = {**GLAIVE_EN, "conversations": [
+        turns[0], {"from": "gpt", "value": 'Let me compute it.\nAI calculate_area: {"shape": "circle"}'}, *turns[2:]]}
+    for damaged in (BROKEN_CALL, {**GLAIVE_EN, "tools": '[{"name": "calculate_area", '}, prose_call,
+                    {**GLAIVE_EN, "conversations": turns[:3]}):
+        assert dm.from_tool_chat(damaged) is None
+    expected = EXPECTED["llamafactory/glaive_toolcall_en"]["conversations"]
+    assert dm.from_tool_chat(PLAIN) == {"conversations": [expected[0], expected[3]]}
+    openai = {"messages": [  # a call with text before it, its arguments a JSON string
+        {"role": "user", "content": "Area of a unit circle?"},
+        {"role": "assistant", "content": "Let me compute it.", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "calculate_area", "arguments": '{"shape": "circle", "dimensions": [1]}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"area": 3.14}'},
+        {"role": "assistant", "content": "About 3.14."}]}
+    assert dm.from_tool_chat(openai)["conversations"][1] == {
+        "role": "assistant", "content": "Let me compute it.",
+        "tool_calls": [{"name": "calculate_area", "arguments": {"shape": "circle", "dimensions": [1]}}]}
+    assert dm.from_chat(openai) is None and dm.from_chat(PLAIN) == dm.from_tool_chat(PLAIN)
+
+
+def tool_stage_hub(interrupt_at=0):
+    """The cpu English sets, the chat set numbered, the tool set 1,000 records of which a quarter is damaged."""
+    sets = card_hub(40)
+    sets["yahma/alpaca-cleaned", "train"] = (lambda i: {"instruction": f"Chat {i}.", "input": "", "output": "Sure."},
+                                             6000)
+    tool_records = [GLAIVE_EN, PLAIN, GLAIVE_EN, BROKEN_CALL]
+    sets["llamafactory/glaive_toolcall_en", "train"] = (lambda i: tool_records[i % 4], 1000)
+    return FakeHub(sets, interrupt_at)
+
+
+def tool_stage_config(out_dir, **limits):
+    return dm.DownloadConfig(out_dir=str(out_dir), online_pretrain=3, online_r1=2, online_dpo=2, online_math=2, n_val=3,
+                             **limits)
+
+
+@pytest.mark.parametrize("online_sft, chats", [(5000, 4000), (10, 5)])  # the cpu preset's limit; a small one
+def test_the_sft_stage_takes_the_tool_set_whole_after_its_chats(tmp_path, monkeypatch, online_sft, chats):
+    """The chats stop short of --online_sft by the tool set's 1,000 rows (a small limit keeps half for chats), then the
+    tool set's usable records follow; sft_val holds chats only."""
+    tool_stage_hub().install(monkeypatch)
+    paths = dm.download_online(tool_stage_config(tmp_path, online_sft=online_sft))
+    sft, expected = read(paths["sft"]), EXPECTED["llamafactory/glaive_toolcall_en"]
+    plain = dm.from_tool_chat(PLAIN)
+    assert [r["conversations"][0]["content"] for r in read(paths["sft_val"])] == ["Chat 0.", "Chat 1.", "Chat 2."]
+    assert [r["conversations"][0]["content"] for r in sft[:chats]] == [f"Chat {i}." for i in range(3, 3 + chats)]
+    tools = [[expected, plain, expected][i % 3] for i in range(750)]  # all 750 usable, or what a small limit leaves
+    assert sft[chats:] == tools[:min(750, online_sft - chats)]
+
+
+@pytest.mark.parametrize("interrupt_at", [2000, 4009, 4010, 4500])  # sft's yields: 7-9 held out, 10-4009 chats
+def test_an_interrupted_sft_stage_resumed_gives_the_same_chats_and_tool_records(tmp_path, monkeypatch, interrupt_at):
+    monkeypatch.setattr(dm, "COMMIT_EVERY", 300)
+    tool_stage_hub().install(monkeypatch)
+    dm.download_online(tool_stage_config(tmp_path / "straight"))
+    hub = tool_stage_hub(interrupt_at).install(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        dm.download_online(tool_stage_config(tmp_path / "split"))
+    tool_stage_hub().install(monkeypatch)
+    dm.download_online(tool_stage_config(tmp_path / "split"))
+    straight, split = file_bytes(tmp_path / "straight"), file_bytes(tmp_path / "split")
+    split.pop("download_state.json")
+    straight.pop("download_state.json")
+    assert split == straight and hub.yielded == interrupt_at
 
 
 def test_gsm8k_answers_with_thousands_and_damaged_records():
