@@ -10,6 +10,8 @@ by position), whether a reply states an answer (answer matching), the reasoning 
   read_problems(path, tok, ...)     a chat file's problems as (conversation, prompt ids)
   reasoning_report(model, tok, ...) greedy replies to held-out problems: well-formed <think> blocks and right
                                     answers, overall and per problem type
+  tool_report(model, tok, ...)      the same problems with tools offered (the calculator): each call run and its
+                                    result fed back; right answers by type, and the share of calls well-formed
   pass_at_k(model, tok, ...)        the share of problems that one of k sampled replies gets right
   describe(report), describe_types(report)   the report's lines
   reply_is_right(reply, check)      a chat reply against what the built-in data knows of it (offline_data.py)
@@ -46,7 +48,8 @@ from model import ModelError, read_checkpoint
 from quantize import int8_model
 from records import atomic_write, read_conversations
 from runtime import choose_device, choose_dtype
-from tokenizer import Tokenizer, load_tokenizer, render_prompt, render_text, special_ids
+from tokenizer import Tokenizer, load_tokenizer, parse_call, render_prompt, render_text, special_ids, split_reply
+from tools import error_result, run_call, tool_spec
 
 WELL_FORMED = re.compile(r"^\s*<think>(.*?\S.*?)</think>(.*\S.*)$", re.S)  # some reasoning, then an answer
 # a word said three times running ("now now now", "现在现在现在"): a model stuck in a loop, not a sentence
@@ -120,13 +123,18 @@ def well_formed(reply: str) -> bool:
     return WELL_FORMED.match(reply) is not None and STUTTER.search(reply) is None
 
 
+def asked(conv) -> list:
+    """A conversation's messages before its first reply: the problem as it is asked."""
+    first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
+    return conv.messages[:first_reply]
+
+
 def read_problems(path: str, tok: Tokenizer, max_prompt: int) -> list:
     """(conversation, prompt ids) of each problem in a chat file whose prompt (the turns before the first reply)
     is at most max_prompt tokens, in file order; its record's "answer" (and "type") are in conversation.extra."""
     problems = []
     for conv in read_conversations(path, verbose=False)[0]:
-        first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
-        ids = render_prompt(tok, conv.messages[:first_reply])
+        ids = render_prompt(tok, asked(conv))
         if len(ids) <= max_prompt:
             problems.append((conv, ids))
     return problems
@@ -155,6 +163,64 @@ def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: i
     return {"problems": len(problems), "well_formed": formed / max(1, len(problems)),
             "accuracy": correct / checkable if checkable else None, "checkable": checkable, "correct": correct,
             "by_type": {kind: {"correct": right[kind], "problems": asked[kind]} for kind in sorted(asked)}}
+
+
+MAX_TOOL_ROUNDS = 3  # replies with calls a problem may take before its answer
+
+
+def run_calls(call_texts: list, tools: dict) -> tuple:
+    """(the calls that parse, a result for every call, how many were well-formed) of a reply's call texts: a call
+    that does not parse gets an error result, as does one run_call refuses (an unknown tool, wrong arguments, an
+    expression the calculator cannot read); well-formed means neither."""
+    calls, results = [], []
+    for text in call_texts:
+        try:
+            call = parse_call(text)
+        except ValueError as e:
+            results.append(error_result(str(e)))
+            continue
+        calls.append(call)
+        results.append(run_call(call, tools))
+    return calls, results, sum(not r.startswith(error_result("")) for r in results)
+
+
+@torch.no_grad()
+def tool_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int, tools: dict) -> dict:
+    """Greedy answers to the first n problems of a held-out chat file (as reasoning_report) asked with `tools`
+    offered (name -> function, tools.py): each reply's calls are run and their results fed back, up to
+    MAX_TOOL_ROUNDS replies with calls, then the last reply's answer is checked. The share right, overall and by type;
+    how many problems called a tool; the share of calls well-formed (run_calls)."""
+    im_end = special_ids(tok)["im_end"]
+    specs = [tool_spec(fn) for fn in tools.values()]
+    right, by_type, called, calls, formed = Counter(), Counter(), 0, 0, 0
+    problems = [(conv, asked(conv)) for conv, _ in read_problems(path, tok, model.cfg.max_seq_len // 2)
+                if "answer" in conv.extra][:n]
+    for conv, messages in tqdm(problems, desc="tool report", leave=False, disable=None):
+        for rounds in range(MAX_TOOL_ROUNDS + 1):
+            ids = render_prompt(tok, messages, tools=specs)
+            room = min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+            text = tok.decode([i for i in model.generate(ids, max_new_tokens=room, temperature=0, stop_ids=[im_end])
+                               if i != im_end]) if room > 0 else ""
+            content, call_texts = split_reply(text)
+            if not call_texts or rounds == MAX_TOOL_ROUNDS:
+                break
+            parsed, results, ok = run_calls(call_texts, tools)
+            called, calls, formed = called + (rounds == 0), calls + len(call_texts), formed + ok
+            messages = messages + [{"role": "assistant", "content": content, "tool_calls": parsed}] + \
+                [{"role": "tool", "content": result} for result in results]
+        kind = str(conv.extra.get("type", "other"))
+        right[kind] += answer_is_right(text, conv.extra["answer"])
+        by_type[kind] += 1
+    return {"problems": len(problems), "accuracy": sum(right.values()) / max(1, len(problems)),
+            "correct": sum(right.values()), "called": called, "calls": calls,
+            "well_formed_calls": formed / calls if calls else None,
+            "by_type": {kind: {"correct": right[kind], "problems": by_type[kind]} for kind in sorted(by_type)}}
+
+
+def describe_tools(report: dict) -> str:
+    formed = "n/a" if report["well_formed_calls"] is None else f"{report['well_formed_calls']:.1%}"
+    return f"answer accuracy {report['accuracy']:.1%} on {report['problems']} problems, {report['called']} of them " \
+           f"calling a tool ({report['calls']} calls, {formed} well-formed); right by type: {describe_types(report)}"
 
 
 @torch.no_grad()

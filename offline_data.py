@@ -19,6 +19,7 @@ import re
 
 from cli import UserError
 from records import atomic_write
+from tools import calculator, tool_spec
 
 
 def think_reply(reasoning: str, reply: str) -> str:
@@ -1174,14 +1175,32 @@ R1_SYSTEM_PROMPTS = ["You are a helpful assistant. Think step by step before you
 GAIN = ["buys {k} more", "finds {k} more", "gets {k} more from {b.name}", "picks {k} more"]
 LOSE = ["gives {k} to {b.name}", "loses {k}", "gives {k} away", "sells {k}"]
 OPERATIONS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "/": lambda x, y: x // y}
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 MISTAKES = {"slip": 3, "operation": 2, "miscount": 3, "copied": 1}  # how often each is made, where it can be
+
+
+class Term(int):
+    """A number that remembers the arithmetic it came from ("4 + 2 * 3"), for a call to the calculator."""
+
+    def __new__(cls, value: int, expression: str = "", precedence: int = 3):
+        term = super().__new__(cls, value)
+        term.expression, term.precedence = expression or str(value), precedence
+        return term
+
+
+def operand(x, op: str, right: bool) -> str:
+    """x written as an operand of op, in parentheses where the order of operations needs them."""
+    term = x if isinstance(x, Term) else Term(x)
+    needed = term.precedence < PRECEDENCE[op] or (right and term.precedence == PRECEDENCE[op] and op in "-/")
+    return f"({term.expression})" if needed else term.expression
 
 
 class Work:
     """The sums, counts and final answer of one worked reply: all right (Work()), or with one mistake that
     every later step carries on, as in a small model's wrong answer.
 
-    eq(x, op, y) -> ("x op y = z", z): an equation, and its result for the next step; judge(fact) -> whether
+    eq(x, op, y) -> ("x op y = z", z): an equation, and its result for the next step (a Term: `last` is the
+    latest, whose expression is the whole problem's arithmetic where the answer is the last result); judge(fact) -> whether
     one item of a count is counted; answer(n) -> the final answer. The mistakes: "slip", a wrong result in
     equation `at` (a unit off, a lost carry, the next times-table entry); "operation", the other operation in
     equation `at` (a loss added, groups added up); "miscount", judgement `at` the wrong way (a letter missed,
@@ -1190,6 +1209,7 @@ class Work:
     def __init__(self, mistake=None, at=0, rng=None, numbers=()):
         self.mistake, self.at, self.rng, self.numbers = mistake, at, rng, numbers
         self.equations = self.judgements = 0
+        self.last = None
 
     def eq(self, x: int, op: str, y: int):
         mistaken = self.equations == self.at
@@ -1205,7 +1225,9 @@ class Work:
                 slips = [1, -1] + ([-10] if op == "+" and x % 10 + y % 10 >= 10 else
                                    [10] if op == "-" and x % 10 < y % 10 else [])
             z += self.rng.choice([d for d in slips if z + d >= 0])
-        return f"{x} {op} {y} = {z}", z
+        # the result remembers its expression: the last one is the whole problem as one call to the calculator
+        self.last = Term(z, f"{operand(x, op, False)} {op} {operand(y, op, True)}", PRECEDENCE[op])
+        return f"{x} {op} {y} = {z}", self.last
 
     def judge(self, fact: bool) -> bool:
         mistaken = self.mistake == "miscount" and self.judgements == self.at
@@ -1411,6 +1433,45 @@ def english_reasoning(rng, work=None) -> dict:
     turns += [{"role": "user", "content": question},
               {"role": "assistant", "content": think_reply("\n".join(steps), reply)}]
     return {"conversations": turns, "answer": str(answer), "type": problem.__name__.removeprefix("r1_")}
+
+
+# Tool use: an arithmetic problem solved by calling the calculator with its whole arithmetic, reading the result and
+# answering with it. A tiny model miscopies numbers in sums it works itself; copying one result is what it does well.
+CALCULATOR = tool_spec(calculator)
+ARITHMETIC_TYPES = {"change", "groups", "share", "compare", "age", "shop", "legs", "sum"}  # the calculator's job
+TOOL_SHARE = 0.3  # of the problems in r1.jsonl: asked with the calculator offered
+TOOL_CHAT_SHARE = 0.2  # of the chats with no number in them: the calculator offered, and rightly not called
+TOOL_CHAT_MAX_CHARS = 300  # such a chat with the tool list stays within the cpu preset's 256 tokens
+CALL_REASONING = {"en": ["I will use the calculator.", "The calculator can work this out.",
+                         "Let me ask the calculator."], "zh": ["我用计算器来算。", "用计算器算一下。"]}
+
+
+def with_calculator(rng, problem: dict, work: "Work", lang: str) -> dict:
+    """A problem record (english_reasoning / zh_reasoning, worked by `work`) asked with the calculator offered. An
+    arithmetic one's reply calls it with the problem's arithmetic (work.last, whose result is the answer) and, after
+    the result, gives the worked reply's final answer without its reasoning; a count of letters or words is worked in
+    its think block as before (the calculator cannot count them)."""
+    if problem["type"] not in ARITHMETIC_TYPES:
+        return {**problem, "tools": [CALCULATOR]}
+    *asked, worked = problem["conversations"]
+    expression = work.last.expression
+    assert calculator(expression) == problem["answer"] == str(work.last), expression
+    call = {"name": "calculator", "arguments": {"expression": expression}}
+    reply = worked["content"].split("</think>")[-1]
+    turns = asked + [{"role": "assistant", "content": f"<think>\n{rng.choice(CALL_REASONING[lang])}\n</think>\n",
+                      "tool_calls": [call]},
+                     {"role": "tool", "content": problem["answer"]},
+                     {"role": "assistant", "content": think_reply("", reply)}]
+    return {**problem, "conversations": turns, "tools": [CALCULATOR]}
+
+
+def offered_calculator(rng, chat: dict) -> dict:
+    """A chat, TOOL_CHAT_SHARE of the time with the calculator offered when nothing in it is a number: the model
+    learns that a tool in the list is not a reason to call it."""
+    text = "".join(turn["content"] for turn in chat["conversations"])
+    if len(text) > TOOL_CHAT_MAX_CHARS or any(c.isdigit() for c in text) or rng.random() >= TOOL_CHAT_SHARE:
+        return chat
+    return {**chat, "tools": [CALCULATOR]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1770,6 +1831,13 @@ def reasoning_pair(rng, make_problem):
     return None
 
 
+def problem_or_tool_use(rng, make_problem, lang: str) -> dict:
+    """A reasoning problem; TOOL_SHARE of them asked with the calculator offered (with_calculator)."""
+    work = Work()
+    problem = make_problem(rng, work)
+    return with_calculator(rng, problem, work, lang) if rng.random() < TOOL_SHARE else problem
+
+
 def new_problems(rng, make_record, n: int, seen: set):
     """n records of problems whose questions (the last user turn) are not in `seen`, each added to it, so
     held-out problems stay unseen in training. make_record may give None: nothing from that draw."""
@@ -1816,9 +1884,9 @@ def write_offline_data(out_dir: str, lang: str = "en", seed: int = 0, pretrain_m
         "pretrain_val": ({"text": make_document(rng["pretrain_val"], held_out)} for _ in range(n_val)),
         "pretrain": documents(rng["pretrain"], make_document, int(pretrain_mb * 1e6), held_out),
         "sft_val": (make_chat(rng["sft_val"]) for _ in range(n_val)),
-        "sft": (make_chat(rng["sft"]) for _ in range(n_sft)),
+        "sft": (offered_calculator(rng["sft"], make_chat(rng["sft"])) for _ in range(n_sft)),
         "r1_val": r1_val,
-        "r1": new_problems(rng["r1"], make_problem, n_r1, set(held_out)),
+        "r1": new_problems(rng["r1"], lambda r: problem_or_tool_use(r, make_problem, lang), n_r1, set(held_out)),
         "dpo_val": new_problems(rng["dpo_val"], make_pair, n_val, dpo_questions),
         "dpo": new_problems(rng["dpo"], make_pair, n_dpo, dpo_questions),
     }

@@ -1,5 +1,6 @@
 """The built-in data generator: sizes, determinism, schemas, and sums, counts and answers that are right
 (and, in the preference pairs' rejected replies, wrong in the ways intended)."""
+import json
 import random
 import re
 from collections import Counter
@@ -8,7 +9,7 @@ import pytest
 
 import offline_data as od
 from conftest import read_jsonl as read
-from evaluate import reply_is_right
+from evaluate import answer_is_right, reply_is_right
 from tokenizer import EMPTY_THINK
 
 SMALL = dict(pretrain_mb=0.3, n_sft=400, n_r1=400, n_dpo=300, n_val=50)
@@ -70,10 +71,17 @@ def test_pretrain_and_chat_schema(data):
         for i, r in enumerate(read(paths[name])):
             assert list(r) == ["text"] and r["text"].strip(), f"{name} {i}"
             check_equations(r["text"], f"{name} {i}")
+    offered = 0
     for name in ("sft", "sft_val"):
         for i, r in enumerate(read(paths[name])):
-            assert list(r) in (["conversations", "type", "replies"], ["conversations", "type", "mentions"])
+            keys = [k for k in r if k != "tools"]
+            assert keys in (["conversations", "type", "replies"], ["conversations", "type", "mentions"])
             check_chat(r, f"{name} {i}")
+            if "tools" in r:  # offered to a chat with no number in it, and not called
+                offered += 1
+                assert name == "sft" and r["tools"] == [od.CALCULATOR], f"{name} {i}"
+                assert not re.search(r"\d", json.dumps(r["conversations"], ensure_ascii=False)), f"{name} {i}"
+    assert 20 <= offered <= 80
 
 
 def test_every_chat_reply_opens_with_qwen3s_empty_think_block(data):
@@ -146,13 +154,46 @@ def test_reasoning_records_are_well_formed_and_correct(data):
     for name in ("r1", "r1_val"):
         for i, r in enumerate(read(paths[name])):
             where = f"{name} {i}"
-            assert list(r) == ["conversations", "answer", "type"] and isinstance(r["answer"], str), where
+            if any("tool_calls" in t for t in r["conversations"]):
+                continue  # test_tool_use_calls_the_calculator_with_the_problems_arithmetic
+            assert [k for k in r if k != "tools"] == ["conversations", "answer", "type"], where
+            assert isinstance(r["answer"], str), where
             assert r["type"] in TYPES[lang], where
             check_chat(r, where)
             assert len(r["conversations"]) in (2, 3), where
             question, reply = r["conversations"][-2]["content"], r["conversations"][-1]["content"]
             kinds[check_worked_reply(lang, question, reply, r["answer"], where)] += 1
     assert kinds["counted"] > 20 and kinds["summed"] > 200
+
+
+def test_tool_use_calls_the_calculator_with_the_problems_arithmetic(data):
+    """30% of r1's problems offer the calculator: an arithmetic one calls it with the whole problem's arithmetic,
+    reads the answer and says it; a count is worked in its think block. The held-out problems offer no tools."""
+    lang, paths = data
+    assert not any("tools" in r for r in read(paths["r1_val"]))
+    offered, called = 0, Counter()
+    for i, r in enumerate(read(paths["r1"])):
+        if "tools" not in r:
+            continue
+        offered += 1
+        assert r["tools"] == [od.CALCULATOR], i
+        turns = r["conversations"][1:] if r["conversations"][0]["role"] == "system" else r["conversations"]
+        if r["type"] not in od.ARITHMETIC_TYPES:
+            assert [t["role"] for t in turns] == ["user", "assistant"] and THINK.match(turns[1]["content"]), i
+            continue
+        user, call, result, answer = turns
+        assert [t["role"] for t in turns] == ["user", "assistant", "tool", "assistant"], i
+        assert THINK.match(call["content"] + "x") and call["content"].endswith("\n</think>\n"), i
+        (tool_call,) = call["tool_calls"]
+        assert tool_call["name"] == "calculator" and list(tool_call["arguments"]) == ["expression"], i
+        expression = tool_call["arguments"]["expression"]
+        assert od.calculator(expression) == result["content"] == r["answer"], i
+        assert answer["content"].startswith(EMPTY_THINK) and answer_is_right(answer["content"], r["answer"]), i
+        assert set(re.findall(r"\d+", expression)) <= set(re.findall(r"\d+", user["content"])) | {
+            "2", "3", "4", "6", "8"}, i  # the question's numbers (and the legs of an animal)
+        called[r["type"]] += 1
+    assert 0.2 < offered / len(read(paths["r1"])) < 0.4
+    assert set(called) == od.ARITHMETIC_TYPES & TYPES[lang]
 
 
 def mistake(pair) -> str:
