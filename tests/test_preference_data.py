@@ -151,8 +151,8 @@ def test_malformed_lines_are_warned_skipped_and_counted(tmp_path, tokenizer_path
     ('{"foo": 1}\n', "line 1: unknown preference format (keys: foo); expected prompt/chosen/rejected"),
     (json.dumps({"conversations": [msg("user", "Hi"), msg("assistant", "Hello")]}) + "\n",
      "line 1: a chat conversation, not a preference pair (no chosen/rejected): train on it with train_sft.py"),
-    (json.dumps({"prompt": [msg("tool", "x")], "chosen": "a", "rejected": "b"}) + "\n",
-     "line 1: \"prompt\"[0]: unknown role 'tool'"),
+    (json.dumps({"prompt": [msg("function", "x")], "chosen": "a", "rejected": "b"}) + "\n",
+     "line 1: \"prompt\"[0]: unknown role 'function'"),
     ("{broken\n", "no pairs, 1 malformed records skipped"),
 ])
 def test_a_file_that_is_not_preference_data_is_one_clear_error(tmp_path, tokenizer_path, content, message):
