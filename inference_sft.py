@@ -209,10 +209,10 @@ class Chat:
         for n in range(1, MAX_REPLIES + 1):
             text = self.stream_reply(exchange, out)
             content, calls = split_reply(text)
-            if not calls or n == MAX_REPLIES:
-                break
+            if not (calls and self.tools) or n == MAX_REPLIES:  # a call when none is offered is not run: it ends
+                break                                           # the reply, as a call does (with_what_to_show)
             exchange += self.run_calls(text, out)  # the reply with its calls, then their results
-        if calls:
+        if calls and self.tools:
             print(f"(the model still calls tools after {MAX_REPLIES} replies: stopped)", file=sys.stderr)
         answer = answer_of(content)
         # reasoning dropped; a reply that had a think block keeps it empty, as every trained chat turn has it

@@ -296,6 +296,9 @@ def test_tools_false_a_small_context_or_a_tokenizer_without_the_tags_renders_no_
     chat.reply(QUESTION, io.StringIO())
     assert model.prompts[0] == render_prompt(tok, user) and "<tools>" not in tok.decode(model.prompts[0])
     assert capsys.readouterr().err == ""
+    chat, model = chat_calling(tok, CALL, tools=False)  # a call when none is offered: not run, it ends the reply
+    assert chat.reply(QUESTION, io.StringIO()) == "" and len(model.prompts) == 1
+    assert chat.history == [user[0], {"role": "assistant", "content": ""}]
 
     chat, model = chat_with(tok, [reply_ids(tok, ANSWER)], max_seq_len=256, tools=True)  # a small context
     chat.reply(QUESTION, io.StringIO())
