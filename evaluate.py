@@ -123,7 +123,7 @@ def well_formed(reply: str) -> bool:
     return WELL_FORMED.match(reply) is not None and STUTTER.search(reply) is None
 
 
-def asked(conv) -> list:
+def prompt_turns(conv) -> list:
     """A conversation's messages before its first reply: the problem as it is asked."""
     first_reply = next(i for i, m in enumerate(conv.messages + [{"role": "assistant"}]) if m["role"] == "assistant")
     return conv.messages[:first_reply]
@@ -134,7 +134,7 @@ def read_problems(path: str, tok: Tokenizer, max_prompt: int) -> list:
     is at most max_prompt tokens, in file order; its record's "answer" (and "type") are in conversation.extra."""
     problems = []
     for conv in read_conversations(path, verbose=False)[0]:
-        ids = render_prompt(tok, asked(conv))
+        ids = render_prompt(tok, prompt_turns(conv))
         if len(ids) <= max_prompt:
             problems.append((conv, ids))
     return problems
@@ -193,7 +193,7 @@ def tool_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int, t
     im_end = special_ids(tok)["im_end"]
     specs = [tool_spec(fn) for fn in tools.values()]
     right, by_type, called, calls, formed = Counter(), Counter(), 0, 0, 0
-    problems = [(conv, asked(conv)) for conv, _ in read_problems(path, tok, model.cfg.max_seq_len // 2)
+    problems = [(conv, prompt_turns(conv)) for conv, _ in read_problems(path, tok, model.cfg.max_seq_len // 2)
                 if "answer" in conv.extra][:n]
     for conv, messages in tqdm(problems, desc="tool report", leave=False, disable=None):
         for rounds in range(MAX_TOOL_ROUNDS + 1):

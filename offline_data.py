@@ -1200,11 +1200,12 @@ class Work:
     every later step carries on, as in a small model's wrong answer.
 
     eq(x, op, y) -> ("x op y = z", z): an equation, and its result for the next step (a Term: `last` is the
-    latest, whose expression is the whole problem's arithmetic where the answer is the last result); judge(fact) -> whether
-    one item of a count is counted; answer(n) -> the final answer. The mistakes: "slip", a wrong result in
-    equation `at` (a unit off, a lost carry, the next times-table entry); "operation", the other operation in
-    equation `at` (a loss added, groups added up); "miscount", judgement `at` the wrong way (a letter missed,
-    a word put in the wrong group); "copied", the question's number `at` (of `numbers`) given as the answer."""
+    latest, whose expression is the whole problem's arithmetic where the answer is the last result);
+    judge(fact) -> whether one item of a count is counted; answer(n) -> the final answer. The mistakes: "slip", a
+    wrong result in equation `at` (a unit off, a lost carry, the next times-table entry); "operation", the other
+    operation in equation `at` (a loss added, groups added up); "miscount", judgement `at` the wrong way (a letter
+    missed, a word put in the wrong group); "copied", the question's number `at` (of `numbers`) given as the
+    answer."""
 
     def __init__(self, mistake=None, at=0, rng=None, numbers=()):
         self.mistake, self.at, self.rng, self.numbers = mistake, at, rng, numbers

@@ -177,7 +177,7 @@ def one_call(call, what: str) -> dict:
     arguments as a JSON string."""
     call = call.get("function", call) if isinstance(call, dict) else None
     arguments = parsed_json(call.get("arguments", {}), f"{what} arguments") if isinstance(call, dict) else None
-    if not isinstance(call.get("name") if call else None, str) or not isinstance(arguments, dict):
+    if not (isinstance(arguments, dict) and isinstance(call.get("name"), str)):
         raise BadRecord(f'{what} is not a call {{"name": ..., "arguments": {{...}}}}')
     return {"name": call["name"], "arguments": arguments}
 

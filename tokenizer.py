@@ -82,8 +82,8 @@ class Tokenizer:
         pad; checked, as a tokenizer without the markers cannot render the template, nor one that puts a space
         before every text it encodes (SentencePiece's dummy prefix, kept by the tokenizer.json of Llama 2 and
         TinyLlama): the template is encoded piece by piece (the chat template below), and would not decode to
-        itself. Computed on first use
-        (a failed check is not kept, and raises again), then kept: the template asks for it per conversation."""
+        itself. Computed on first use (a failed check is not kept, and raises again), then kept: the template asks
+        for it per conversation."""
         ids = {name: self.piece_id(piece) for name, piece in SPECIAL_PIECES.items()}
         for name in CHAT_PIECES:
             if ids[name] is None:
@@ -584,7 +584,6 @@ def reply_pieces(tok: Tokenizer, tokens, in_think: bool = False) -> Iterator[tup
             if rest := decoders[part].rest():  # a half character the marker cut off
                 yield part, rest
             part = starts[token]
-            decoders[part] = StreamDecoder(tok)  # each call is decoded apart from the one before
             yield part, ""
         elif text := decoders[part].add(token):
             yield part, text
