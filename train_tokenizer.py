@@ -51,7 +51,8 @@ class TokenizerConfig:
     character_coverage: float = field(default=0.9995, metadata={"help": "lower keeps rare CJK chars as bytes"})
     split_digits: bool = field(default=False, metadata={
         "help": "every digit its own piece (true, as LLaMA: sums of any size are digit by digit); false: common "
-                "numbers become whole pieces (a small model learns 8 + 8 = 16 as one fact)"})
+                "numbers become whole pieces (a small model learns 8 + 8 = 16 as one fact), never joined to the "
+                "space or punctuation beside them"})
     seed: int = 0
 
 
@@ -60,7 +61,13 @@ class TokenizerConfig:
 # the characters of the novels and of Chinese Wikipedia with room for merges. 12gb: 12000 for both, past the
 # steep part of both curves, while each 1,000 pieces cost 12 bytes of log-probabilities per token in training.
 # Digits: the cpu model learns the built-in sums as whole-number facts far sooner than digit by digit with
-# carries; the 12gb model, on real text with numbers of every size, gets LLaMA's one piece per digit.
+# carries; the 12gb model, on real text with numbers of every size, gets LLaMA's one piece per digit. Either way a
+# number is the same piece wherever it stands: BPE left alone learns " 3", " 4." and ' "3' as three pieces, and a
+# small model then miscopies the 3 of a question into a tool call's JSON ("expression": "3 + 4"), where its piece
+# is another. So the trainer sees every run of digits cut off from its neighbours (NUMBER_CUT, a training-only
+# pre-tokenization): the vocabulary holds "3" and "12", the space before a number is its own piece, and the
+# encoder, which only joins pieces the vocabulary has, splits numbers off the same way.
+NUMBER_CUT = "\ue000"  # a private-use character, never in the text
 PIECES_PER_CHARACTER = 4  # Chinese text: at most 256 byte pieces + this many for each different character
 
 PRESETS = {
@@ -163,9 +170,10 @@ def train(cfg: TokenizerConfig) -> str:
     t0 = time.time()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_prefix=prefix, model_type="bpe",
+            sentence_iterator=(re.sub(r"(\d+)", NUMBER_CUT + r"\1" + NUMBER_CUT, line) for line in lines),
+            model_prefix=prefix, model_type="bpe",
             vocab_size=vocab_size, character_coverage=cfg.character_coverage,
-            byte_fallback=True, split_digits=cfg.split_digits,
+            byte_fallback=True, split_digits=cfg.split_digits, pretokenization_delimiter=NUMBER_CUT,
             add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
             allow_whitespace_only_pieces=True, max_sentence_length=1 << 16,
             required_chars="\u2581",  # the space piece: without it, text with no spaces decodes " " as "▁"

@@ -29,18 +29,25 @@ def test_specials_are_single_pieces_and_bytes_fall_back(tokenizer_path):
 
 
 def test_numbers_are_whole_pieces_in_the_cpu_preset_and_digits_in_the_12gb_one(tmp_path):
+    """...and either way a number is the same pieces wherever it stands: after a space, in a tool call's JSON
+    string, before a full stop (a small model copies a question's number into a call only if its piece is one)."""
     corpus = tmp_path / "sums.jsonl"
     rng = random.Random(0)
     sums = [f"{x} + {y} = {x + y}." for x, y in ((rng.randint(1, 20), rng.randint(1, 9)) for _ in range(3000))]
+    sums += [f'{{"expression": "{x} + {y}"}}, ({x}), {x}, {y}?' for x, y in ((rng.randint(1, 20), rng.randint(1, 9))
+                                                                        for _ in range(500))]
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_corpus(2000) + sums))
     pieces = {}
-    for preset, vocab in (("cpu", "800"), ("12gb", "600")):  # the most pieces this text gives either way
+    for preset, vocab in (("cpu", "780"), ("12gb", "600")):  # about the most pieces this text gives either way
         out = tmp_path / f"{preset}.model"
         r = run_cli("--preset", preset, "--inputs", str(corpus), "--out", str(out), "--vocab_size", vocab,
                     "--character_coverage", "1.0")
         assert r.returncode == 0, r.stderr
         sp = spm.SentencePieceProcessor(model_file=str(out))
         pieces[preset] = [p.strip("\u2581") for p in sp.encode("8 + 8 = 16 apples", out_type=str)]
+        places = ['16 apples', '"16 + 2"}}', 'is 16.', '(16)', 'x16', '16?']
+        numbers = [[p for p in sp.encode(text, out_type=str) if any(c.isdigit() for c in p)] for text in places]
+        assert all(n[0] == numbers[0][0] and n[0].isdigit() for n in numbers), numbers
     assert "16" in pieces["cpu"]
     assert "16" not in pieces["12gb"] and ["1", "6"] == [p for p in pieces["12gb"] if p.isdigit()][-2:]
 
