@@ -1200,15 +1200,16 @@ class Work:
     every later step carries on, as in a small model's wrong answer.
 
     eq(x, op, y) -> ("x op y = z", z): an equation, and its result for the next step (a Term: `last` is the
-    latest, whose expression is the whole problem's arithmetic where the answer is the last result);
+    latest, whose expression is the whole problem's arithmetic where the answer is the last result). With
+    results=False the equation is only set up, as the arithmetic so far ("2 - 1 + 4"), for the calculator to work;
     judge(fact) -> whether one item of a count is counted; answer(n) -> the final answer. The mistakes: "slip", a
     wrong result in equation `at` (a unit off, a lost carry, the next times-table entry); "operation", the other
     operation in equation `at` (a loss added, groups added up); "miscount", judgement `at` the wrong way (a letter
     missed, a word put in the wrong group); "copied", the question's number `at` (of `numbers`) given as the
     answer."""
 
-    def __init__(self, mistake=None, at=0, rng=None, numbers=()):
-        self.mistake, self.at, self.rng, self.numbers = mistake, at, rng, numbers
+    def __init__(self, mistake=None, at=0, rng=None, numbers=(), results=True):
+        self.mistake, self.at, self.rng, self.numbers, self.results = mistake, at, rng, numbers, results
         self.equations = self.judgements = 0
         self.last = None
 
@@ -1228,7 +1229,7 @@ class Work:
             z += self.rng.choice([d for d in slips if z + d >= 0])
         # the result remembers its expression: the last one is the whole problem as one call to the calculator
         self.last = Term(z, f"{operand(x, op, False)} {op} {operand(y, op, True)}", PRECEDENCE[op])
-        return f"{x} {op} {y} = {z}", self.last
+        return (f"{x} {op} {y} = {z}" if self.results else self.last.expression), self.last
 
     def judge(self, fact: bool) -> bool:
         mistaken = self.mistake == "miscount" and self.judgements == self.at
@@ -1374,6 +1375,8 @@ def r1_sum(rng, work):
     total = work.answer(total)
     question = rng.choice([f"What is {' + '.join(map(str, numbers))}?", f"Work out {' + '.join(map(str, numbers))}.",
                            f"Add these numbers: {', '.join(map(str, numbers))}."])
+    if not work.results:  # set up for the calculator: the whole sum in one line
+        return question, [f"I add the numbers: {steps[-1]}"], f"The sum is {total}.", total
     return question, ["I add the numbers one at a time."] + steps, f"The sum is {total}.", total
 
 
@@ -1436,31 +1439,34 @@ def english_reasoning(rng, work=None) -> dict:
     return {"conversations": turns, "answer": str(answer), "type": problem.__name__.removeprefix("r1_")}
 
 
-# Tool use: an arithmetic problem solved by calling the calculator with its whole arithmetic, reading the result and
-# answering with it. A tiny model miscopies numbers in sums it works itself; copying one result is what it does well.
+# Tool use: an arithmetic problem set up in the think block, solved by calling the calculator with its whole
+# arithmetic, and answered with the result. A tiny model miscopies numbers in the sums it works itself, and it copies
+# a number best from words next to it: the set-up lines copy each number beside its words, as the worked steps do,
+# and the call copies the whole expression from the line just above it.
 CALCULATOR = tool_spec(calculator)
 ARITHMETIC_TYPES = {"change", "groups", "share", "compare", "age", "shop", "legs", "sum"}  # the calculator's job
 TOOL_SHARE = 0.3  # of the problems in r1.jsonl: asked with the calculator offered
 TOOL_CHAT_SHARE = 0.2  # of the chats with no number in them: the calculator offered, and rightly not called
 TOOL_CHAT_MAX_CHARS = 300  # such a chat with the tool list stays within the cpu preset's 256 tokens
-CALL_REASONING = {"en": ["I will use the calculator.", "The calculator can work this out.",
-                         "Let me ask the calculator."], "zh": ["我用计算器来算。", "用计算器算一下。"]}
 
 
-def with_calculator(rng, problem: dict, work: "Work", lang: str) -> dict:
-    """A problem record (english_reasoning / zh_reasoning, worked by `work`) asked with the calculator offered. An
-    arithmetic one's reply calls it with the problem's arithmetic (work.last, whose result is the answer) and, after
-    the result, gives the worked reply's final answer without its reasoning; a count of letters or words is worked in
-    its think block as before (the calculator cannot count them)."""
+def with_calculator(problem: dict, work: "Work") -> dict:
+    """A problem record (english_reasoning / zh_reasoning, worked by `work`, a Work(results=False)) asked with the
+    calculator offered. An arithmetic one's think block keeps the worked steps up to the one that sets up the whole
+    arithmetic (work.last, whose result is the answer; the steps after it would need the result), then calls the
+    calculator with it and, after the result, gives the worked reply's final answer. A count of letters or words is
+    worked in its think block as before (the calculator cannot count them)."""
     if problem["type"] not in ARITHMETIC_TYPES:
         return {**problem, "tools": [CALCULATOR]}
     *asked, worked = problem["conversations"]
     expression = work.last.expression
     assert calculator(expression) == problem["answer"] == str(work.last), expression
+    reasoning, reply = worked["content"].removeprefix("<think>\n").split("\n</think>\n")
+    steps = reasoning.split("\n")
+    set_up = next(i for i, step in enumerate(steps) if expression in step)
+    think = "\n".join(steps[:set_up + 1])
     call = {"name": "calculator", "arguments": {"expression": expression}}
-    reply = worked["content"].split("</think>")[-1]
-    turns = asked + [{"role": "assistant", "content": f"<think>\n{rng.choice(CALL_REASONING[lang])}\n</think>\n",
-                      "tool_calls": [call]},
+    turns = asked + [{"role": "assistant", "content": f"<think>\n{think}\n</think>\n", "tool_calls": [call]},
                      {"role": "tool", "content": problem["answer"]},
                      {"role": "assistant", "content": think_reply("", reply)}]
     return {**problem, "conversations": turns, "tools": [CALCULATOR]}
@@ -1832,11 +1838,12 @@ def reasoning_pair(rng, make_problem):
     return None
 
 
-def problem_or_tool_use(rng, make_problem, lang: str) -> dict:
+def problem_or_tool_use(rng, make_problem) -> dict:
     """A reasoning problem; TOOL_SHARE of them asked with the calculator offered (with_calculator)."""
-    work = Work()
-    problem = make_problem(rng, work)
-    return with_calculator(rng, problem, work, lang) if rng.random() < TOOL_SHARE else problem
+    if rng.random() >= TOOL_SHARE:
+        return make_problem(rng, Work())
+    work = Work(results=False)
+    return with_calculator(make_problem(rng, work), work)
 
 
 def new_problems(rng, make_record, n: int, seen: set):
@@ -1887,7 +1894,7 @@ def write_offline_data(out_dir: str, lang: str = "en", seed: int = 0, pretrain_m
         "sft_val": (make_chat(rng["sft_val"]) for _ in range(n_val)),
         "sft": (offered_calculator(rng["sft"], make_chat(rng["sft"])) for _ in range(n_sft)),
         "r1_val": r1_val,
-        "r1": new_problems(rng["r1"], lambda r: problem_or_tool_use(r, make_problem, lang), n_r1, set(held_out)),
+        "r1": new_problems(rng["r1"], lambda r: problem_or_tool_use(r, make_problem), n_r1, set(held_out)),
         "dpo_val": new_problems(rng["dpo_val"], make_pair, n_val, dpo_questions),
         "dpo": new_problems(rng["dpo"], make_pair, n_dpo, dpo_questions),
     }

@@ -374,10 +374,10 @@ PREFILL_FOLLOWER = "Hello"
 THINKING_SWITCHES = {"/think": True, "/no_think": False}
 # Tools, in the layout of Qwen3's template (which transformers, llama.cpp and ollama parse for ChatML models): the
 # system turn lists them between <tools> tags, one JSON object per line, after the system prompt and a blank line if
-# there is one. Shorter words than Qwen's (its 89 tokens of instructions would take a third of the cpu model's 256).
-TOOLS_INTRO = "# Tools\n\nYou may call one or more of these functions:\n<tools>"
-TOOLS_OUTRO = ("\n</tools>\n\nTo call one, reply with <tool_call>\n{\"name\": <function-name>, \"arguments\": "
-               "<args-json-object>}\n</tool_call>")
+# there is one. Without Qwen's instructions on how to call (89 tokens, a third of the cpu model's 256): our models
+# learn the calls from their data, and every token of the list is one less for the problem and its working.
+TOOLS_INTRO = "# Tools\n\n<tools>"
+TOOLS_OUTRO = "\n</tools>"
 # The template in Jinja, for tokenizer_config.json (convert_hf.py, and so the GGUF) and transformers'
 # apply_chat_template(messages, tools=...), whose enable_thinking=False / True (chat_template_kwargs in vLLM and SGLang)
 # renders as render_text's. A call may also come as OpenAI's {"function": {...}}, its arguments as a JSON string.
