@@ -73,12 +73,20 @@ class InspectConfig:
 # -----------------------------------------------------------------------------
 # loss weights
 
-def loss_weights(targets: np.ndarray, think_ids, think_weight: float = 10.0) -> np.ndarray:
+def loss_weights(targets: np.ndarray, think_ids, think_weight: float = 10.0, number_ids=(),
+                 number_weight: float = 1.0) -> np.ndarray:
     """float32 weights aligned with targets: 1 where a target is trained, think_weight where the trained
-    target is <think> or </think>, 0 where it is IGNORE_INDEX (the loss skips those anyway)."""
+    target is <think> or </think>, number_weight where it is a number (number_ids), 0 where it is IGNORE_INDEX (the
+    loss skips those anyway)."""
     weights = (targets != IGNORE_INDEX).astype(np.float32)
     weights[np.isin(targets, list(think_ids))] = think_weight
+    weights[np.isin(targets, list(number_ids)) & (weights > 0)] = number_weight
     return weights
+
+
+def number_ids(tok) -> list:
+    """The ids of the pieces that are a number (digits only, after a leading space), for number_weight."""
+    return [i for i in range(tok.vocab_size) if tok.decode([i]).strip().isdigit()]
 
 
 # -----------------------------------------------------------------------------
@@ -364,15 +372,16 @@ class SFTData(ShardBatches):
 
     With pack, a row is instead seq_len tokens holding several conversations (pack_rows); the batch adds
     their positions and document ids (the padding at a row's end is a document of its own). With
-    think_weight, batch() also returns loss_weights()."""
+    think_weight, batch() also returns loss_weights() (with number_weight on the number pieces)."""
 
     def __init__(self, path, tokenizer_path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, think_weight=None, pack: bool = False, shard_dir: str = "",
-                 num_workers: int = 0):
+                 num_workers: int = 0, number_weight: float = 1.0):
         super().__init__(path, tokenizer_path, seq_len, batch_size, seed, rank, world_size, shard_dir, num_workers,
                          kind="chat")
-        self.think_weight, self.pack = think_weight, pack
+        self.think_weight, self.number_weight, self.pack = think_weight, number_weight, pack
         self.think_ids = (self.special["think"], self.special["end_think"])
+        self.number_ids = number_ids(self.tok) if think_weight is not None and number_weight != 1 else []
         shards = self.shards
 
         start, length, first, last = shards.rows.T
@@ -434,7 +443,8 @@ class SFTData(ShardBatches):
         if self.pack:
             batch.update(positions=torch.from_numpy(positions), document_ids=torch.from_numpy(documents))
         if self.think_weight is not None:
-            batch["loss_weight"] = torch.from_numpy(loss_weights(targets, self.think_ids, self.think_weight))
+            batch["loss_weight"] = torch.from_numpy(loss_weights(targets, self.think_ids, self.think_weight,
+                                                                 self.number_ids, self.number_weight))
         return batch
 
 

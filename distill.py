@@ -1,6 +1,7 @@
 """
 R1-style reasoning distillation: fine-tune on <think>...</think> answers with the think
-tags' loss weighted up (so a small model learns the reasoning format early), optionally
+tags' loss weighted up (so a small model learns the reasoning format early) and the numbers'
+(which it copies from the question into its steps, its calls and its answer), optionally
 plus a logit-level KL term to a larger teacher that shares the tokenizer.
 
   python distill.py                                   # out/sft/best.pt + data/r1.jsonl -> out/distill
@@ -53,6 +54,7 @@ class DistillConfig(FinetuneConfig):
     eval_batches: int = 10
     log_every: int = 10
     think_weight: float = 10.0     # loss weight of the <think> and </think> tokens (1 = plain SFT)
+    number_weight: float = 5.0     # loss weight of the number pieces: what a small model miscopies (1 = plain SFT)
     teacher: str = ""              # checkpoint of a larger model with the same tokenizer
     kd_weight: float = 0.5         # loss = (1 - w) * cross-entropy + w * KL(teacher || student)
     kd_temperature: float = 2.0
@@ -108,8 +110,8 @@ def distill(cfg: DistillConfig) -> dict:
     # ---- the model (and, with --teacher, the frozen teacher whose distribution the loss also follows)
     model, start = resume_or_init(cfg, init_from=cfg.init_from, lora=cfg.lora())
     loss_fn = teacher_loss(frozen_copy(cfg.teacher, rt), cfg) if cfg.teacher else default_loss
-    # ---- the data: reasoning traces, the think tags' loss weighted up (--answer_only: the traces cut out), with
-    # SFT's chats replayed among them; the report's held-out problems keep their think blocks either way
+    # ---- the data: reasoning traces, the think tags' and the numbers' loss weighted up (--answer_only: the traces
+    # cut out), with SFT's chats replayed among them; the report's held-out problems keep their think blocks either way
     problems = cfg.val_data or cfg.train_data
     paths = cfg.train_data, cfg.val_data
     if cfg.answer_only:
@@ -117,7 +119,8 @@ def distill(cfg: DistillConfig) -> dict:
         print(f"answer only: training on {paths[0]} (no <think> block in any reply)")
     if cfg.replay:
         paths = replayed_file(paths[0], cfg), paths[1]
-    train_data, val_data = chat_data(cfg, model, rt, SFTData, paths, think_weight=cfg.think_weight, pack=cfg.pack)
+    train_data, val_data = chat_data(cfg, model, rt, SFTData, paths, think_weight=cfg.think_weight,
+                                     number_weight=cfg.number_weight, pack=cfg.pack)
     # SFT's held-out chats, for the report after (report_held_out says so when there are none)
     chats_val = read_chats(cfg, model, rt, [cfg.chat_val])[0] if os.path.exists(cfg.chat_val) else None
     # ---- train, reporting on held-out problems before and after
