@@ -1446,8 +1446,8 @@ def english_reasoning(rng, work=None) -> dict:
 CALCULATOR = tool_spec(calculator)
 ARITHMETIC_TYPES = {"change", "groups", "share", "compare", "age", "shop", "legs", "sum"}  # the calculator's job
 TOOL_SHARE = 0.3  # of the problems in r1.jsonl: asked with the calculator offered
-TOOL_CHAT_SHARE = 0.2  # of the chats with no number in them: the calculator offered, and rightly not called
-TOOL_CHAT_MAX_CHARS = 300  # such a chat with the tool list stays within the cpu preset's 256 tokens
+TOOL_CHAT_SHARE = 0.3  # of the chats with no number in them: the calculator offered, and rightly not called
+TOOL_CHAT_MAX_CHARS = 600  # such a chat with the tool list stays within the cpu preset's 256 tokens (stories too)
 
 
 def with_calculator(problem: dict, work: "Work") -> dict:
