@@ -74,13 +74,20 @@ class InspectConfig:
 # loss weights
 
 def loss_weights(targets: np.ndarray, think_ids, think_weight: float = 10.0, number_ids=(),
-                 number_weight: float = 1.0) -> np.ndarray:
-    """float32 weights aligned with targets: 1 where a target is trained, think_weight where the trained
-    target is <think> or </think>, number_weight where it is a number (number_ids), 0 where it is IGNORE_INDEX (the
-    loss skips those anyway)."""
+                 number_weight: float = 1.0, call_ids=()) -> np.ndarray:
+    """float32 weights aligned with targets (batch, T): 1 where a target is trained, think_weight where the trained
+    target is <think> or </think>, number_weight where it is a number (number_ids) inside a think block or a tool
+    call (call_ids: <tool_call>, </tool_call>), 0 where it is IGNORE_INDEX (the loss skips those anyway). The
+    numbers weighted are the reasoning's, which a small model copies from the question, not a story's: weighting
+    those made the Chinese quickstart model tell stories that turned into sums."""
     weights = (targets != IGNORE_INDEX).astype(np.float32)
     weights[np.isin(targets, list(think_ids))] = think_weight
-    weights[np.isin(targets, list(number_ids)) & (weights > 0)] = number_weight
+    if len(number_ids):
+        opening, closing = think_ids[0], think_ids[1]
+        opens = np.isin(targets, [i for i in (opening, *call_ids[:1]) if i is not None])
+        closes = np.isin(targets, [i for i in (closing, *call_ids[1:]) if i is not None])
+        inside = np.cumsum(opens, axis=-1) > np.cumsum(closes, axis=-1)  # after an opening tag, before its closing
+        weights[np.isin(targets, list(number_ids)) & inside & (weights > 0)] = number_weight
     return weights
 
 
@@ -381,6 +388,7 @@ class SFTData(ShardBatches):
                          kind="chat")
         self.think_weight, self.number_weight, self.pack = think_weight, number_weight, pack
         self.think_ids = (self.special["think"], self.special["end_think"])
+        self.call_ids = (self.special["tool_call"], self.special["end_tool_call"])
         self.number_ids = number_ids(self.tok) if think_weight is not None and number_weight != 1 else []
         shards = self.shards
 
@@ -444,7 +452,7 @@ class SFTData(ShardBatches):
             batch.update(positions=torch.from_numpy(positions), document_ids=torch.from_numpy(documents))
         if self.think_weight is not None:
             batch["loss_weight"] = torch.from_numpy(loss_weights(targets, self.think_ids, self.think_weight,
-                                                                 self.number_ids, self.number_weight))
+                                                                 self.number_ids, self.number_weight, self.call_ids))
         return batch
 
 

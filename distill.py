@@ -1,7 +1,7 @@
 """
 R1-style reasoning distillation: fine-tune on <think>...</think> answers with the think
 tags' loss weighted up (so a small model learns the reasoning format early) and the numbers'
-(which it copies from the question into its steps, its calls and its answer), optionally
+in its reasoning and calls (which it copies from the question, and miscopies), optionally
 plus a logit-level KL term to a larger teacher that shares the tokenizer.
 
   python distill.py                                   # out/sft/best.pt + data/r1.jsonl -> out/distill
@@ -54,7 +54,7 @@ class DistillConfig(FinetuneConfig):
     eval_batches: int = 10
     log_every: int = 10
     think_weight: float = 10.0     # loss weight of the <think> and </think> tokens (1 = plain SFT)
-    number_weight: float = 5.0     # loss weight of the number pieces: what a small model miscopies (1 = plain SFT)
+    number_weight: float = 5.0     # loss weight of the numbers in think blocks and calls: what a small model miscopies
     teacher: str = ""              # checkpoint of a larger model with the same tokenizer
     kd_weight: float = 0.5         # loss = (1 - w) * cross-entropy + w * KL(teacher || student)
     kd_temperature: float = 2.0

@@ -260,7 +260,8 @@ def test_batch_is_shifted_padded_and_weighted(tmp_path, tok, tokenizer_path):
     # the <think> the user typed (the first one) is masked as a target: no weight there
     k = ids.index(t["<think>"]) - 1  # the position whose target it is
     assert tokens[r, k + 1] == t["<think>"] and tgt[k] == M and w[k] == 0
-    # number_weight: exactly that on the trained number piece (the 3 of "Tom has 3."), every other weight as before
+    # number_weight: exactly that on the trained number piece of the think block (the 3 of "Tom has 3."), every other
+    # weight as before
     numbered = SFTData(path, tokenizer_path, seq_len=256, batch_size=2, think_weight=5.0, number_weight=3.0).batch(0)
     (three,) = tok.encode("3")
     at = [k for k, x in enumerate(tgt.tolist()) if x == three]
@@ -276,8 +277,10 @@ def test_loss_weights_ignore_masked_think():
     w = loss_weights(targets, (6, 7), 10.0)
     assert w.dtype == np.float32
     assert w.tolist() == [[0, 10, 1, 0, 10, 1], [10, 0, 0, 0, 0, 0]]
-    w = loss_weights(np.array([[M, 6, 9, M, 9, 5]]), (6, 7), 10.0, number_ids=[9, 8], number_weight=4.0)
-    assert w.tolist() == [[0, 10, 4, 0, 4, 1]]
+    # number_weight: on the numbers (9, 8) inside a think block (6 7) or a call (3 4), not after them
+    targets = np.array([[M, 6, 9, M, 9, 7, 9, 5, 3, 8, 4, 8], [9, 3, 9, M, M, M, M, M, M, M, M, M]])
+    w = loss_weights(targets, (6, 7), 10.0, number_ids=[9, 8], number_weight=4.0, call_ids=(3, 4))
+    assert w.tolist() == [[0, 10, 4, 0, 4, 10, 1, 1, 1, 4, 1, 1], [1, 1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
 
 
 def test_truncation_and_skip_counts(tmp_path, tok, tokenizer_path, capsys):
