@@ -83,9 +83,9 @@ def loss_weights(targets: np.ndarray, think_ids, think_weight: float = 10.0, num
     weights = (targets != IGNORE_INDEX).astype(np.float32)
     weights[np.isin(targets, list(think_ids))] = think_weight
     if len(number_ids):
-        opening, closing = think_ids[0], think_ids[1]
-        opens = np.isin(targets, [i for i in (opening, *call_ids[:1]) if i is not None])
-        closes = np.isin(targets, [i for i in (closing, *call_ids[1:]) if i is not None])
+        tags = [think_ids] + ([call_ids] if call_ids else [])
+        opens = np.isin(targets, [opening for opening, _ in tags if opening is not None])
+        closes = np.isin(targets, [closing for _, closing in tags if closing is not None])
         inside = np.cumsum(opens, axis=-1) > np.cumsum(closes, axis=-1)  # after an opening tag, before its closing
         weights[np.isin(targets, list(number_ids)) & inside & (weights > 0)] = number_weight
     return weights
@@ -379,7 +379,7 @@ class SFTData(ShardBatches):
 
     With pack, a row is instead seq_len tokens holding several conversations (pack_rows); the batch adds
     their positions and document ids (the padding at a row's end is a document of its own). With
-    think_weight, batch() also returns loss_weights() (with number_weight on the number pieces)."""
+    think_weight, batch() also returns loss_weights() (number_weight: on the numbers of think blocks and calls)."""
 
     def __init__(self, path, tokenizer_path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, think_weight=None, pack: bool = False, shard_dir: str = "",

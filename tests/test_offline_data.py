@@ -167,10 +167,10 @@ def test_reasoning_records_are_well_formed_and_correct(data):
 
 
 def test_tool_use_calls_the_calculator_with_the_problems_arithmetic(data):
-    """TOOL_SHARE of r1's problems offer the calculator: an arithmetic one sets its arithmetic up in the think block, its
-    last line ending with the expression the call copies and no result worked before the call, calls the
-    calculator with it, reads the answer and says it; a count is worked in its think block. The held-out problems
-    offer no tools."""
+    """TOOL_SHARE of r1's problems offer the calculator: an arithmetic one sets its arithmetic up in the think
+    block, its last line ending with the expression the call copies and no result worked before the call, calls
+    the calculator with it, reads the answer and says it; a count is worked in its think block. The held-out
+    problems offer no tools."""
     lang, paths = data
     assert not any("tools" in r for r in read(paths["r1_val"]))
     offered, called = 0, Counter()
