@@ -29,7 +29,6 @@ from cli import parse_config
 from dataset_sft import SFTData, answer_only_file, chat_data, read_chats, replay_mix
 from evaluate import describe, describe_tools, describe_types, reasoning_report, tool_report
 from runtime import Runtime, run_main
-from tools import calculator
 from train import FinetuneConfig, default_loss, frozen_copy, report_held_out, resume_or_init, train
 
 
@@ -135,8 +134,7 @@ def distill(cfg: DistillConfig) -> dict:
             print(f"after, right by type: {describe_types(after)} ({after['correct']}/{after['checkable']})")
         result.update(before=before, after=after)
         if train_data.tok.chat_ids["tool_call"] is not None:  # the same problems, the calculator offered
-            result["tools"] = tool_report(model, train_data.tok, problems, cfg.eval_problems, cfg.eval_max_new_tokens,
-                                          {"calculator": calculator})
+            result["tools"] = tool_report(model, train_data.tok, problems, cfg.eval_problems, cfg.eval_max_new_tokens)
             print(f"after, with the calculator: {describe_tools(result['tools'])}")
     # ---- and on held-out chats: did the model keep chatting? (and the loss on every stage's held-out data)
     result["chat"] = report_held_out(cfg, model, rt, train_data.tok, "distillation",

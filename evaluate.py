@@ -48,8 +48,8 @@ from model import ModelError, read_checkpoint
 from quantize import int8_model
 from records import atomic_write, read_conversations
 from runtime import choose_device, choose_dtype
-from tokenizer import Tokenizer, load_tokenizer, parse_call, render_prompt, render_text, special_ids, split_reply
-from tools import error_result, run_call, tool_spec
+from tokenizer import Tokenizer, load_tokenizer, render_prompt, render_text, special_ids, split_reply
+from tools import answer_call, calculator, error_result, tool_spec
 
 WELL_FORMED = re.compile(r"^\s*<think>(.*?\S.*?)</think>(.*\S.*)$", re.S)  # some reasoning, then an answer
 # a word said three times running ("now now now", "现在现在现在"): a model stuck in a loop, not a sentence
@@ -166,26 +166,20 @@ def reasoning_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: i
 
 
 MAX_TOOL_ROUNDS = 3  # replies with calls a problem may take before its answer
+REPORT_TOOLS = {"calculator": calculator}  # what tool_report offers: the tool the built-in problems are solved with
 
 
 def run_calls(call_texts: list, tools: dict) -> tuple:
     """(the calls that parse, a result for every call, how many were well-formed) of a reply's call texts: a call
     that does not parse gets an error result, as does one run_call refuses (an unknown tool, wrong arguments, an
     expression the calculator cannot read); well-formed means neither."""
-    calls, results = [], []
-    for text in call_texts:
-        try:
-            call = parse_call(text)
-        except ValueError as e:
-            results.append(error_result(str(e)))
-            continue
-        calls.append(call)
-        results.append(run_call(call, tools))
-    return calls, results, sum(not r.startswith(error_result("")) for r in results)
+    answered = [answer_call(text, tools) for text in call_texts]
+    results = [result for _, result in answered]
+    return [call for call, _ in answered if call], results, sum(not r.startswith(error_result("")) for r in results)
 
 
 @torch.no_grad()
-def tool_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int, tools: dict) -> dict:
+def tool_report(model, tok: Tokenizer, path: str, n: int, max_new_tokens: int, tools: dict = REPORT_TOOLS) -> dict:
     """Greedy answers to the first n problems of a held-out chat file (as reasoning_report) asked with `tools`
     offered (name -> function, tools.py): each reply's calls are run and their results fed back, up to
     MAX_TOOL_ROUNDS replies with calls, then the last reply's answer is checked. The share right, overall and by type;

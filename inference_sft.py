@@ -32,9 +32,9 @@ import torch
 
 from cli import UserError
 from inference import Counted, LoadSettings, load_for_inference, run_script
-from tokenizer import (EMPTY_THINK, SPECIAL_PIECES, THINKING_PREFILL, Tokenizer, parse_call, render_prompt,
-                       reply_pieces, special_ids, split_reply, thinking_switch)
-from tools import calculator, error_result, run_call, tool_spec
+from tokenizer import (EMPTY_THINK, SPECIAL_PIECES, THINKING_PREFILL, Tokenizer, render_prompt, reply_pieces,
+                       special_ids, split_reply, thinking_switch)
+from tools import answer_call, calculator, tool_spec
 
 # The functions the model may call, each under its own name (the one tool_spec gives it): add yours here.
 TOOLS = {"calculator": calculator}
@@ -117,16 +117,6 @@ def recorded(tokens, ids: list):
 def answer_of(text: str) -> str:
     """The answer in a reply's content: the text outside its think block, stripped."""
     return THINK_BLOCK.sub("", text).strip()
-
-
-def answer_call(text: str, tools: dict) -> tuple:
-    """(the call, its result) for the text of a call; (None, an error result) for a malformed one, which the model
-    reads, and may call again."""
-    try:
-        call = parse_call(text)
-    except ValueError as e:
-        return None, error_result(str(e))
-    return call, run_call(call, tools)
 
 
 def without_reasoning(message: dict) -> dict:

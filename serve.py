@@ -78,8 +78,9 @@ import records
 from cli import UserError
 from inference import Counted, LoadSettings, load_for_inference, prompt_ids, run_script
 from model import sample
-from tokenizer import (TOOL_PIECES, StreamDecoder, Tokenizer, parse_call, render_prompt, reply_pieces, special_ids,
+from tokenizer import (TOOL_PIECES, StreamDecoder, Tokenizer, render_prompt, reply_pieces, special_ids,
                        thinking_switch)
+from tools import parse_call
 
 PAGE = Path(__file__).with_name("serve.html")
 

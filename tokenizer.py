@@ -565,11 +565,11 @@ class StreamDecoder:
 
 def reply_pieces(tok: Tokenizer, tokens, in_think: bool = False) -> Iterator[tuple]:
     """An assistant turn's text as it is generated, from its token ids (up to <|im_end|>): (part, text) pieces,
-    part "reasoning" between <think> and </think>, "call" between <tool_call> and </tool_call> (parse_call reads one)
-    and "answer" elsewhere, each part's characters whole (StreamDecoder). The markers are not in the text: each yields
-    the part it starts with the text "", so a caller sees where a part begins and ends even when it is empty. in_think:
-    the prompt opened the think block (enable_thinking=True), so the turn starts in the reasoning, yielded first as
-    its <think> would be."""
+    part "reasoning" between <think> and </think>, "call" between <tool_call> and </tool_call> (tools.parse_call
+    reads one) and "answer" elsewhere, each part's characters whole (StreamDecoder). The markers are not in the text:
+    each yields the part it starts with the text "", so a caller sees where a part begins and ends even when it is
+    empty. in_think: the prompt opened the think block (enable_thinking=True), so the turn starts in the reasoning,
+    yielded first as its <think> would be."""
     s = special_ids(tok)
     starts = {s["think"]: "reasoning", s["end_think"]: "answer", s["tool_call"]: "call", s["end_tool_call"]: "answer"}
     starts.pop(None, None)  # a tokenizer without the tool tags
@@ -598,16 +598,3 @@ def split_reply(text: str) -> tuple:
     if not calls:
         return text, []
     return head.removesuffix("\n"), [call.split(TOOL_PIECES["end_tool_call"])[0] for call in calls]
-
-
-def parse_call(text: str) -> dict:
-    """{"name", "arguments"} of a call's text ({"name": ..., "arguments": {...}} in JSON, "arguments" optional);
-    ValueError saying what is wrong with a malformed one."""
-    try:
-        call = json.loads(text)
-    except ValueError:
-        raise ValueError(f"the call is not valid JSON: {text.strip()[:100]!r}") from None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str) \
-            or not isinstance(call.get("arguments", {}), dict):
-        raise ValueError(f'the call is not {{"name": ..., "arguments": {{...}}}}: {text.strip()[:100]!r}')
-    return {"name": call["name"], "arguments": call.get("arguments", {})}

@@ -1,13 +1,14 @@
 """
-Tools a chat model may call, and the code that runs its calls. Standard library only: the data generator, the
-evaluation and the chat (inference_sft.py) import it.
+Tools a chat model may call, and the code that reads and runs its calls. Standard library only: the data generator,
+the evaluation, the chat (inference_sft.py) and the server (which only reads calls) import it.
 
 To add a tool, write a Python function whose parameters are annotated str, int, float or bool (those without a
 default are required) and whose docstring's first paragraph says in a few words what it does (the model reads it in
 every prompt: keep it short), return anything that prints well, raise ValueError with a short message for bad input,
 and put the function in inference_sft.py's TOOLS table under its own name. tool_spec() makes the schema the prompt
-lists; run_call() runs a call and turns every mistake into an "error: ..." result that the model reads instead of a
-crash. A model calls a tool well only once it has been fine-tuned on chats that call it.
+lists; answer_call() reads a call's text (parse_call) and runs it (run_call), turning every mistake into an
+"error: ..." result that the model reads instead of a crash. A model calls a tool well only once it has been
+fine-tuned on chats that call it.
 
 The calculator works out arithmetic on a whitelist of Python's syntax (read by ast, never eval'd), bounded so that
 no expression can take long or grow huge: at most MAX_LENGTH characters, exponents of at most MAX_EXPONENT, every
@@ -15,6 +16,7 @@ number met (written, in between, the result) below MAX_MAGNITUDE.
 """
 import ast
 import inspect
+import json
 import operator
 
 MAX_LENGTH = 200           # characters in an expression: a 10,000-character one is refused before it is parsed
@@ -123,6 +125,29 @@ def argument_problem(fn, arguments: dict) -> str:
         if name in arguments and type(arguments[name]) not in ACCEPTS[p.annotation]:  # type(): True is no int
             return f"the argument {name!r} of {fn.__name__} must be of type {JSON_TYPES[p.annotation]}"
     return ""
+
+
+def parse_call(text: str) -> dict:
+    """{"name", "arguments"} of a call's text ({"name": ..., "arguments": {...}} in JSON, "arguments" optional);
+    ValueError saying what is wrong with a malformed one."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        raise ValueError(f"the call is not valid JSON: {text.strip()[:100]!r}") from None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) \
+            or not isinstance(call.get("arguments", {}), dict):
+        raise ValueError(f'the call is not {{"name": ..., "arguments": {{...}}}}: {text.strip()[:100]!r}')
+    return {"name": call["name"], "arguments": call.get("arguments", {})}
+
+
+def answer_call(text: str, tools: dict) -> tuple:
+    """(the call, its result) for the text of a call (between <tool_call> and </tool_call>); (None, an error
+    result) for a malformed one, which the model reads, and may call again."""
+    try:
+        call = parse_call(text)
+    except ValueError as e:
+        return None, error_result(str(e))
+    return call, run_call(call, tools)
 
 
 def run_call(call: dict, tools: dict) -> str:

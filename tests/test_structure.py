@@ -42,11 +42,11 @@ IMPORTS = {
     "download_mini_data": ["cli", "offline_data", "records"],
     "train_tokenizer": ["cli", "records", "tokenizer"],
     "train_sft": ["cli", "dataset_sft", "runtime", "train"],
-    "distill": ["cli", "dataset_sft", "evaluate", "runtime", "tools", "train"],
+    "distill": ["cli", "dataset_sft", "evaluate", "runtime", "train"],
     "train_dpo": ["cli", "dataset_sft", "evaluate", "lora", "records", "runtime", "train"],
     "train_grpo": ["cli", "dataset_sft", "evaluate", "lora", "runtime", "tokenizer", "train"],
     "inference_sft": ["cli", "inference", "tokenizer", "tools"],
-    "serve": ["cli", "inference", "model", "records", "tokenizer"],
+    "serve": ["cli", "inference", "model", "records", "tokenizer", "tools"],
     "convert_hf": ["cli", "dataset", "lora", "model", "quantize", "records", "tokenizer"],
     "bench": ["cli", "dataset_sft", "lora", "model", "offline_data", "quantize", "runtime", "tokenizer"],
 }
@@ -98,8 +98,8 @@ def test_few_imports_and_short_chains():
     # serve.py's model (its batch samples each row with model.sample); bench.py's tokenizer (its serving rows)
     # 84: the report card made evaluate.py a script (cli, runtime) and the home of the loader of any checkpoint
     # (model, lora, quantize), which inference.py takes from it
-    # 89: tool calling's tools.py (the calculator, a tool's schema, running a call: the generator, the report, the
-    # chat and distill.py's report) and serve.py reading OpenAI's tool calls as the training data is read (records)
+    # 89: tool calling's tools.py (the calculator, a tool's schema, reading and running a call: the generator, the
+    # report, the chat and the server) and serve.py reading OpenAI's tool calls as the training data is read (records)
     assert sum(map(len, IMPORTS.values())) <= 89
     assert max(map(chain, IMPORTS)) <= 5
 

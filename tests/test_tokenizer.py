@@ -12,8 +12,9 @@ from conftest import small_corpus
 from dataset import DatasetConfig, TokenShards, build_shards
 from dataset_sft import SFTData
 from tokenizer import (CHAT_TEMPLATE_JINJA, EMPTY_THINK, IGNORE_INDEX, SPECIAL_PIECES, StreamDecoder, add_chat_pieces,
-                       encode_conversation, load_tokenizer, parse_call, render_prompt, render_text, reply_pieces,
-                       special_ids, split_reply, thinking_switch, token_dtype)
+                       encode_conversation, load_tokenizer, render_prompt, render_text, reply_pieces, special_ids,
+                       split_reply, thinking_switch, token_dtype)
+from tools import parse_call
 
 TEXTS = ["Tom found a red ball in the park.", "他有三个苹果。今天天气很好。",
          "Mia  counted 42 steps 🐋\n\nby the sea.\t你好"]
