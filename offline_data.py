@@ -1305,7 +1305,8 @@ def r1_compare(rng, work):
         subtraction, more = work.eq(y, "-", x)
         more = work.answer(more)
         steps = [f"{b.name} has {y} and {a.name} has {x}.", f"The difference is {subtraction}."]
-        return question, steps, f"{b.name} has {more} more {item[1]} than {a.name}.", more
+        # the answer last: after it, a small model that cannot copy the name writes a number in its place
+        return question, steps, f"{b.name} has {more} more {item[1]}.", more
     k = rng.randint(1, 9)
     question = f"{a.name} has {count(x, item)}. {b.name} has {k} more than {a.name}. " \
                f"How many {item[1]} do they have together?"

@@ -166,6 +166,19 @@ def test_reasoning_records_are_well_formed_and_correct(data):
     assert kinds["counted"] > 20 and kinds["summed"] > 100
 
 
+def test_a_problems_answer_names_no_one_after_its_number(data):
+    """No final reply to an arithmetic problem names anyone after its answer's number ("Sam has 11 more coins
+    than Mia."): a small model that cannot copy the name writes a number in its place, and the answer check reads
+    the last number."""
+    lang, paths = data
+    names = set(od.GIRLS + od.BOYS + od.PET_NAMES) if lang == "en" else {name for name, _ in od.ZH_KIDS}
+    for i, r in enumerate(read(paths["r1"])):
+        final = r["conversations"][-1]["content"].split("</think>")[-1]
+        if r["type"] in od.ARITHMETIC_TYPES:
+            after = final[final.rindex(r["answer"]) + len(r["answer"]):]
+            assert not any(name in after for name in names), (i, final)
+
+
 def test_tool_use_calls_the_calculator_with_the_problems_arithmetic(data):
     """TOOL_SHARE of r1's problems offer the calculator: an arithmetic one sets its arithmetic up in the think
     block, its last line ending with the expression the call copies and no result worked before the call, calls
