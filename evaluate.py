@@ -448,7 +448,7 @@ def local_tasks(folder: str, cfg: EvalConfig) -> list:
             answer = conv.extra.get("answer")
             if answer is not None and NUMBER.fullmatch(str(answer).replace(",", "")):
                 n = int(float(str(answer).replace(",", "")))
-                choices = sorted({n, n + 1, abs(n - 1), n + 10} - {n})[:3] + [n]
+                choices = [c for c in (n - 1, n + 1, n + 10, n + 2) if c >= 0][:3] + [n]  # (0 has no n - 1)
                 choices.sort(key=lambda c: (c * 7919) % 13)  # a fixed order that does not put the answer last
                 question = next(m["content"] for m in conv.messages if m["role"] == "user")
                 rows.append({"question": question, "choices": [str(c) for c in choices], "label": choices.index(n)})

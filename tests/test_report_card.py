@@ -140,3 +140,17 @@ def test_lora_and_int8_checkpoints_get_a_card_and_unknown_or_offline_tasks_are_o
     r = card(tmp_path, checkpoint, "arc_easy", text_val="", problems="")
     assert r.returncode == 0, r.stderr  # (this machine has no hub: the probe finds it unreachable)
     assert "skipped (offline, and not in the datasets cache): arc_easy" in r.stdout
+
+
+def test_the_local_sum_task_offers_four_different_choices_for_every_answer_zero_included(tmp_path):
+    """The card's own multiple-choice task: the right total among four, so its random-guess score is 1/4."""
+    problems = tmp_path / "r1_val.jsonl"
+    problems.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"Work out {n} + 0."},
+                                                              {"role": "assistant", "content": str(n)}],
+                                            "answer": str(n)}) + "\n" for n in (0, 1, 2, 17)))
+    cfg = evaluate.EvalConfig(problems=str(problems), text_val="")
+    assert evaluate.local_tasks(str(tmp_path), cfg) == [evaluate.LOCAL_TASK]
+    rows = [json.loads(line) for line in open(tmp_path / "sums.jsonl")]
+    assert [r["choices"][r["label"]] for r in rows] == ["0", "1", "2", "17"]
+    for r in rows:
+        assert len(set(r["choices"])) == 4 and all(int(c) >= 0 for c in r["choices"]), r
